@@ -1,0 +1,74 @@
+"""Shared fixtures: seeded tiny configs in the three ESM flavours and padded batches with <mask>."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from esm_dual.common.config import EsmConfig  # noqa: E402
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+DATA_DIR = os.path.normpath(DATA_DIR)
+
+# Odd sizes on purpose: 3 heads (not a power of two), head dim 6 (even, for rotary).
+_BASE = dict(
+    vocab_size=33, pad_token_id=1, mask_token_id=32, hidden_size=18, num_hidden_layers=3,
+    num_attention_heads=3, intermediate_size=37, hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0, layer_norm_eps=1e-5, max_position_embeddings=1026,
+)
+
+TINY_CONFIGS = {
+    # ESM-2: rotary, token dropout, no embedding LayerNorm.
+    "esm2": dict(_BASE, position_embedding_type="rotary", token_dropout=True, emb_layer_norm_before=False),
+    # ESM-1b: learned positions, embedding LayerNorm before the encoder, token dropout.
+    "esm1b": dict(_BASE, position_embedding_type="absolute", token_dropout=True, emb_layer_norm_before=True),
+    # ESM-1v: learned positions, no embedding LayerNorm, token dropout.
+    "esm1v": dict(_BASE, position_embedding_type="absolute", token_dropout=True, emb_layer_norm_before=False),
+}
+
+
+def tiny_config(flavour: str = "esm2", **changes) -> EsmConfig:
+    return EsmConfig(**{**TINY_CONFIGS[flavour], **changes})
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def flavour(request) -> str:
+    return request.param
+
+
+def make_batch(seed: int = 0, lengths=(11, 7, 14, 3), mask_frac: float = 0.2, vocab_size: int = 33):
+    """Token ids [B, L] with BOS/EOS, padding (id 1), different lengths and <mask> (id 32) tokens.
+
+    Every sequence but the first has at least one <mask>; the first has none (ratio 0 path).
+    """
+    rng = np.random.default_rng(seed)
+    L = max(lengths) + 2
+    ids = np.full((len(lengths), L), 1, dtype=np.int64)
+    mask = np.zeros((len(lengths), L), dtype=np.int64)
+    for b, n in enumerate(lengths):
+        res = rng.integers(4, 24, size=n)
+        if b > 0:
+            m = rng.random(n) < mask_frac
+            m[rng.integers(0, n)] = True
+            res[m] = 32
+        ids[b, 0] = 0
+        ids[b, 1 : n + 1] = res
+        ids[b, n + 1] = 2
+        mask[b, : n + 2] = 1
+    return ids, mask
+
+
+@pytest.fixture
+def batch():
+    return make_batch()
+
+
+@pytest.fixture
+def data_dir() -> str:
+    assert os.path.isdir(DATA_DIR), f"shared data not found at {DATA_DIR}"
+    return DATA_DIR
