@@ -1,0 +1,165 @@
+"""Matching checkpoint tensors to a model's tensors, shared by ``esm_dual.pt`` and ``esm_dual.tf``.
+
+A checkpoint's names are the hub's (``esm.encoder.layer.0...`` for task models, no ``esm.`` prefix for
+files saved from ``EsmModel``). ``match_state`` turns them into exactly the names a model expects:
+it adds or strips the ``esm.`` prefix, drops a head the model does not have, reports a head the model
+has but the file lacks (initialised fresh), spreads a single model-level rotary table to every layer,
+drops known-benign extras, and raises an error naming every missing or unused encoder tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BASE_PREFIX = "esm."
+# Tensor-name prefixes of the heads, in the task models' naming (with "esm." for the contact head).
+HEAD_PREFIXES = {
+    "lm_head": ("lm_head.",),
+    "classifier": ("classifier.",),
+    "pooler": ("esm.pooler.",),
+    "contact_head": ("esm.contact_head.",),
+}
+_ROTARY_LAYER = re.compile(r"^esm\.encoder\.layer\.(\d+)\.attention\.self\.rotary_embeddings\.inv_freq$")
+
+
+class LoadingError(ValueError):
+    """Checkpoint tensors do not fit the model; the message names them."""
+
+
+@dataclass
+class MatchResult:
+    tensors: dict[str, np.ndarray]
+    messages: list[str] = field(default_factory=list)
+    initialised: list[str] = field(default_factory=list)  # model tensors left at their fresh init
+
+
+def _head_of(name: str) -> str | None:
+    for head, prefixes in HEAD_PREFIXES.items():
+        if name.startswith(prefixes):
+            return head
+    return None
+
+
+def to_task_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Names with the ``esm.`` prefix (task-model layout), whichever layout the file used."""
+    if any(k.startswith(BASE_PREFIX) for k in tensors):
+        return dict(tensors)
+    out = {}
+    for k, v in tensors.items():
+        out[k if k.startswith(("lm_head.", "classifier.")) else BASE_PREFIX + k] = v
+    return out
+
+
+def match_state(
+    tensors: dict[str, np.ndarray],
+    expected: Iterable[str],
+    *,
+    base_model: bool,
+    num_layers: int,
+    source: str = "checkpoint",
+    word_embeddings: str = "esm.embeddings.word_embeddings.weight",
+) -> MatchResult:
+    """Map ``tensors`` (hub names) onto the ``expected`` names of a model.
+
+    ``expected`` uses the model's own names: without ``esm.`` for ``EsmModel`` (``base_model=True``),
+    with it for the task models.
+    """
+    found = to_task_names(tensors)
+    want = set(expected)
+    want_task = {BASE_PREFIX + k for k in want} if base_model else set(want)
+    messages: list[str] = []
+    initialised: list[str] = []
+
+    # Benign extras: buffers HF writes, the unused learned-position table of ESM-2 files.
+    for k in list(found):
+        if k.endswith("position_ids") and k not in want_task:
+            del found[k]
+        elif k == "esm.embeddings.position_embeddings.weight" and k not in want_task:
+            del found[k]
+
+    # Rotary tables: per layer in hub files; HF 5 saves one model-level table.
+    model_level = found.pop("esm.rotary_embeddings.inv_freq", None)
+    wanted_rot = {k for k in want_task if _ROTARY_LAYER.match(k)}
+    if wanted_rot:
+        for k in sorted(wanted_rot):
+            if k not in found and model_level is not None:
+                found[k] = model_level
+        missing_rot = [k for k in wanted_rot if k not in found]
+        if missing_rot:
+            initialised.extend(missing_rot)  # computed from rope_theta; not an error
+    else:
+        for k in [k for k in found if _ROTARY_LAYER.match(k)]:
+            del found[k]
+
+    # Tied decoder: drop it when equal to the word embeddings; keep an untied one only if expected.
+    dec = "lm_head.decoder.weight"
+    if dec in found and dec not in want_task:
+        emb = found.get(word_embeddings)
+        if emb is not None and emb.shape == found[dec].shape and np.array_equal(emb, found[dec]):
+            del found[dec]
+        elif "lm_head" not in {_head_of(k) for k in want_task}:
+            pass  # dropped with the head below
+        else:
+            raise LoadingError(
+                f"{source}: lm_head.decoder.weight differs from the word embeddings, but ESM ties them")
+
+    # Heads: drop the ones the model lacks, initialise the ones the file lacks.
+    heads_found = {_head_of(k) for k in found} - {None}
+    heads_want = {_head_of(k) for k in want_task} - {None}
+    for head in sorted(heads_found - heads_want):
+        names = [k for k in found if _head_of(k) == head]
+        for k in names:
+            del found[k]
+        if head != "pooler":
+            messages.append(f"{source}: dropping the {head} ({len(names)} tensors) this model does not use")
+    for head in sorted(heads_want - heads_found):
+        names = sorted(k for k in want_task if _head_of(k) == head)
+        initialised.extend(names)
+        messages.append(f"{source}: no {head} in the checkpoint; {len(names)} tensors newly initialised"
+                        + (" (train it before use)" if head in ("classifier", "lm_head") else ""))
+    for head in heads_want & heads_found:
+        missing = sorted(k for k in want_task if _head_of(k) == head and k not in found)
+        if head == "lm_head" and missing == [dec]:
+            continue  # tied
+        if missing:
+            raise LoadingError(f"{source}: the {head} is incomplete; missing tensors: {', '.join(missing)}")
+
+    # Encoder tensors: exact match required.
+    enc_want = {k for k in want_task if _head_of(k) is None and k not in initialised}
+    enc_found = {k for k in found if _head_of(k) is None}
+    missing = sorted(enc_want - enc_found)
+    unused = sorted(enc_found - enc_want)
+    if missing or unused:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:12])}"
+                         + (" ..." if len(missing) > 12 else ""))
+        if unused:
+            parts.append(f"unused {len(unused)} tensor(s): {', '.join(unused[:12])}"
+                         + (" ..." if len(unused) > 12 else ""))
+        raise LoadingError(f"{source} does not match the model: " + "; ".join(parts))
+
+    out = {k: v for k, v in found.items() if k in want_task}
+    if base_model:
+        out = {k[len(BASE_PREFIX):]: v for k, v in out.items()}
+        initialised = [k[len(BASE_PREFIX):] if k.startswith(BASE_PREFIX) else k for k in initialised]
+    return MatchResult(out, messages, initialised)
+
+
+def checkpoint_has_pooler(tensors: dict[str, np.ndarray]) -> bool:
+    return any(k.startswith(("pooler.", "esm.pooler.")) for k in tensors)
+
+
+def task_head_kind(tensors: dict[str, np.ndarray]) -> str | None:
+    """Which task head a checkpoint carries: "mlm", "seq", "tok" or None."""
+    if any(k.startswith("lm_head.") for k in tensors):
+        return "mlm"
+    if any(k.startswith("classifier.out_proj.") for k in tensors):
+        return "seq"
+    if any(k.startswith("classifier.") for k in tensors):
+        return "tok"
+    return None

@@ -1,0 +1,727 @@
+"""ESM-1b / ESM-1v / ESM-2 in PyTorch: EsmModel and its task heads.
+
+Module and attribute names follow the HF hub checkpoints, so a hub ``model.safetensors`` loads 1:1.
+``esm_dual/tf/modeling_esm.py`` is the twin of this file: same classes, same statement order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from ..common.config import EsmConfig
+from ..common.loading import LoadingError, checkpoint_has_pooler, match_state
+from ..common.outputs import (
+    BaseModelOutputWithPooling,
+    MaskedLMOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+
+logger = logging.getLogger("esm_dual")
+
+MASK_RATIO_TRAIN = 0.15 * 0.8  # the masking ratio of every ESM training run (token dropout)
+
+
+# ================================================================================================
+# Helpers (same names in the TF twin)
+# ================================================================================================
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact erf GELU, as in the original ESM code."""
+    return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def symmetrize(x: torch.Tensor) -> torch.Tensor:
+    """Make the last two dimensions symmetric (contact prediction)."""
+    return x + x.transpose(-1, -2)
+
+
+def average_product_correct(x: torch.Tensor) -> torch.Tensor:
+    """Average product correction (APC) over the last two dimensions (contact prediction)."""
+    a1 = x.sum(-1, keepdim=True)
+    a2 = x.sum(-2, keepdim=True)
+    a12 = x.sum((-1, -2), keepdim=True)
+    return x - a1 * a2 / a12
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - torch < 2.3
+        return False
+
+
+# ================================================================================================
+# Embeddings and positions
+# ================================================================================================
+
+
+class EsmEmbeddings(nn.Module):
+    """Token embeddings, token dropout, learned positions (ESM-1b/1v) and the optional LayerNorm."""
+
+    def __init__(self, config: EsmConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size,
+                                            padding_idx=config.pad_token_id)
+        if config.emb_layer_norm_before:
+            self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        else:
+            self.layer_norm = None
+        self.position_embedding_type = config.position_embedding_type
+        if self.position_embedding_type == "absolute":
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size,
+                                                    padding_idx=config.pad_token_id)
+        self.padding_idx = config.pad_token_id
+        self.token_dropout = config.token_dropout
+        self.mask_token_id = config.mask_token_id
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, L], attention_mask [B, L] (1 = real token) -> embeddings [B, L, D]."""
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        embeddings = inputs_embeds
+        if self.token_dropout and input_ids is not None:
+            # <mask> embeddings are zeroed and the rest rescaled as if by input dropout at the
+            # training ratio; the observed ratio counts real (unpadded) tokens only.
+            is_mask = (input_ids == self.mask_token_id).unsqueeze(-1)
+            embeddings = embeddings.masked_fill(is_mask, 0.0)
+            src_lengths = attention_mask.sum(-1).to(torch.float32)
+            mask_ratio_observed = is_mask.squeeze(-1).sum(-1).to(torch.float32) / src_lengths
+            scale = (1 - MASK_RATIO_TRAIN) / (1 - mask_ratio_observed)
+            embeddings = (embeddings * scale[:, None, None]).to(inputs_embeds.dtype)
+        if self.position_embedding_type == "absolute":
+            embeddings = embeddings + self.position_embeddings(position_ids)
+        if self.layer_norm is not None:
+            embeddings = self.layer_norm(embeddings)
+        embeddings = embeddings * attention_mask.unsqueeze(-1).to(embeddings.dtype)
+        return embeddings
+
+
+def learned_position_ids(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
+    """ESM-1b/1v positions: cumsum(mask) * mask + padding_idx, so padding keeps padding_idx."""
+    mask = input_ids.ne(padding_idx).int()
+    return (torch.cumsum(mask, dim=1) * mask).long() + padding_idx
+
+
+class EsmRotaryEmbedding(nn.Module):
+    """Rotary embeddings, half-rotation convention. ``inv_freq`` is loaded from the checkpoint
+    (ESM-2 files store fp16-rounded values), never recomputed when present."""
+
+    def __init__(self, dim: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.register_buffer("inv_freq", inv_freq)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        """q, k [B, H, L, K]; positions [B, L] or [L] -> rotated q, k (computed in fp32)."""
+        # [B, L, K/2]
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq.to(torch.float32)
+        # [B, L, K]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        if emb.dim() == 3:
+            # [B, 1, L, K]
+            emb = emb[:, None]
+        cos, sin = emb.cos(), emb.sin()
+        qf, kf = q.to(torch.float32), k.to(torch.float32)
+        q_out = qf * cos + rotate_half(qf) * sin
+        k_out = kf * cos + rotate_half(kf) * sin
+        return q_out.to(q.dtype), k_out.to(k.dtype)
+
+
+# ================================================================================================
+# Transformer layer
+# ================================================================================================
+
+
+class EsmSelfAttention(nn.Module):
+    def __init__(self, config: EsmConfig):
+        super().__init__()
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.head_dim
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_prob = config.attention_probs_dropout_prob
+        self.rotary_embeddings = (
+            EsmRotaryEmbedding(self.attention_head_size, config.rope_theta) if config.use_rotary else None
+        )
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        # [B, L, H, K] -> [B, H, L, K]
+        return x.view(B, L, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_bias: torch.Tensor,
+        positions: torch.Tensor | None,
+        output_attentions: bool = False,
+    ):
+        """hidden_states [B, L, D]; attention_bias [B, 1, 1, L] additive (0 or -inf-like)."""
+        # The query is scaled before rotary, as in the original ESM code.
+        q = self._heads(self.query(hidden_states)) * self.attention_head_size**-0.5
+        k = self._heads(self.key(hidden_states))
+        v = self._heads(self.value(hidden_states))
+        if self.rotary_embeddings is not None:
+            q, k = self.rotary_embeddings(q, k, positions)
+        dropout_p = self.dropout_prob if self.training else 0.0
+        if output_attentions:
+            # [B, H, L, L]
+            scores = torch.matmul(q, k.transpose(-1, -2)) + attention_bias
+            probs = torch.softmax(scores.to(torch.float32), dim=-1).to(q.dtype)
+            context = torch.matmul(F.dropout(probs, dropout_p, self.training), v)
+        else:
+            probs = None
+            # [B, H, L, K]; scale=1 because the query is already scaled.
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias.to(q.dtype),
+                                                     dropout_p=dropout_p, scale=1.0)
+        B, H, L, K = context.shape
+        # [B, H, L, K] -> [B, L, D]
+        context = context.transpose(1, 2).reshape(B, L, H * K)
+        return context, probs
+
+
+class EsmSelfOutput(nn.Module):
+    def __init__(self, config: EsmConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense(hidden_states)) + input_tensor
+
+
+class EsmAttention(nn.Module):
+    """Pre-LN self-attention block: x + dropout(out(attn(LN(x))))."""
+
+    def __init__(self, config: EsmConfig):
+        super().__init__()
+        self.self = EsmSelfAttention(config)
+        self.output = EsmSelfOutput(config)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states, attention_bias, positions, output_attentions=False):
+        context, probs = self.self(self.LayerNorm(hidden_states), attention_bias, positions, output_attentions)
+        return self.output(context, hidden_states), probs
+
+
+class EsmIntermediate(nn.Module):
+    def __init__(self, config: EsmConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return gelu(self.dense(hidden_states))
+
+
+class EsmOutput(nn.Module):
+    def __init__(self, config: EsmConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense(hidden_states)) + input_tensor
+
+
+class EsmLayer(nn.Module):
+    def __init__(self, config: EsmConfig):
+        super().__init__()
+        self.attention = EsmAttention(config)
+        self.intermediate = EsmIntermediate(config)
+        self.output = EsmOutput(config)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states, attention_bias, positions, output_attentions=False):
+        attention_output, probs = self.attention(hidden_states, attention_bias, positions, output_attentions)
+        layer_output = self.output(self.intermediate(self.LayerNorm(attention_output)), attention_output)
+        return layer_output, probs
+
+
+class EsmEncoder(nn.Module):
+    def __init__(self, config: EsmConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([EsmLayer(config) for _ in range(config.num_hidden_layers)])
+        self.emb_layer_norm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states, attention_bias, positions, output_hidden_states=False,
+                output_attentions=False):
+        all_hidden = [] if output_hidden_states else None
+        all_attn = [] if output_attentions else None
+        for layer in self.layer:
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden_states, probs = _checkpoint(layer, hidden_states, attention_bias, positions,
+                                                   output_attentions, use_reentrant=False)
+            else:
+                hidden_states, probs = layer(hidden_states, attention_bias, positions, output_attentions)
+            if all_attn is not None:
+                all_attn.append(probs)
+        hidden_states = self.emb_layer_norm_after(hidden_states)
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)
+        return (hidden_states, tuple(all_hidden) if all_hidden is not None else None,
+                tuple(all_attn) if all_attn is not None else None)
+
+
+class EsmPooler(nn.Module):
+    """HF's pooler (dense + tanh on the <cls> state); present only when a checkpoint has one."""
+
+    def __init__(self, config: EsmConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden_states[:, 0]))
+
+
+class EsmContactPredictionHead(nn.Module):
+    """Logistic regression over symmetrized, APC-corrected attention maps of all layers."""
+
+    def __init__(self, in_features: int, eos_idx: int = 2):
+        super().__init__()
+        self.eos_idx = eos_idx
+        self.regression = nn.Linear(in_features, 1)
+
+    def forward(self, tokens: torch.Tensor, attentions: torch.Tensor) -> torch.Tensor:
+        """tokens [B, L]; attentions [B, layers, H, L, L] with padding zeroed -> contacts [B, N, N]."""
+        eos_mask = tokens.ne(self.eos_idx).to(attentions.dtype)
+        # [B, L, L]
+        eos_mask = eos_mask.unsqueeze(1) * eos_mask.unsqueeze(2)
+        attentions = attentions * eos_mask[:, None, None, :, :]
+        # Drop the last position (EOS or padding) and BOS: [B, layers, H, N, N].
+        attentions = attentions[..., :-1, :-1][..., 1:, 1:]
+        B, layers, H, N, _ = attentions.shape
+        # [B, layers * H, N, N]
+        attentions = attentions.reshape(B, layers * H, N, N).to(self.regression.weight.dtype)
+        attentions = average_product_correct(symmetrize(attentions))
+        # [B, N, N, layers * H]
+        attentions = attentions.permute(0, 2, 3, 1)
+        return torch.sigmoid(self.regression(attentions).squeeze(3))
+
+
+# ================================================================================================
+# Base class: init, loading, saving
+# ================================================================================================
+
+
+class EsmPreTrainedModel(nn.Module):
+    config_class = EsmConfig
+    base_model_prefix = "esm"
+    _tied = ("lm_head.decoder.weight",)
+
+    def __init__(self, config: EsmConfig):
+        super().__init__()
+        if not isinstance(config, EsmConfig):
+            raise TypeError(f"{type(self).__name__} takes an EsmConfig, got {type(config).__name__}")
+        if config.vocab_size is None:
+            raise ValueError("config.vocab_size must be set")
+        self.config = config
+
+    # ---- init ----------------------------------------------------------------------------------
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, EsmLMHead):
+            nn.init.zeros_(module.bias)
+
+    def post_init(self) -> None:
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        pass
+
+    # ---- training conveniences -----------------------------------------------------------------
+    @property
+    def base_model(self) -> EsmModel:
+        return self if isinstance(self, EsmModel) else getattr(self, self.base_model_prefix)
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.base_model.encoder.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.base_model.encoder.gradient_checkpointing = False
+
+    def freeze_base_model(self, frozen: bool = True) -> None:
+        """Freeze (or unfreeze) the encoder for head-only fine-tuning."""
+        for p in self.base_model.parameters():
+            p.requires_grad_(not frozen)
+
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        params = {id(p): p for p in self.parameters() if p.requires_grad or not only_trainable}
+        return sum(p.numel() for p in params.values())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    # ---- names ----------------------------------------------------------------------------------
+    def _hub_state(self) -> dict[str, torch.Tensor]:
+        """State dict in hub naming, tied decoder left out (as the hub files do)."""
+        return {k: v for k, v in self.state_dict().items() if k not in self._tied}
+
+    # ---- loading --------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained: str | os.PathLike,
+        *,
+        config: EsmConfig | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        **config_overrides: Any,
+    ):
+        """Load from a hub-layout directory, a hub id, a fair-esm ``.pt`` file or a preset name.
+
+        A checkpoint's head that this class lacks is dropped; a head this class has and the file
+        lacks is initialised fresh; both are said in one log line. Config fields may be overridden
+        (``num_labels=3``, ``problem_type="regression"``, dropout probabilities ...).
+        """
+        from ..common.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(pretrained)
+        cfg = config if config is not None else ckpt.config
+        if config_overrides:
+            cfg = EsmConfig.from_dict(cfg.to_dict(), **config_overrides)
+        torch_dtype = torch_dtype if torch_dtype is not None else dtype
+        if torch_dtype == "auto":
+            floats = [a.dtype for a in ckpt.tensors.values() if a.dtype.kind == "f" or a.dtype.name == "bfloat16"]
+            torch_dtype = _np_to_torch_dtype(floats[0]) if floats else None
+        if isinstance(torch_dtype, str):
+            torch_dtype = _str_to_torch_dtype(torch_dtype)
+        kwargs = {"add_pooling_layer": checkpoint_has_pooler(ckpt.tensors)} if cls is EsmModel else {}
+        # Build without allocating or initialising: every tensor is then either loaded or initialised.
+        with torch.device("meta"):
+            model = cls(cfg, **kwargs)
+        model = model.to_empty(device=device or "cpu")
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
+        model.load_hub_tensors(ckpt.tensors, source=str(ckpt.source))
+        return model.eval()
+
+    def load_hub_tensors(self, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> list[str]:
+        """Copy hub-named numpy tensors into this model (names matched by ``match_state``)."""
+        own = self._hub_state()
+        result = match_state(tensors, own.keys(), base_model=isinstance(self, EsmModel),
+                             num_layers=self.config.num_hidden_layers, source=source)
+        for msg in result.messages:
+            logger.warning(msg)
+        with torch.no_grad():
+            for name, arr in result.tensors.items():
+                target = own[name]
+                if tuple(arr.shape) != tuple(target.shape):
+                    raise LoadingError(f"{source}: tensor {name} has shape {tuple(arr.shape)}, "
+                                       f"the model expects {tuple(target.shape)}")
+                target.copy_(_np_to_torch(arr).to(target.dtype))
+            for module_name in sorted({n.rsplit(".", 1)[0] for n in result.initialised}):
+                module = self.get_submodule(module_name)
+                if isinstance(module, EsmRotaryEmbedding):
+                    module.inv_freq.copy_(EsmRotaryEmbedding(self.config.head_dim, self.config.rope_theta).inv_freq)
+                else:
+                    self._init_weights(module)
+        self.tie_weights()
+        return result.messages
+
+    # ---- saving ---------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int | str | None = None) -> None:
+        """Write ``config.json`` + ``model.safetensors`` in the hub layout (readable by transformers,
+        fair-esm converters and ``esm_dual.tf``)."""
+        from ..common.checkpoint import save_checkpoint
+
+        cfg = self.config.copy(architectures=[type(self).__name__])
+        tensors = {k: _torch_to_np(v) for k, v in self._hub_state().items()}
+        save_checkpoint(directory, cfg, tensors, max_shard_size=max_shard_size)
+
+    # ---- input checks ---------------------------------------------------------------------------
+    def _check_inputs(self, input_ids, attention_mask, inputs_embeds) -> None:
+        if _is_compiling():
+            return
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = input_ids if input_ids is not None else inputs_embeds
+        if x.dim() < 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(x.shape)}")
+        B, L = x.shape[0], x.shape[1]
+        if B == 0 or L == 0:
+            raise ValueError(f"empty batch: input shape {tuple(x.shape)}")
+        if input_ids is not None:
+            if input_ids.dtype.is_floating_point:
+                raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
+                raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, L):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {(B, L)}")
+        limit = self.config.max_sequence_positions
+        if limit is not None and L > limit:
+            raise ValueError(
+                f"this model uses learned positions and takes at most {limit} tokens "
+                f"({limit - 2} residues + BOS/EOS); got a batch of length {L}. Truncate the sequences.")
+
+
+def _np_to_torch(a: np.ndarray) -> torch.Tensor:
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _torch_to_np(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _np_to_torch_dtype(dt) -> torch.dtype:
+    return torch.bfloat16 if "bfloat16" in str(dt) else _np_to_torch(np.zeros(1, dtype=dt)).dtype
+
+
+def _str_to_torch_dtype(s: str) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if s not in table:
+        raise ValueError(f"unknown dtype {s!r}; use one of {sorted(table)}")
+    return table[s]
+
+
+# ================================================================================================
+# Models
+# ================================================================================================
+
+
+class EsmModel(EsmPreTrainedModel):
+    """The ESM encoder. ``forward`` returns ``last_hidden_state`` [B, L, D] (after the final LayerNorm)."""
+
+    def __init__(self, config: EsmConfig, add_pooling_layer: bool = False):
+        super().__init__(config)
+        self.embeddings = EsmEmbeddings(config)
+        self.encoder = EsmEncoder(config)
+        self.pooler = EsmPooler(config) if add_pooling_layer else None
+        self.contact_head = EsmContactPredictionHead(
+            config.num_hidden_layers * config.num_attention_heads, eos_idx=config.eos_token_id or 2)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        return_dict: bool = True,
+    ) -> BaseModelOutputWithPooling:
+        """input_ids [B, L]; attention_mask [B, L] (1 real, 0 padding; default: input_ids != pad)."""
+        self._check_inputs(input_ids, attention_mask, inputs_embeds)
+        x = input_ids if input_ids is not None else inputs_embeds
+        B, L = x.shape[0], x.shape[1]
+        if attention_mask is None:
+            if input_ids is not None:
+                attention_mask = input_ids.ne(self.config.pad_token_id)
+            else:
+                attention_mask = torch.ones(B, L, dtype=torch.long, device=x.device)
+        if position_ids is None and self.config.position_embedding_type == "absolute":
+            if input_ids is not None:
+                position_ids = learned_position_ids(input_ids, self.config.pad_token_id)
+            else:
+                # [B, L]
+                position_ids = torch.arange(L, device=x.device).expand(B, L) + self.config.pad_token_id + 1
+        if position_ids is None:
+            # Rotary positions: 0..L-1 ([L], broadcast over the batch).
+            positions = torch.arange(L, device=x.device)
+        else:
+            positions = position_ids
+        embedding_output = self.embeddings(input_ids, attention_mask, position_ids, inputs_embeds)
+        # [B, 1, 1, L] additive bias: 0 for real keys, the dtype's minimum for padding.
+        neg = torch.finfo(embedding_output.dtype).min
+        attention_bias = (1.0 - attention_mask[:, None, None, :].to(embedding_output.dtype)) * neg
+        sequence_output, hidden_states, attentions = self.encoder(
+            embedding_output, attention_bias, positions, output_hidden_states, output_attentions)
+        pooled = self.pooler(sequence_output) if self.pooler is not None else None
+        out = BaseModelOutputWithPooling(sequence_output, pooled, hidden_states, attentions)
+        return out if return_dict else out.to_tuple()
+
+    def predict_contacts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Contact probabilities [B, N, N] over residues (BOS/EOS dropped; N = L - 2)."""
+        if attention_mask is None:
+            attention_mask = input_ids.ne(self.config.pad_token_id)
+        attns = self(input_ids, attention_mask=attention_mask, output_attentions=True).attentions
+        # [B, layers, H, L, L]
+        attns = torch.stack(attns, dim=1)
+        m = attention_mask.to(attns.dtype)
+        # Attention to and from padding is zeroed, as in the original model.
+        attns = attns * m[:, None, None, None, :] * m[:, None, None, :, None]
+        return self.contact_head(input_ids, attns)
+
+
+class EsmLMHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> decoder (tied to the word embeddings) + bias."""
+
+    def __init__(self, config: EsmConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.layer_norm(gelu(self.dense(features)))
+        return self.decoder(x) + self.bias
+
+
+class EsmForMaskedLM(EsmPreTrainedModel):
+    def __init__(self, config: EsmConfig):
+        super().__init__(config)
+        self.esm = EsmModel(config)
+        self.lm_head = EsmLMHead(config)
+        self.post_init()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.decoder.weight = self.esm.embeddings.word_embeddings.weight
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                output_hidden_states=False, output_attentions=False, return_dict=True) -> MaskedLMOutput:
+        """labels [B, L] with -100 where no loss is taken."""
+        outputs = self.esm(input_ids, attention_mask, position_ids, inputs_embeds,
+                           output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, self.config.vocab_size).float(),
+                                   labels.reshape(-1).to(logits.device), ignore_index=-100)
+        out = MaskedLMOutput(loss, logits, outputs.hidden_states, outputs.attentions)
+        return out if return_dict else out.to_tuple()
+
+    def predict_contacts(self, input_ids, attention_mask=None):
+        return self.esm.predict_contacts(input_ids, attention_mask)
+
+
+class EsmClassificationHead(nn.Module):
+    """<cls> state -> dropout -> dense -> tanh -> dropout -> out_proj."""
+
+    def __init__(self, config: EsmConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(features[:, 0, :])
+        x = self.dropout(torch.tanh(self.dense(x)))
+        return self.out_proj(x)
+
+
+def sequence_classification_loss(config: EsmConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """HF's rule: regression (num_labels 1), single-label (integer labels) or multi-label (float)."""
+    problem_type = config.problem_type
+    if problem_type is None:
+        if config.num_labels == 1:
+            problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    labels = labels.to(logits.device)
+    if problem_type == "regression":
+        if config.num_labels == 1:
+            return F.mse_loss(logits.squeeze(-1).float(), labels.squeeze(-1).float())
+        return F.mse_loss(logits.float(), labels.float())
+    if problem_type == "single_label_classification":
+        return F.cross_entropy(logits.reshape(-1, config.num_labels).float(), labels.reshape(-1).long())
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+class EsmForSequenceClassification(EsmPreTrainedModel):
+    def __init__(self, config: EsmConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.esm = EsmModel(config)
+        self.classifier = EsmClassificationHead(config)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                output_hidden_states=False, output_attentions=False, return_dict=True) -> SequenceClassifierOutput:
+        """labels [B] (class ids or regression targets) or [B, num_labels] (multi-label / regression)."""
+        outputs = self.esm(input_ids, attention_mask, position_ids, inputs_embeds,
+                           output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        logits = self.classifier(outputs.last_hidden_state)
+        loss = sequence_classification_loss(self.config, logits, labels) if labels is not None else None
+        out = SequenceClassifierOutput(loss, logits, outputs.hidden_states, outputs.attentions)
+        return out if return_dict else out.to_tuple()
+
+    def predict_contacts(self, input_ids, attention_mask=None):
+        return self.esm.predict_contacts(input_ids, attention_mask)
+
+
+class EsmForTokenClassification(EsmPreTrainedModel):
+    def __init__(self, config: EsmConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.esm = EsmModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                output_hidden_states=False, output_attentions=False, return_dict=True) -> TokenClassifierOutput:
+        """labels [B, L] with -100 where no loss is taken (BOS/EOS/padding)."""
+        outputs = self.esm(input_ids, attention_mask, position_ids, inputs_embeds,
+                           output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, self.num_labels).float(),
+                                   labels.reshape(-1).to(logits.device).long(), ignore_index=-100)
+        out = TokenClassifierOutput(loss, logits, outputs.hidden_states, outputs.attentions)
+        return out if return_dict else out.to_tuple()
+
+    def predict_contacts(self, input_ids, attention_mask=None):
+        return self.esm.predict_contacts(input_ids, attention_mask)
