@@ -33,7 +33,7 @@ TINY_CONFIGS = {
 
 
 def tiny_config(flavour: str = "esm2", **changes) -> EsmConfig:
-    return EsmConfig(**{**TINY_CONFIGS[flavour], **changes})
+    return EsmConfig.from_dict({**TINY_CONFIGS[flavour], **changes})
 
 
 @pytest.fixture(params=sorted(TINY_CONFIGS))

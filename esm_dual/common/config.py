@@ -37,7 +37,7 @@ def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Config:
     """Dataclass config with round-trippable unknown keys and tracked source keys."""
 
@@ -49,11 +49,28 @@ class _Config:
     def __post_init__(self) -> None:
         # None: built in Python, write every field. Else: the keys the source dict held.
         self._source_keys: set[str] | None = None
+        # For a loaded config: the values, as loaded, of the fields the source did not hold (filled in
+        # by defaults or __post_init__). Such a field is written only once its value differs from these.
+        self._loaded: dict[str, Any] = {}
+        self._normalise()
+        self._validate_all()
+
+    def _normalise(self) -> None:
+        """Coerce values to their canonical types (sub-config dicts to objects); run on init and copy."""
         for key, cls in self._sub_configs.items():
             val = getattr(self, key)
             if isinstance(val, dict):
                 setattr(self, key, cls.from_dict(val))
+
+    def _validate_all(self) -> None:
+        """``validate()`` this config, check the sub-config types and validate the sub-configs."""
         self.validate()
+        for key, cls in self._sub_configs.items():
+            val = getattr(self, key)
+            _check(val is None or isinstance(val, cls), key,
+                   f"must be a dict or a {cls.__name__}, got {type(val).__name__}")
+            if val is not None:
+                val._validate_all()
 
     # ---- field helpers -------------------------------------------------------------------------
     @classmethod
@@ -83,7 +100,8 @@ class _Config:
         extra = {k: v for k, v in d.items() if k not in names}
         known = cls._normalise_known(known, extra)
         obj = cls(**known, extra=extra)
-        obj._source_keys = set(d.keys()) - set(extra.keys())
+        obj._source_keys = set(known)  # incl. keys _normalise_known derived (id2label from num_labels)
+        obj._loaded = {n: _snapshot(getattr(obj, n)) for n in cls._field_names() if n not in obj._source_keys}
         return obj
 
     @classmethod
@@ -98,7 +116,7 @@ class _Config:
             keep = (
                 self._source_keys is None
                 or name in self._source_keys
-                or not _equal(val, defaults.get(name, dataclasses.MISSING))
+                or not _equal(_snapshot(val), self._loaded.get(name, defaults.get(name, dataclasses.MISSING)))
             )
             if not keep:
                 continue
@@ -119,8 +137,9 @@ class _Config:
         for k, v in changes.items():
             if k not in self._field_names():
                 raise ConfigError(f"{type(self).__name__} has no field {k!r}")
-            setattr(new, k, v)
-        new.validate()
+            setattr(new, k, copy.deepcopy(v))
+        new._normalise()
+        new._validate_all()
         return new
 
     def validate(self) -> None:  # pragma: no cover - overridden
@@ -130,6 +149,17 @@ class _Config:
         if type(other) is not type(self):
             return NotImplemented
         return self.to_dict() == other.to_dict()  # type: ignore[union-attr]
+
+
+def _looks_local(p: str) -> bool:
+    """A path that cannot be a preset name or a hub id ("owner/name"): absolute, ./, ~, a .json file."""
+    return (
+        os.path.isabs(p) or p.startswith((".", "~")) or p.endswith(".json") or p.count("/") > 1 or "\\" in p
+    )
+
+
+def _snapshot(v: Any) -> Any:
+    return v.to_dict() if isinstance(v, _Config) else copy.deepcopy(v)
 
 
 def _equal(a: Any, b: Any) -> bool:
@@ -143,7 +173,7 @@ def _equal(a: Any, b: Any) -> bool:
 # ================================================================================================
 
 
-@dataclass
+@dataclass(eq=False)
 class StructureModuleConfig(_Config):
     """Structure module (IPA) hyperparameters, as in HF's ``StructureModuleConfig``."""
 
@@ -181,7 +211,7 @@ class StructureModuleConfig(_Config):
         _check(_is_num(self.inf) and self.inf > 0, "structure_module.inf", f"must be > 0, got {self.inf!r}")
 
 
-@dataclass
+@dataclass(eq=False)
 class TrunkConfig(_Config):
     """Folding trunk hyperparameters, as in HF's ``TrunkConfig``."""
 
@@ -200,10 +230,10 @@ class TrunkConfig(_Config):
     chunk_size: int | None = 128
     structure_module: StructureModuleConfig | None = None
 
-    def __post_init__(self) -> None:
+    def _normalise(self) -> None:
         if self.structure_module is None:
             self.structure_module = StructureModuleConfig()
-        super().__post_init__()
+        super()._normalise()
 
     def validate(self) -> None:
         for name in ("num_blocks", "sequence_state_dim", "pairwise_state_dim", "sequence_head_width",
@@ -236,7 +266,7 @@ class TrunkConfig(_Config):
         return self.pairwise_state_dim // self.pairwise_head_width
 
 
-@dataclass
+@dataclass(eq=False)
 class EsmFoldConfig(_Config):
     """ESMFold head configuration, as in HF's ``EsmFoldConfig``."""
 
@@ -253,10 +283,10 @@ class EsmFoldConfig(_Config):
     lddt_head_hid_dim: int = 128
     trunk: TrunkConfig | None = None
 
-    def __post_init__(self) -> None:
+    def _normalise(self) -> None:
         if self.trunk is None:
             self.trunk = TrunkConfig()
-        super().__post_init__()
+        super()._normalise()
 
     def validate(self) -> None:
         _check(not self.use_esm_attn_map, "esmfold_config.use_esm_attn_map",
@@ -279,7 +309,7 @@ DEFAULT_VOCAB: tuple[str, ...] = (
 )
 
 
-@dataclass
+@dataclass(eq=False)
 class EsmConfig(_Config):
     """Configuration of an ESM encoder (ESM-1b, ESM-1v, ESM-2) and of ESMFold.
 
@@ -323,15 +353,33 @@ class EsmConfig(_Config):
     hidden_act: str = "gelu"
 
     def __post_init__(self) -> None:
-        if self.id2label is not None:
-            self.id2label = {int(k): v for k, v in self.id2label.items()}
-        if self.label2id is not None:
-            self.label2id = {k: int(v) for k, v in self.label2id.items()}
         if self.is_folding_model and self.esmfold_config is None:
             self.esmfold_config = EsmFoldConfig()
         if self.is_folding_model and self.vocab_list is None:
             self.vocab_list = list(DEFAULT_VOCAB)
         super().__post_init__()
+
+    def _normalise(self) -> None:
+        # JSON object keys are strings: id2label {"0": "A"} -> {0: "A"}; label2id values -> int.
+        if self.id2label is not None:
+            _check(isinstance(self.id2label, dict), "id2label",
+                   f"must be a dict, got {type(self.id2label).__name__}")
+            try:
+                self.id2label = {int(k): v for k, v in self.id2label.items()}
+            except (TypeError, ValueError):
+                raise ConfigError(f"id2label: keys must be integers, got {list(self.id2label)}") from None
+        if self.label2id is not None:
+            _check(isinstance(self.label2id, dict), "label2id",
+                   f"must be a dict, got {type(self.label2id).__name__}")
+            try:
+                self.label2id = {k: int(v) for k, v in self.label2id.items()}
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"label2id: values must be integers, got {list(self.label2id.values())}"
+                ) from None
+        if isinstance(self.vocab_list, tuple):  # HF's default vocab is a tuple; JSON holds a list
+            self.vocab_list = list(self.vocab_list)
+        super()._normalise()
 
     # JSON keys of id2label are strings; HF writes them that way.
     def _extra_to_dict(self, out: dict[str, Any]) -> dict[str, Any]:
@@ -342,11 +390,23 @@ class EsmConfig(_Config):
     @classmethod
     def _normalise_known(cls, known: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         # `num_labels` may be given instead of id2label (HF's kwargs); it is not a JSON key of its own.
-        if "num_labels" in extra and "id2label" not in known:
+        # If the dict also has id2label, id2label wins (as in HF's PretrainedConfig.__init__).
+        if "num_labels" in extra:
             n = extra.pop("num_labels")
-            known["id2label"] = {i: f"LABEL_{i}" for i in range(int(n))}
-            known["label2id"] = {f"LABEL_{i}": i for i in range(int(n))}
+            _check(_is_int(n) and n > 0, "num_labels", f"must be a positive int, got {n!r}")
+            if known.get("id2label") is None:
+                known["id2label"] = {i: f"LABEL_{i}" for i in range(n)}
+                known["label2id"] = {f"LABEL_{i}": i for i in range(n)}
         return known
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], **overrides: Any) -> EsmConfig:
+        # An explicit num_labels override beats the dict's id2label (as HF's from_pretrained kwargs do).
+        num_labels = overrides.pop("num_labels", None)
+        obj = super().from_dict(d, **overrides)
+        if num_labels is not None:
+            obj.num_labels = num_labels
+        return obj
 
     # ---- derived ------------------------------------------------------------------------------
     @property
@@ -356,8 +416,9 @@ class EsmConfig(_Config):
     @num_labels.setter
     def num_labels(self, n: int) -> None:
         _check(_is_int(n) and n > 0, "num_labels", f"must be a positive int, got {n!r}")
-        self.id2label = {i: f"LABEL_{i}" for i in range(n)}
-        self.label2id = {f"LABEL_{i}": i for i in range(n)}
+        if self.id2label is None or len(self.id2label) != n:  # as HF: same count keeps the names
+            self.id2label = {i: f"LABEL_{i}" for i in range(n)}
+            self.label2id = {f"LABEL_{i}": i for i in range(n)}
 
     @property
     def head_dim(self) -> int:
@@ -406,9 +467,13 @@ class EsmConfig(_Config):
             v = getattr(self, name)
             if v is None:
                 continue
-            _check(_is_int(v) and v >= 0, name, f"must be a non-negative int, got {v!r}")
-            if self.vocab_size is not None:
-                _check(v < self.vocab_size, name, f"{v} is outside the vocabulary (vocab_size={self.vocab_size})")
+            # HF allows a list of ids for eos_token_id only.
+            ids = v if name == "eos_token_id" and isinstance(v, list) else [v]
+            for i in ids:
+                _check(_is_int(i) and i >= 0, name, f"must be a non-negative int, got {v!r}")
+                if self.vocab_size is not None:
+                    _check(i < self.vocab_size, name,
+                           f"{i} is outside the vocabulary (vocab_size={self.vocab_size})")
         if self.token_dropout:
             _check(self.mask_token_id is not None, "token_dropout", "needs mask_token_id to be set")
         if self.position_embedding_type == "absolute" and self.pad_token_id is not None:
@@ -416,8 +481,10 @@ class EsmConfig(_Config):
                    f"must exceed pad_token_id + 1 = {self.pad_token_id + 1} for learned positions, "
                    f"got {self.max_position_embeddings}")
         if self.vocab_list is not None:
-            _check(isinstance(self.vocab_list, (list, tuple)) and len(set(self.vocab_list)) == len(self.vocab_list),
-                   "vocab_list", "must be a list of distinct tokens")
+            _check(isinstance(self.vocab_list, (list, tuple))
+                   and all(isinstance(t, str) for t in self.vocab_list)
+                   and len(set(self.vocab_list)) == len(self.vocab_list),
+                   "vocab_list", f"must be a list of distinct token strings, got {self.vocab_list!r}")
             if self.vocab_size is not None:
                 _check(len(self.vocab_list) == self.vocab_size, "vocab_list",
                        f"has {len(self.vocab_list)} tokens but vocab_size is {self.vocab_size}")
@@ -458,6 +525,8 @@ class EsmConfig(_Config):
             return cls.from_json_file(os.path.join(p, CONFIG_NAME), **overrides)
         if os.path.isfile(p):
             return cls.from_json_file(p, **overrides)
+        if _looks_local(p):
+            raise FileNotFoundError(f"no config file or directory at {p}")
         from .presets import get_preset  # local import: presets imports config
 
         preset = get_preset(p, missing_ok=True)

@@ -44,10 +44,20 @@ def _head_of(name: str) -> str | None:
     return None
 
 
+def _legacy_name(k: str) -> str:
+    """LayerNorm ``gamma``/``beta`` (what HF writes for modules named ``LayerNorm``) -> ``weight``/``bias``."""
+    if k.endswith(".gamma"):
+        return k[: -len("gamma")] + "weight"
+    if k.endswith(".beta"):
+        return k[: -len("beta")] + "bias"
+    return k
+
+
 def to_task_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Names with the ``esm.`` prefix (task-model layout), whichever layout the file used."""
+    tensors = {_legacy_name(k): v for k, v in tensors.items()}
     if any(k.startswith(BASE_PREFIX) for k in tensors):
-        return dict(tensors)
+        return tensors
     out = {}
     for k, v in tensors.items():
         out[k if k.startswith(("lm_head.", "classifier.")) else BASE_PREFIX + k] = v
@@ -81,8 +91,11 @@ def match_state(
         elif k == "esm.embeddings.position_embeddings.weight" and k not in want_task:
             del found[k]
 
-    # Rotary tables: per layer in hub files; HF 5 saves one model-level table.
+    # Rotary tables: per layer in hub files; HF 5 keeps one model-level table and writes it either
+    # as "esm.rotary_embeddings.inv_freq" or, literally, as "esm.encoder.layer.*.attention...".
     model_level = found.pop("esm.rotary_embeddings.inv_freq", None)
+    wildcard = found.pop("esm.encoder.layer.*.attention.self.rotary_embeddings.inv_freq", None)
+    model_level = model_level if model_level is not None else wildcard
     wanted_rot = {k for k in want_task if _ROTARY_LAYER.match(k)}
     if wanted_rot:
         for k in sorted(wanted_rot):

@@ -7,7 +7,6 @@ Module and attribute names follow the HF hub checkpoints, so a hub ``model.safet
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Any
 
@@ -37,13 +36,18 @@ MASK_RATIO_TRAIN = 0.15 * 0.8  # the masking ratio of every ESM training run (to
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
-    """Exact erf GELU, as in the original ESM code."""
-    return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    """Exact erf GELU, as in the original ESM code (x * 0.5 * (1 + erf(x / sqrt(2)))), one fused op."""
+    return F.gelu(x, approximate="none")
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-rotation rotary: x = [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin].
+
+    x [B, H, L, K]; cos, sin [*, L, K/2]. Same result as ``x * cat(cos, cos) + rotate_half(x) *
+    cat(sin, sin)`` without materialising the rotated copy.
+    """
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 def symmetrize(x: torch.Tensor) -> torch.Tensor:
@@ -133,19 +137,16 @@ class EsmRotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         self.register_buffer("inv_freq", inv_freq)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        """q, k [B, H, L, K]; positions [B, L] or [L] -> rotated q, k (computed in fp32)."""
-        # [B, L, K/2]
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, q_scale: float = 1.0):
+        """q, k [B, H, L, K]; positions [B, L] or [L] -> rotated q (times q_scale), k; computed in fp32."""
+        # [B, L, K/2] or [L, K/2]
         freqs = positions.to(torch.float32)[..., None] * self.inv_freq.to(torch.float32)
-        # [B, L, K]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        if emb.dim() == 3:
-            # [B, 1, L, K]
-            emb = emb[:, None]
-        cos, sin = emb.cos(), emb.sin()
-        qf, kf = q.to(torch.float32), k.to(torch.float32)
-        q_out = qf * cos + rotate_half(qf) * sin
-        k_out = kf * cos + rotate_half(kf) * sin
+        if freqs.dim() == 3:
+            # [B, 1, L, K/2]
+            freqs = freqs[:, None]
+        cos, sin = freqs.cos(), freqs.sin()
+        q_out = apply_rotary(q.to(torch.float32), cos * q_scale, sin * q_scale)
+        k_out = apply_rotary(k.to(torch.float32), cos, sin)
         return q_out.to(q.dtype), k_out.to(k.dtype)
 
 
@@ -180,12 +181,16 @@ class EsmSelfAttention(nn.Module):
         output_attentions: bool = False,
     ):
         """hidden_states [B, L, D]; attention_bias [B, 1, 1, L] additive (0 or -inf-like)."""
-        # The query is scaled before rotary, as in the original ESM code.
-        q = self._heads(self.query(hidden_states)) * self.attention_head_size**-0.5
+        # The query is scaled by K^-0.5 before rotary, as in the original ESM code (with rotary the
+        # scale is folded into the query's cos/sin tables: the same product, one pass fewer).
+        scale = self.attention_head_size**-0.5
+        q = self._heads(self.query(hidden_states))
         k = self._heads(self.key(hidden_states))
         v = self._heads(self.value(hidden_states))
         if self.rotary_embeddings is not None:
-            q, k = self.rotary_embeddings(q, k, positions)
+            q, k = self.rotary_embeddings(q, k, positions, q_scale=scale)
+        else:
+            q = q * scale
         dropout_p = self.dropout_prob if self.training else 0.0
         if output_attentions:
             # [B, H, L, L]
