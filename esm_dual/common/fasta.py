@@ -1,0 +1,192 @@
+"""Streaming FASTA reader and writer (plain or gzip), with errors that name the file, record and line.
+
+``read_fasta`` yields one ``FastaRecord(id, description, sequence)`` at a time and never reads the whole
+file up front. ``id`` is the first whitespace-delimited word of the header, ``description`` the whole
+header line without ``>``. Sequences may span several lines; whitespace inside them is removed;
+blank lines and comment lines (starting with ``;`` or ``#``) are skipped anywhere; CRLF files and
+gzip files (detected by their magic bytes, whatever the name) are read transparently.
+Refused with ``FastaError``: text other than comments before the first header, an empty header, a
+record without residues, and a repeated id.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Iterable, Iterator
+from typing import IO, Any, NamedTuple
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_COMMENT = (";", "#")
+
+
+class FastaError(ValueError):
+    """Malformed FASTA input; the message names the file, the line number and, where known, the record."""
+
+
+class FastaRecord(NamedTuple):
+    id: str
+    description: str
+    sequence: str
+
+
+def _is_gzip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == _GZIP_MAGIC
+
+
+def _open_text(path: str) -> IO[str]:
+    if _is_gzip(path):
+        return gzip.open(path, "rt", encoding="utf-8", newline=None)
+    return open(path, encoding="utf-8", newline=None)
+
+
+def _source_name(src: Any) -> str:
+    if isinstance(src, (str, os.PathLike)):
+        return os.fspath(src)
+    name = getattr(src, "name", None)
+    return name if isinstance(name, str) else "<stream>"
+
+
+def _lines(fh: Iterable[Any]) -> Iterator[str]:
+    for line in fh:
+        if isinstance(line, bytes):
+            line = line.decode("utf-8")
+        yield line
+
+
+def read_fasta(
+    path_or_file: str | os.PathLike | IO[str] | IO[bytes],
+    check_duplicates: bool = True,
+    allow_empty: bool = False,
+) -> Iterator[FastaRecord]:
+    """Yield the records of a FASTA file (path, ``.gz`` path, or an open text/binary file object).
+
+    ``check_duplicates=False`` lets repeated ids through; ``allow_empty=True`` yields records
+    without residues instead of raising.
+    """
+    name = _source_name(path_or_file)
+    if isinstance(path_or_file, (str, os.PathLike)):
+        fh: Any = _open_text(os.fspath(path_or_file))
+        owned = True
+    else:
+        fh, owned = path_or_file, False
+    try:
+        yield from _parse(_lines(fh), name, check_duplicates, allow_empty)
+    finally:
+        if owned:
+            fh.close()
+
+
+def _parse(lines: Iterable[str], name: str, check_duplicates: bool, allow_empty: bool
+           ) -> Iterator[FastaRecord]:
+    seen: dict[str, int] = {}
+    header: str | None = None
+    header_line = 0
+    chunks: list[str] = []
+
+    def finish() -> FastaRecord:
+        seq = "".join(chunks)
+        rec_id = header.split(maxsplit=1)[0]
+        if not seq and not allow_empty:
+            raise FastaError(f"{name}:{header_line}: record {rec_id!r} has an empty sequence")
+        return FastaRecord(rec_id, header, seq)
+
+    lineno = 0
+    for lineno, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line or line.startswith(_COMMENT):
+            continue
+        if line.startswith(">"):
+            if header is not None:
+                yield finish()
+            header = line[1:].strip()
+            header_line = lineno
+            chunks = []
+            if not header:
+                raise FastaError(f"{name}:{lineno}: empty header (a record needs an id after '>')")
+            rec_id = header.split(maxsplit=1)[0]
+            if check_duplicates:
+                if rec_id in seen:
+                    raise FastaError(f"{name}:{lineno}: duplicate record id {rec_id!r} "
+                                     f"(first seen at line {seen[rec_id]})")
+                seen[rec_id] = lineno
+            continue
+        if header is None:
+            shown = line if len(line) <= 40 else line[:37] + "..."
+            raise FastaError(f"{name}:{lineno}: text before the first '>' header: {shown!r}")
+        chunks.append("".join(line.split()))
+    if header is not None:
+        yield finish()
+
+
+def write_fasta(
+    path_or_file: str | os.PathLike | IO[str],
+    records: Iterable[Any],
+    width: int | None = 60,
+) -> int:
+    """Write records and return how many were written.
+
+    ``records``: ``FastaRecord``s (the header is their ``description``, or the id if that is empty) or
+    ``(id, sequence)`` / ``(id, description, sequence)`` tuples. ``width``: residues per line
+    (None or 0: one line per sequence). A path ending in ``.gz`` is gzip-compressed.
+    """
+    if width is not None and width < 0:
+        raise ValueError(f"width must be positive or None, got {width}")
+    if isinstance(path_or_file, (str, os.PathLike)):
+        path = os.fspath(path_or_file)
+        if path.endswith(".gz"):
+            fh: Any = gzip.open(path, "wt", encoding="utf-8", newline="\n")
+        else:
+            fh = open(path, "w", encoding="utf-8", newline="\n")
+        owned = True
+    else:
+        fh, owned = path_or_file, False
+    n = 0
+    try:
+        for rec in records:
+            if isinstance(rec, FastaRecord):
+                header, seq = rec.description or rec.id, rec.sequence
+            elif isinstance(rec, (tuple, list)) and len(rec) == 2:
+                header, seq = rec
+            elif isinstance(rec, (tuple, list)) and len(rec) == 3:
+                header, seq = rec[1] or rec[0], rec[2]
+            else:
+                raise TypeError(f"record {n}: expected a FastaRecord or an (id, sequence) tuple, got {rec!r}")
+            header, seq = str(header), str(seq)
+            if not header.strip() or "\n" in header or "\r" in header:
+                raise ValueError(f"record {n}: invalid header {header!r}")
+            fh.write(">" + header + "\n")
+            if width:
+                for i in range(0, len(seq), width):
+                    fh.write(seq[i:i + width] + "\n")
+            elif seq:
+                fh.write(seq + "\n")
+            n += 1
+    finally:
+        if owned:
+            fh.close()
+    return n
+
+
+def count_fasta(path_or_file: str | os.PathLike | IO[bytes] | IO[str]) -> int:
+    """Number of records (header lines) in a FASTA file, without parsing sequences. Gzip is detected."""
+    if isinstance(path_or_file, (str, os.PathLike)):
+        path = os.fspath(path_or_file)
+        opener = gzip.open if _is_gzip(path) else open
+        with opener(path, "rb") as f:
+            return _count(f)
+    return _count(path_or_file)
+
+
+def _count(fh: Any) -> int:
+    n = 0
+    for line in fh:
+        if isinstance(line, str):
+            n += line.lstrip().startswith(">")
+        else:
+            n += line.lstrip().startswith(b">")
+    return n
+
+
+__all__ = ["FastaError", "FastaRecord", "count_fasta", "read_fasta", "write_fasta"]
