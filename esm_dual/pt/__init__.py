@@ -1,5 +1,6 @@
 """PyTorch ESM models. Importing this package imports torch."""
 
+from .folding import EsmForProteinFolding
 from .modeling_esm import (
     EsmContactPredictionHead,
     EsmForMaskedLM,
@@ -12,6 +13,7 @@ from .modeling_esm import (
 __all__ = [
     "EsmContactPredictionHead",
     "EsmForMaskedLM",
+    "EsmForProteinFolding",
     "EsmForSequenceClassification",
     "EsmForTokenClassification",
     "EsmModel",

@@ -1,0 +1,597 @@
+"""ESMFold in PyTorch: ``EsmForProteinFolding``.
+
+ESM-2 stem (our ``EsmModel``) -> learned softmax combination of all its hidden states
+(``esm_s_combine``) -> MLP to the trunk's sequence state (+ an amino-acid embedding) -> folding trunk
+(triangular self-attention blocks, recycling) -> structure module -> distogram / pTM / lDDT / LM heads.
+
+Tensor names are those of ``facebook/esmfold_v1`` (HF transformers' ``EsmForProteinFolding``), so hub
+files load 1:1; fair-esm's ``esmfold_3B_v1.pt`` (folding head only) loads together with the ESM-2 3B
+stem. ``infer`` / ``infer_pdb(s)`` / ``output_to_pdb`` follow fair-esm's ``ESMFold`` API, including
+multimers written as ``:``-separated chains.
+
+Numerics follow fair-esm: pLDDT on the 0-100 scale, pTM per sequence over its own length. The ESM stem
+runs in fp16 on CUDA when ``esmfold_config.fp16_esm`` (fp32 on CPU), the trunk in fp32 unless
+``set_trunk_dtype(torch.bfloat16)``, the structure module always in fp32.
+
+Intended differences from transformers' ``EsmForProteinFolding`` (everything else matches it to
+float rounding): pLDDT x100 (HF: 0-1); ``ptm`` has one value per sequence (HF: one scalar for the
+padded batch); ``masking_pattern`` masks the ESM input only, as fair-esm (HF also masks the trunk's
+amino-acid embedding); padded ``residue_index`` is 0 (fair-esm; HF continues 0..N-1); ``infer``
+handles ``:``-separated multimers and returns mean_plddt / chain_index / final_atom_positions; chunking
+also covers the triangular multiplication and the pair transitions (HF: triangle attention only).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...common import residue_constants as rc
+from ...common.config import EsmConfig
+from ...common.loading import LoadingError
+from ..modeling_esm import EsmModel, EsmPreTrainedModel, _np_to_torch, _torch_to_np
+from .confidence import categorical_lddt, predicted_aligned_error, predicted_tm_score
+from .structure_module import residue_constant
+from .trunk import FoldingTrunk
+
+logger = logging.getLogger("esm_dual")
+
+__all__ = ["EsmForProteinFolding", "EsmForProteinFoldingOutput", "encode_sequences"]
+
+
+@dataclass(repr=False)
+class EsmForProteinFoldingOutput:
+    """ESMFold outputs (fair-esm's keys). S = structure-module blocks, B batch, N residues.
+
+    positions [S, B, N, 14, 3] (Angstrom); frames [S, B, N, 7]; sidechain_frames [S, B, N, 8, 4, 4];
+    angles / unnormalized_angles [S, B, N, 7, 2]; states [S, B, N, C_s]; s_s [B, N, C_s];
+    s_z [B, N, N, C_z]; distogram_logits [B, N, N, 64]; lm_logits [B, N, 23]; lddt_head
+    [S, B, N, 37, 50]; plddt [B, N, 37] (0-100); ptm_logits [B, N, N, 64]; ptm [B];
+    aligned_confidence_probs [B, N, N, 64]; predicted_aligned_error [B, N, N];
+    aatype / residue_index [B, N]; atom14_atom_exists [B, N, 14]; atom37_atom_exists [B, N, 37];
+    residx_atom14_to_atom37 [B, N, 14]; residx_atom37_to_atom14 [B, N, 37]. ``infer`` adds
+    mean_plddt [B], chain_index [B, N] (-1 = padding), final_atom_positions [B, N, 37, 3] and
+    final_atom_mask [B, N, 37]. Key access (``out["ptm"]``) and assignment work as on a dict.
+    """
+
+    frames: torch.Tensor | None = None
+    sidechain_frames: torch.Tensor | None = None
+    unnormalized_angles: torch.Tensor | None = None
+    angles: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    states: torch.Tensor | None = None
+    s_s: torch.Tensor | None = None
+    s_z: torch.Tensor | None = None
+    distogram_logits: torch.Tensor | None = None
+    lm_logits: torch.Tensor | None = None
+    aatype: torch.Tensor | None = None
+    atom14_atom_exists: torch.Tensor | None = None
+    residx_atom14_to_atom37: torch.Tensor | None = None
+    residx_atom37_to_atom14: torch.Tensor | None = None
+    atom37_atom_exists: torch.Tensor | None = None
+    residue_index: torch.Tensor | None = None
+    lddt_head: torch.Tensor | None = None
+    plddt: torch.Tensor | None = None
+    ptm_logits: torch.Tensor | None = None
+    ptm: torch.Tensor | None = None
+    aligned_confidence_probs: torch.Tensor | None = None
+    predicted_aligned_error: torch.Tensor | None = None
+    max_predicted_aligned_error: torch.Tensor | None = None
+    mean_plddt: torch.Tensor | None = None
+    chain_index: torch.Tensor | None = None
+    final_atom_positions: torch.Tensor | None = None
+    final_atom_mask: torch.Tensor | None = None
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def values(self) -> list[Any]:
+        return [getattr(self, k) for k in self.keys()]
+
+    def __getitem__(self, key: str) -> Any:
+        if not isinstance(key, str) or key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key not in {f.name for f in fields(self)}:
+            raise KeyError(f"{key!r} is not an ESMFold output field")
+        setattr(self, key, value)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self.keys() else default
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.items())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(self.keys())})"
+
+
+# ================================================================================================
+# Sequence encoding (fair-esm's convention for multimers)
+# ================================================================================================
+
+
+def encode_sequences(
+    seqs: list[str], residue_index_offset: int | None = 512, chain_linker: str | None = "G" * 25
+) -> dict[str, torch.Tensor]:
+    """Sequences (chains separated by ``:``) -> padded aatype, mask, residx, linker_mask, chain_index [B, N].
+
+    Chains are joined with ``chain_linker``; the residue index jumps by ``residue_index_offset`` at each
+    chain (the linker belongs to the preceding chain); linker_mask is 0 on linker residues. Letters
+    outside the 20 amino acids become X (index 20). Padding: aatype 0, mask 0, chain_index -1.
+    """
+    chain_linker = chain_linker or ""
+    residue_index_offset = residue_index_offset or 0
+    rows = []
+    for seq in seqs:
+        chains = seq.split(":")
+        aatype = rc.sequence_to_aatype(chain_linker.join(chains))
+        residx = np.arange(len(aatype))
+        linker = np.ones(len(aatype), dtype=np.float32)
+        chain_index = np.zeros(len(aatype), dtype=np.int64)
+        start = 0
+        for i, chain in enumerate(chains):
+            end = start + len(chain)
+            span = end + (len(chain_linker) if i < len(chains) - 1 else 0)
+            residx[start:span] += i * residue_index_offset
+            chain_index[start:span] = i
+            linker[end:span] = 0
+            start = span
+        rows.append((aatype, residx, linker, chain_index))
+    B = len(rows)
+    N = max((len(r[0]) for r in rows), default=0)
+    out = {
+        "aatype": torch.zeros(B, N, dtype=torch.long),
+        "mask": torch.zeros(B, N, dtype=torch.long),
+        "residx": torch.zeros(B, N, dtype=torch.long),
+        "linker_mask": torch.zeros(B, N, dtype=torch.float32),
+        "chain_index": torch.full((B, N), -1, dtype=torch.long),
+    }
+    for b, (aatype, residx, linker, chain_index) in enumerate(rows):
+        n = len(aatype)
+        out["aatype"][b, :n] = torch.from_numpy(aatype)
+        out["mask"][b, :n] = 1
+        out["residx"][b, :n] = torch.from_numpy(residx)
+        out["linker_mask"][b, :n] = torch.from_numpy(linker)
+        out["chain_index"][b, :n] = torch.from_numpy(chain_index)
+    return out
+
+
+def atom14_to_atom37(atom14: torch.Tensor, aatype: torch.Tensor) -> torch.Tensor:
+    """atom14 [*, N, 14, 3] -> atom37 [*, N, 37, 3], zero where the residue type has no such atom."""
+    idx = residue_constant("restype_atom37_to_atom14", aatype.device)[aatype]
+    # [*, N, 37, 3]
+    out = torch.gather(atom14, -2, idx[..., None].expand(idx.shape + (3,)))
+    return out * residue_constant("restype_atom37_mask", aatype.device)[aatype][..., None]
+
+
+def _undo_transformers5_save_names(tensors: dict[str, np.ndarray], num_layers: int) -> dict[str, np.ndarray]:
+    """transformers 5's ``save_pretrained`` writes ESM LayerNorms as ``.gamma`` / ``.beta`` and one
+    rotary table as ``esm.encoder.layer.*.attention...inv_freq``; map them back to the hub names."""
+    out: dict[str, np.ndarray] = {}
+    for k, v in tensors.items():
+        if k == "esm.encoder.layer.*.attention.self.rotary_embeddings.inv_freq":
+            for i in range(num_layers):
+                out.setdefault(f"esm.encoder.layer.{i}.attention.self.rotary_embeddings.inv_freq", v)
+        elif k.startswith("esm.") and k.endswith(("LayerNorm.gamma", "LayerNorm.beta")):
+            out[k.rsplit(".", 1)[0] + (".weight" if k.endswith("gamma") else ".bias")] = v
+        else:
+            out[k] = v
+    return out
+
+
+# ================================================================================================
+# The model
+# ================================================================================================
+
+
+class EsmForProteinFolding(EsmPreTrainedModel):
+    """ESMFold. ``forward`` takes AlphaFold residue indices (``encode_sequences``), ``infer`` strings."""
+
+    _tied = ()
+
+    def __init__(self, config: EsmConfig):
+        super().__init__(config)
+        if not config.is_folding_model or config.esmfold_config is None:
+            raise ValueError(
+                "EsmForProteinFolding needs a folding config (is_folding_model=True, esmfold_config)"
+            )
+        if config.vocab_list is None:
+            raise ValueError("EsmForProteinFolding needs config.vocab_list")
+        fold = config.esmfold_config
+        trunk = fold.trunk
+        self.distogram_bins = 64
+        self.esm = EsmModel(config)
+        self.esm.requires_grad_(False)
+        self.esm_feats = config.hidden_size
+        self.esm_layers = config.num_hidden_layers
+        self.register_buffer("af2_to_esm", self._af2_to_esm_from_vocab_list(config.vocab_list))
+        self.esm_s_combine = nn.Parameter(torch.zeros(self.esm_layers + 1))
+        c_s, c_z = trunk.sequence_state_dim, trunk.pairwise_state_dim
+        self.esm_s_mlp = nn.Sequential(
+            nn.LayerNorm(self.esm_feats),
+            nn.Linear(self.esm_feats, c_s),
+            nn.ReLU(),
+            nn.Linear(c_s, c_s),
+        )
+        # Amino-acid tokens of the trunk: 0 padding, 1..20 residues, 21 unknown (X), 22 mask.
+        self.n_tokens_embed = rc.restype_num + 3
+        self.pad_idx = 0
+        self.unk_idx = self.n_tokens_embed - 2
+        self.mask_idx = self.n_tokens_embed - 1
+        vocab = config.vocab_list
+        self.esm_dict_cls_idx = vocab.index("<cls>")
+        self.esm_dict_mask_idx = vocab.index("<mask>")
+        self.esm_dict_eos_idx = vocab.index("<eos>")
+        self.esm_dict_padding_idx = vocab.index("<pad>")
+        self.embedding = nn.Embedding(self.n_tokens_embed, c_s, padding_idx=0) if fold.embed_aa else None
+        self.trunk = FoldingTrunk(trunk)
+        self.distogram_head = nn.Linear(c_z, self.distogram_bins)
+        self.ptm_head = nn.Linear(c_z, self.distogram_bins)
+        self.lm_head = nn.Linear(c_s, self.n_tokens_embed)
+        self.lddt_bins = 50
+        c_sm = trunk.structure_module.sequence_dim
+        self.lddt_head = nn.Sequential(
+            nn.LayerNorm(c_sm),
+            nn.Linear(c_sm, fold.lddt_head_hid_dim),
+            nn.Linear(fold.lddt_head_hid_dim, fold.lddt_head_hid_dim),
+            nn.Linear(fold.lddt_head_hid_dim, 37 * self.lddt_bins),
+        )
+        # None: automatic (fp16 on CUDA if esmfold_config.fp16_esm, else fp32).
+        self._esm_dtype: torch.dtype | None = None
+        self.post_init()
+
+    @staticmethod
+    def _af2_to_esm_from_vocab_list(vocab_list: list[str]) -> torch.Tensor:
+        # Index 0 (padding) -> <pad>; AlphaFold residue r -> the ESM token of its letter (at r + 1).
+        order = [vocab_list.index("<pad>")] + [vocab_list.index(v) for v in rc.restypes_with_x]
+        return torch.tensor(order)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is self:
+            with torch.no_grad():
+                self.af2_to_esm.copy_(self._af2_to_esm_from_vocab_list(self.config.vocab_list))
+
+    # ---- precision and memory ------------------------------------------------------------------
+    def set_chunk_size(self, chunk_size: int | None) -> None:
+        """Chunk the trunk's pair updates over rows (see ``FoldingTrunk.set_chunk_size``)."""
+        self.trunk.set_chunk_size(chunk_size)
+
+    def set_esm_dtype(self, dtype: torch.dtype | str | None) -> None:
+        """Precision of the ESM stem: torch.float16 / bfloat16 / float32, or None / "auto" for the
+        default (fp16 on CUDA when ``esmfold_config.fp16_esm``, fp32 on CPU). The stem's weights are cast
+        when it next runs; casting down rounds them (as HF's fp16 stem always is): reload for exact fp32."""
+        if isinstance(dtype, str):
+            dtype = (
+                None
+                if dtype == "auto"
+                else {
+                    "fp16": torch.float16,
+                    "float16": torch.float16,
+                    "bf16": torch.bfloat16,
+                    "bfloat16": torch.bfloat16,
+                    "fp32": torch.float32,
+                    "float32": torch.float32,
+                }[dtype]
+            )
+        self._esm_dtype = dtype
+
+    def set_trunk_dtype(self, dtype: torch.dtype | None) -> None:
+        """Run the folding blocks under autocast in ``dtype`` (torch.bfloat16), or in fp32 (None)."""
+        if dtype not in (None, torch.float32, torch.bfloat16):
+            # fp16 overflows in the triangular multiplication's sums over N residues.
+            raise ValueError(f"the trunk runs in fp32 or bf16, not {dtype}")
+        self.trunk.block_dtype = None if dtype == torch.float32 else dtype
+
+    def esm_dtype_for(self, device: torch.device) -> torch.dtype:
+        if self._esm_dtype is not None:
+            return self._esm_dtype
+        if device.type == "cuda" and self.config.esmfold_config.fp16_esm:
+            return torch.float16
+        return torch.float32
+
+    def _prepare_stem(self, device: torch.device) -> None:
+        want = self.esm_dtype_for(device)
+        if self.esm.embeddings.word_embeddings.weight.dtype != want:
+            self.esm.to(want)
+            for layer in self.esm.encoder.layer:  # rotary tables stay fp32 (they are loaded, not recomputed)
+                rot = layer.attention.self.rotary_embeddings
+                if rot is not None:
+                    rot.inv_freq.data = rot.inv_freq.data.float()
+
+    @property
+    def device(self) -> torch.device:
+        return self.esm_s_combine.device
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def af2_idx_to_esm_idx(self, aa: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        aa = (aa + 1).masked_fill(mask != 1, 0)
+        return self.af2_to_esm.to(aa.device)[aa]
+
+    def compute_language_model_representations(self, esmaa: torch.Tensor) -> torch.Tensor:
+        """ESM tokens [B, N] (padding = <pad>) -> hidden states [B, N, layers + 1, D] (BOS/EOS dropped)."""
+        B = esmaa.shape[0]
+        if self.config.esmfold_config.bypass_lm:
+            return esmaa.new_zeros(
+                (B, esmaa.shape[1], self.esm_layers + 1, self.esm_feats), dtype=torch.float32
+            )
+        bos = esmaa.new_full((B, 1), self.esm_dict_cls_idx)
+        eos = esmaa.new_full((B, 1), self.esm_dict_padding_idx)
+        # [B, N + 2]; the first padding position after each sequence becomes <eos>.
+        esmaa = torch.cat([bos, esmaa, eos], dim=1)
+        esmaa[torch.arange(B, device=esmaa.device), (esmaa != self.esm_dict_padding_idx).sum(1)] = (
+            self.esm_dict_eos_idx
+        )
+        self._prepare_stem(esmaa.device)
+        hidden = self.esm(
+            esmaa, attention_mask=esmaa != self.esm_dict_padding_idx, output_hidden_states=True
+        ).hidden_states
+        # [B, N + 2, layers + 1, D] -> [B, N, layers + 1, D]
+        return torch.stack(hidden, dim=2)[:, 1:-1]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        masking_pattern: torch.Tensor | None = None,
+        num_recycles: int | None = None,
+    ) -> EsmForProteinFoldingOutput:
+        """input_ids: AlphaFold residue indices [B, N] (0..20, 20 = X); attention_mask [B, N] (1 = residue);
+        position_ids: residue indices [B, N] (default 0..N-1); masking_pattern [B, N]: 1 where the ESM
+        input gets <mask> (as fair-esm: the trunk's amino-acid embedding keeps the true residue)."""
+        fold = self.config.esmfold_config
+        aa = input_ids
+        B, N = aa.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(aa)
+        if position_ids is None:
+            position_ids = torch.arange(N, device=aa.device).expand(B, N)
+        mask = attention_mask
+
+        esmaa = self.af2_idx_to_esm_idx(aa, mask)
+        if masking_pattern is not None:
+            esmaa = esmaa.masked_fill(masking_pattern == 1, self.esm_dict_mask_idx)
+        with torch.no_grad():
+            esm_s = self.compute_language_model_representations(esmaa)
+        esm_s = esm_s.to(self.esm_s_combine.dtype).detach()
+        if fold.esm_ablate_sequence:
+            esm_s = esm_s * 0
+        # [layers + 1] @ [B, N, layers + 1, D] -> [B, N, D]
+        esm_s = (self.esm_s_combine.softmax(0).unsqueeze(0) @ esm_s).squeeze(2)
+        s_s_0 = self.esm_s_mlp(esm_s)
+        if self.embedding is not None:
+            s_s_0 = s_s_0 + self.embedding(aa)
+        s_z_0 = s_s_0.new_zeros(B, N, N, fold.trunk.pairwise_state_dim)
+
+        structure = self.trunk(s_s_0, s_z_0, aa, position_ids, mask, no_recycles=num_recycles)
+        out = EsmForProteinFoldingOutput(
+            **{
+                k: structure[k]
+                for k in (
+                    "frames",
+                    "sidechain_frames",
+                    "unnormalized_angles",
+                    "angles",
+                    "positions",
+                    "states",
+                    "s_s",
+                    "s_z",
+                )
+            }
+        )
+
+        disto = self.distogram_head(out.s_z)
+        out.distogram_logits = (disto + disto.transpose(1, 2)) / 2
+        out.lm_logits = self.lm_head(out.s_s)
+        out.aatype = aa
+        maskf = mask.to(torch.float32)
+        out.atom14_atom_exists = residue_constant("restype_atom14_mask", aa.device)[aa] * maskf[..., None]
+        out.atom37_atom_exists = residue_constant("restype_atom37_mask", aa.device)[aa] * maskf[..., None]
+        out.residx_atom14_to_atom37 = residue_constant("restype_atom14_to_atom37", aa.device)[aa]
+        out.residx_atom37_to_atom14 = residue_constant("restype_atom37_to_atom14", aa.device)[aa]
+        out.residue_index = position_ids
+        # [S, B, N, C] -> [S, B, N, 37, bins]
+        out.lddt_head = self.lddt_head(out.states).reshape(out.states.shape[0], B, N, -1, self.lddt_bins)
+        out.plddt = 100 * categorical_lddt(out.lddt_head[-1], bins=self.lddt_bins)
+        out.ptm_logits = self.ptm_head(out.s_z)
+        out.ptm = predicted_tm_score(out.ptm_logits, mask, max_bin=31, no_bins=self.distogram_bins)
+        for k, v in predicted_aligned_error(out.ptm_logits, max_bin=31, no_bins=self.distogram_bins).items():
+            out[k] = v
+        return out
+
+    # ---- fair-esm-style inference ------------------------------------------------------------------
+    @torch.no_grad()
+    def infer(
+        self,
+        seqs: str | list[str],
+        num_recycles: int | None = None,
+        residx: torch.Tensor | list | None = None,
+        masking_pattern: torch.Tensor | None = None,
+        chain_linker: str | None = "G" * 25,
+        residue_index_offset: int | None = 512,
+    ) -> EsmForProteinFoldingOutput:
+        """Fold one sequence or a batch. Multimers: chains separated by ``:`` (joined by ``chain_linker``,
+        residue index jumping by ``residue_index_offset``); linker residues are masked out of
+        ``atom37_atom_exists`` / ``final_atom_mask``, ``mean_plddt`` and the PDB files.
+
+        ``num_recycles=None`` uses ``trunk.max_recycles`` passes in all (fair-esm's default).
+        """
+        if isinstance(seqs, str):
+            seqs = [seqs]
+        if not seqs:
+            raise ValueError("infer() needs at least one sequence")
+        for i, s in enumerate(seqs):
+            if not s or any(not c for c in s.split(":")):
+                raise ValueError(f"sequence {i} is empty (or has an empty chain): {s!r}")
+        enc = encode_sequences(seqs, residue_index_offset, chain_linker)
+        if residx is None:
+            residx = enc["residx"]
+        elif not isinstance(residx, torch.Tensor):
+            n = enc["aatype"].shape[1]
+            residx = torch.stack(
+                [
+                    torch.nn.functional.pad(torch.as_tensor(r, dtype=torch.long), (0, n - len(r)))
+                    for r in residx
+                ]
+            )
+        device = self.device
+        aatype, mask = enc["aatype"].to(device), enc["mask"].to(device)
+        linker_mask = enc["linker_mask"].to(device)
+        out = self.forward(
+            aatype,
+            mask,
+            position_ids=residx.to(device),
+            masking_pattern=None if masking_pattern is None else masking_pattern.to(device),
+            num_recycles=num_recycles,
+        )
+        out.atom37_atom_exists = out.atom37_atom_exists * linker_mask.unsqueeze(2)
+        exists = out.atom37_atom_exists
+        out.mean_plddt = (out.plddt * exists).sum(dim=(1, 2)) / exists.sum(dim=(1, 2))
+        out.chain_index = enc["chain_index"].to(device)
+        out.final_atom_positions = atom14_to_atom37(out.positions[-1], aatype) * exists[..., None]
+        out.final_atom_mask = exists
+        return out
+
+    @staticmethod
+    def output_to_pdb(output: Any) -> list[str]:
+        """PDB text per sequence (pLDDT in the B-factor column, chains A, B, ...)."""
+        from ...common.protein import from_folding_output, to_pdb
+
+        return [to_pdb(p) for p in from_folding_output(output)]
+
+    @staticmethod
+    def output_to_mmcif(output: Any, names: list[str] | None = None) -> list[str]:
+        from ...common.protein import from_folding_output, to_mmcif
+
+        prots = from_folding_output(output)
+        names = names or [f"prediction_{i}" for i in range(len(prots))]
+        return [to_mmcif(p, n) for p, n in zip(prots, names)]
+
+    def infer_pdbs(self, seqs: list[str], *args, **kwargs) -> list[str]:
+        return self.output_to_pdb(self.infer(seqs, *args, **kwargs))
+
+    def infer_pdb(self, seq: str, *args, **kwargs) -> str:
+        return self.infer_pdbs([seq], *args, **kwargs)[0]
+
+    # ---- loading / saving -----------------------------------------------------------------------------
+    def _hub_state(self) -> dict[str, torch.Tensor]:
+        return dict(self.state_dict())
+
+    def load_hub_tensors(self, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> list[str]:
+        """Copy hub-named numpy tensors (``facebook/esmfold_v1`` names) into this model."""
+        tensors = _undo_transformers5_save_names(tensors, self.config.num_hidden_layers)
+        esm_part = {k: v for k, v in tensors.items() if k.startswith("esm.")}
+        rest = {k: v for k, v in tensors.items() if not k.startswith("esm.")}
+        messages = self.esm.load_hub_tensors(esm_part, source=source)
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith("esm.")}
+        if "af2_to_esm" not in rest:  # a buffer derived from the vocabulary; some exports omit it
+            rest["af2_to_esm"] = self._af2_to_esm_from_vocab_list(self.config.vocab_list).numpy()
+        missing = sorted(set(own) - set(rest))
+        unused = sorted(set(rest) - set(own))
+        if missing or unused:
+            parts = []
+            if missing:
+                parts.append(
+                    f"missing {len(missing)} tensor(s): {', '.join(missing[:12])}"
+                    + (" ..." if len(missing) > 12 else "")
+                )
+            if unused:
+                parts.append(
+                    f"unused {len(unused)} tensor(s): {', '.join(unused[:12])}"
+                    + (" ..." if len(unused) > 12 else "")
+                )
+            raise LoadingError(f"{source} does not match the folding model: " + "; ".join(parts))
+        with torch.no_grad():
+            for name, arr in rest.items():
+                target = own[name]
+                if tuple(arr.shape) != tuple(target.shape):
+                    raise LoadingError(
+                        f"{source}: tensor {name} has shape {tuple(arr.shape)}, "
+                        f"the model expects {tuple(target.shape)}"
+                    )
+                target.copy_(_np_to_torch(np.asarray(arr)).to(target.dtype))
+        return messages
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained: str | os.PathLike,
+        *,
+        config: EsmConfig | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        esm_checkpoint: str | os.PathLike | None = None,
+        **config_overrides: Any,
+    ) -> EsmForProteinFolding:
+        """Load ESMFold from a hub-layout directory (``facebook/esmfold_v1``), a preset name / hub id, or
+        fair-esm's ``esmfold_3B_v1.pt``. A fair-esm file holds the folding head only: the ESM-2 stem
+        comes from ``esm_checkpoint`` (a fair-esm ``esm2_t36_3B_UR50D.pt`` or a hub directory), by
+        default ``esm2_t36_3B_UR50D.pt`` beside the ``.pt`` file or in torch's hub cache.
+
+        The weights keep fp32 unless ``torch_dtype`` says otherwise; the stem's precision is chosen per
+        device at run time (``set_esm_dtype``).
+        """
+        from ...common.checkpoint import iter_checkpoint_tensors, read_checkpoint_config, resolve_checkpoint
+
+        p = os.fspath(pretrained)
+        if p.endswith(".pt"):
+            from .fair_esm import read_fair_esmfold
+
+            cfg, tensors = read_fair_esmfold(p, esm_checkpoint=esm_checkpoint)
+            source = p
+        else:
+            # (load_checkpoint's shape check knows the MLM heads only: ESMFold's lm_head has 23 outputs.)
+            source = resolve_checkpoint(p)
+            cfg = read_checkpoint_config(source)
+            tensors = dict(iter_checkpoint_tensors(source))
+        if config is not None:
+            cfg = config
+        if config_overrides:
+            cfg = EsmConfig.from_dict(cfg.to_dict(), **config_overrides)
+        if not cfg.is_folding_model:
+            raise LoadingError(f"{source}: not an ESMFold checkpoint (config.is_folding_model is false)")
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to_empty(device=device or "cpu")
+        torch_dtype = torch_dtype if torch_dtype is not None else dtype
+        if isinstance(torch_dtype, str) and torch_dtype != "auto":
+            from ..modeling_esm import _str_to_torch_dtype
+
+            torch_dtype = _str_to_torch_dtype(torch_dtype)
+        if isinstance(torch_dtype, torch.dtype):
+            model = model.to(torch_dtype)
+        # Give the stem its run-time precision before the copy (fp16 on CUDA: no fp32 3B transient).
+        model._prepare_stem(torch.device(device or "cpu"))
+        for msg in model.load_hub_tensors(tensors, source=source):
+            logger.info(msg)
+        return model.eval()
+
+    def save_pretrained(
+        self, directory: str | os.PathLike, *, max_shard_size: int | str | None = None
+    ) -> None:
+        """Write ``config.json`` + ``model.safetensors`` in the ``facebook/esmfold_v1`` layout."""
+        from ...common.checkpoint import save_checkpoint
+
+        cfg = self.config.copy(architectures=[type(self).__name__])
+        tensors = {k: _torch_to_np(v) for k, v in self.state_dict().items()}
+        save_checkpoint(directory, cfg, tensors, max_shard_size=max_shard_size)

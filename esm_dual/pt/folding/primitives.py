@@ -1,0 +1,79 @@
+"""Building blocks shared by the folding trunk: gated multi-head attention with additive biases and
+row-chunking helpers that bound the memory of pair-representation updates."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+
+def row_chunks(n: int, chunk_size: int | None) -> Iterator[slice]:
+    """Slices covering 0..n-1 in pieces of ``chunk_size`` (one piece when chunk_size is None)."""
+    if chunk_size is None or chunk_size >= n:
+        yield slice(0, n)
+        return
+    for start in range(0, n, chunk_size):
+        yield slice(start, min(start + chunk_size, n))
+
+
+def chunked_rows(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk_size: int | None, dim: int = -3
+) -> torch.Tensor:
+    """Apply a row-independent ``fn`` to slices of ``x`` along ``dim`` (default: rows of a
+    [*, N, N, C] pair tensor) and concatenate; peak memory scales with ``chunk_size`` instead of N."""
+    n = x.shape[dim]
+    if chunk_size is None or chunk_size >= n:
+        return fn(x)
+    return torch.cat(
+        [fn(x.narrow(dim, s.start, s.stop - s.start)) for s in row_chunks(n, chunk_size)], dim=dim
+    )
+
+
+def softmax_fp32(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax computed in fp32 (half-precision scores would overflow with the 1e9 mask biases)."""
+    return torch.softmax(scores.float(), dim=dim)
+
+
+class Attention(nn.Module):
+    """Gated multi-head attention with additive biases (AlphaFold2 supplement, Algorithm 13 style).
+
+    ``c_hidden`` is the per-head width; the projections have ``c_hidden * no_heads`` channels.
+    """
+
+    def __init__(self, c_in: int, c_hidden: int, no_heads: int, gating: bool = True):
+        super().__init__()
+        self.c_hidden = c_hidden
+        self.no_heads = no_heads
+        self.linear_q = nn.Linear(c_in, c_hidden * no_heads, bias=False)
+        self.linear_k = nn.Linear(c_in, c_hidden * no_heads, bias=False)
+        self.linear_v = nn.Linear(c_in, c_hidden * no_heads, bias=False)
+        self.linear_o = nn.Linear(c_hidden * no_heads, c_in)
+        self.linear_g = nn.Linear(c_in, c_hidden * no_heads) if gating else None
+
+    def forward(self, x: torch.Tensor, biases: list[torch.Tensor]) -> torch.Tensor:
+        """x [*, Q, C_in]; biases broadcast to [*, H, Q, Q] -> [*, Q, C_in] (self-attention over Q)."""
+        shape = x.shape[:-1] + (self.no_heads, self.c_hidden)
+        # [*, Q, H, K] -> [*, H, Q, K]
+        q = self.linear_q(x).view(shape).transpose(-2, -3) / math.sqrt(self.c_hidden)
+        k = self.linear_k(x).view(shape).transpose(-2, -3)
+        v = self.linear_v(x).view(shape).transpose(-2, -3)
+        # [*, H, Q, Q]; biases added in place (the scores are the largest tensor of the trunk)
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        if scores.dtype != torch.float32:
+            scores = scores.float()
+        for b in biases:
+            scores += b
+        probs = torch.softmax(scores, dim=-1)
+        del scores
+        probs = probs.to(v.dtype)
+        # [*, H, Q, K] -> [*, Q, H, K]
+        o = torch.matmul(probs, v).transpose(-2, -3)
+        if self.linear_g is not None:
+            # [*, Q, H, K]
+            o = o * torch.sigmoid(self.linear_g(x)).view(shape)
+        # [*, Q, H * K]
+        o = o.reshape(o.shape[:-2] + (-1,))
+        return self.linear_o(o)

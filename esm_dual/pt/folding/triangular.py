@@ -1,0 +1,126 @@
+"""Triangular updates of the pair representation (AlphaFold2 supplement, Algorithms 11-14).
+
+All of them take an optional ``chunk_size``: the work is split over rows of the pair tensor so that
+the large intermediates ([*, I, H, J, J] attention scores, the projections of the multiplicative
+update) exist for ``chunk_size`` rows at a time. Chunked and unchunked results agree to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .primitives import Attention, row_chunks
+
+
+class TriangleAttention(nn.Module):
+    """Triangle self-attention around the starting node (Algorithm 13) or ending node (Algorithm 14)."""
+
+    def __init__(self, c_in: int, c_hidden: int, no_heads: int, starting: bool = True, inf: float = 1e9):
+        super().__init__()
+        self.starting = starting
+        self.inf = inf
+        self.layer_norm = nn.LayerNorm(c_in)
+        self.linear = nn.Linear(c_in, no_heads, bias=False)
+        self.mha = Attention(c_in, c_hidden, no_heads, gating=True)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, chunk_size: int | None = None
+    ) -> torch.Tensor:
+        """x [*, I, J, C_z]; mask [*, I, J] (1 = valid pair) -> update [*, I, J, C_z]."""
+        if mask is None:
+            mask = x.new_ones(x.shape[:-1])
+        if not self.starting:
+            # The ending-node variant is the starting-node one on the transposed pair tensor.
+            x = x.transpose(-2, -3)
+            mask = mask.transpose(-1, -2)
+        x = self.layer_norm(x)
+        # [*, I, 1, 1, J]
+        mask_bias = (self.inf * (mask.float() - 1))[..., :, None, None, :]
+        # [*, I, J, H] -> [*, H, I, J] -> [*, 1, H, I, J]
+        triangle_bias = self.linear(x).permute(*range(x.dim() - 3), -1, -3, -2).unsqueeze(-4).float()
+        out = torch.empty_like(x) if chunk_size is not None else None
+        for rows in row_chunks(x.shape[-3], chunk_size):
+            # Each row i attends over its own J positions; the triangle bias is shared by all rows.
+            o = self.mha(x[..., rows, :, :], [mask_bias[..., rows, :, :, :], triangle_bias])
+            if out is None:
+                out = o
+            else:
+                out[..., rows, :, :] = o
+        if not self.starting:
+            out = out.transpose(-2, -3)
+        return out
+
+
+class TriangleMultiplicativeUpdate(nn.Module):
+    """Triangle update using outgoing (Algorithm 11) or incoming (Algorithm 12) edges."""
+
+    def __init__(self, c_z: int, outgoing: bool = True):
+        super().__init__()
+        self.outgoing = outgoing
+        self.linear_a_p = nn.Linear(c_z, c_z)
+        self.linear_a_g = nn.Linear(c_z, c_z)
+        self.linear_b_p = nn.Linear(c_z, c_z)
+        self.linear_b_g = nn.Linear(c_z, c_z)
+        self.linear_g = nn.Linear(c_z, c_z)
+        self.linear_z = nn.Linear(c_z, c_z)
+        self.layer_norm_in = nn.LayerNorm(c_z)
+        self.layer_norm_out = nn.LayerNorm(c_z)
+
+    def _projections(self, z_ln: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z_ln [*, R, N, C_z] (LayerNormed rows), mask [*, R, N, 1] -> gated projections a, b."""
+        a = mask * torch.sigmoid(self.linear_a_g(z_ln)) * self.linear_a_p(z_ln)
+        b = mask * torch.sigmoid(self.linear_b_g(z_ln)) * self.linear_b_p(z_ln)
+        return a, b
+
+    def forward(
+        self, z: torch.Tensor, mask: torch.Tensor | None = None, chunk_size: int | None = None
+    ) -> torch.Tensor:
+        """z [*, N, N, C_z]; mask [*, N, N] -> update [*, N, N, C_z]."""
+        if mask is None:
+            mask = z.new_ones(z.shape[:-1])
+        mask = mask.unsqueeze(-1).to(z.dtype)
+        nd = z.dim() - 3  # number of leading batch dims
+        lead = tuple(range(nd))
+        n = z.shape[-3]
+        if chunk_size is None or chunk_size >= n:
+            z_ln = self.layer_norm_in(z)
+            a, b = self._projections(z_ln, mask)
+            # outgoing: x_ij = sum_k a_ik b_jk ; incoming: x_ij = sum_k a_ki b_kj
+            # [*, C, I, K] @ [*, C, K, J] -> [*, C, I, J]
+            if self.outgoing:
+                p = torch.matmul(a.permute(*lead, -1, -3, -2), b.permute(*lead, -1, -2, -3))
+            else:
+                p = torch.matmul(a.permute(*lead, -1, -2, -3), b.permute(*lead, -1, -3, -2))
+            # [*, C, I, J] -> [*, I, J, C]
+            x = p.permute(*lead, -2, -1, -3)
+            x = self.linear_z(self.layer_norm_out(x))
+            return x * torch.sigmoid(self.linear_g(z_ln))
+
+        # Chunked: build the two projections row block by row block straight into the [*, C, N, N]
+        # layouts the contraction wants, then produce the output row block by row block.
+        c = self.linear_a_p.out_features
+        dev = z.device.type
+        # Under autocast the buffers hold the autocast dtype: half the memory, no per-chunk casts.
+        buf = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else z.dtype
+        # a_t: outgoing [*, C, I, K], incoming [*, C, K, I]; b_t: outgoing [*, C, J, K], incoming [*, C, K, J]
+        a_t = z.new_empty(z.shape[:-3] + (c, n, n), dtype=buf)
+        b_t = z.new_empty(z.shape[:-3] + (c, n, n), dtype=buf)
+        for rows in row_chunks(n, chunk_size):
+            a, b = self._projections(self.layer_norm_in(z[..., rows, :, :]), mask[..., rows, :, :])
+            # [*, R, N, C] -> [*, C, R, N]
+            a_t[..., rows, :] = a.permute(*lead, -1, -3, -2)
+            b_t[..., rows, :] = b.permute(*lead, -1, -3, -2)
+        out = torch.empty_like(z)
+        for rows in row_chunks(n, chunk_size):
+            if self.outgoing:
+                # [*, C, R, K] @ [*, C, K, J] -> [*, C, R, J]
+                p = torch.matmul(a_t[..., rows, :], b_t.transpose(-1, -2))
+            else:
+                # [*, C, R, K] @ [*, C, K, J] -> [*, C, R, J]
+                p = torch.matmul(a_t[..., rows].transpose(-1, -2), b_t)
+            # [*, C, R, J] -> [*, R, J, C]
+            x = self.linear_z(self.layer_norm_out(p.permute(*lead, -2, -1, -3)))
+            g = torch.sigmoid(self.linear_g(self.layer_norm_in(z[..., rows, :, :])))
+            out[..., rows, :, :] = x * g
+        return out

@@ -1,0 +1,270 @@
+"""The ESMFold folding trunk: triangular self-attention blocks over a sequence and a pair state,
+with recycling, followed by the structure module (Lin et al. 2023, Science; supplement section A)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ...common.config import TrunkConfig
+from .primitives import chunked_rows, softmax_fp32
+from .structure_module import StructureModule
+from .triangular import TriangleAttention, TriangleMultiplicativeUpdate
+
+
+class SequenceToPair(nn.Module):
+    """Outer product and difference of projected sequence states -> pair update."""
+
+    def __init__(self, sequence_state_dim: int, inner_dim: int, pairwise_state_dim: int):
+        super().__init__()
+        self.layernorm = nn.LayerNorm(sequence_state_dim)
+        self.proj = nn.Linear(sequence_state_dim, inner_dim * 2)
+        self.o_proj = nn.Linear(2 * inner_dim, pairwise_state_dim)
+
+    def forward(self, s: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """s [B, N, C_s] -> [B, N, N, C_z]."""
+        q, k = self.proj(self.layernorm(s)).chunk(2, dim=-1)
+
+        def rows(k_rows: torch.Tensor) -> torch.Tensor:
+            # [B, R, N, inner]: element (i, j) combines q_j and k_i.
+            prod = q[:, None, :, :] * k_rows[:, :, None, :]
+            diff = q[:, None, :, :] - k_rows[:, :, None, :]
+            # [B, R, N, 2 * inner] -> [B, R, N, C_z]
+            return self.o_proj(torch.cat([prod, diff], dim=-1))
+
+        return chunked_rows(rows, k, chunk_size, dim=1)
+
+
+class PairToSequence(nn.Module):
+    """Pair state -> per-head attention bias for the sequence attention."""
+
+    def __init__(self, pairwise_state_dim: int, num_heads: int):
+        super().__init__()
+        self.layernorm = nn.LayerNorm(pairwise_state_dim)
+        self.linear = nn.Linear(pairwise_state_dim, num_heads, bias=False)
+
+    def forward(self, z: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """z [B, N, N, C_z] -> bias [B, N, N, H]."""
+        return chunked_rows(lambda x: self.linear(self.layernorm(x)), z, chunk_size)
+
+
+class ResidueMLP(nn.Module):
+    """Residual LayerNorm -> Linear -> ReLU -> Linear (-> Dropout) transition."""
+
+    def __init__(self, embed_dim: int, inner_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(embed_dim),
+            nn.Linear(embed_dim, inner_dim),
+            nn.ReLU(),
+            nn.Linear(inner_dim, embed_dim),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """x [B, N, C] or [B, N, N, C]; pair inputs are chunked over rows."""
+        if x.dim() == 4:
+            return chunked_rows(lambda r: r + self.mlp(r), x, chunk_size)
+        return x + self.mlp(x)
+
+
+class SequenceAttention(nn.Module):
+    """Gated multi-head self-attention over residues with an additive pair bias."""
+
+    def __init__(self, embed_dim: int, num_heads: int, head_width: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_width = head_width
+        self.proj = nn.Linear(embed_dim, embed_dim * 3, bias=False)
+        self.o_proj = nn.Linear(embed_dim, embed_dim)
+        self.g_proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
+        """x [B, N, C_s]; mask [B, N] (1 = residue); bias [B, N, N, H] -> [B, N, C_s]."""
+        B, N, _ = x.shape
+        # [B, N, H, 3K] -> [B, H, N, 3K]
+        t = self.proj(x).view(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
+        q, k, v = t.chunk(3, dim=-1)
+        q = q * self.head_width**-0.5
+        # [B, H, N, N]
+        a = torch.einsum("bhqc,bhkc->bhqk", q, k).float() + bias.permute(0, 3, 1, 2).float()
+        if mask is not None:
+            a = a.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
+        a = softmax_fp32(a).to(v.dtype)
+        # [B, H, N, K] -> [B, N, H, K] -> [B, N, H * K]
+        y = torch.einsum("bhqk,bhkc->bqhc", a, v).reshape(B, N, -1)
+        y = torch.sigmoid(self.g_proj(x)) * y
+        return self.o_proj(y)
+
+
+class TriangularSelfAttentionBlock(nn.Module):
+    """One folding block: sequence attention biased by the pair state, sequence -> pair, triangular
+    multiplicative updates (outgoing, incoming), triangular attention (starting, ending), MLPs."""
+
+    def __init__(self, config: TrunkConfig):
+        super().__init__()
+        c_s, c_z = config.sequence_state_dim, config.pairwise_state_dim
+        self.layernorm_1 = nn.LayerNorm(c_s)
+        self.sequence_to_pair = SequenceToPair(c_s, c_z // 2, c_z)
+        self.pair_to_sequence = PairToSequence(c_z, config.sequence_num_heads)
+        self.seq_attention = SequenceAttention(c_s, config.sequence_num_heads, config.sequence_head_width)
+        self.tri_mul_out = TriangleMultiplicativeUpdate(c_z, outgoing=True)
+        self.tri_mul_in = TriangleMultiplicativeUpdate(c_z, outgoing=False)
+        self.tri_att_start = TriangleAttention(
+            c_z, config.pairwise_head_width, config.pairwise_num_heads, starting=True, inf=1e9
+        )
+        self.tri_att_end = TriangleAttention(
+            c_z, config.pairwise_head_width, config.pairwise_num_heads, starting=False, inf=1e9
+        )
+        self.mlp_seq = ResidueMLP(c_s, 4 * c_s, dropout=config.dropout)
+        self.mlp_pair = ResidueMLP(c_z, 4 * c_z, dropout=config.dropout)
+        self.drop = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+
+    def _shared_dropout(self, x: torch.Tensor, shared_dim: int) -> torch.Tensor:
+        """Dropout at twice the block rate with one mask shared along ``shared_dim`` (row/column)."""
+        if not self.training or self.dropout == 0:
+            return x
+        shape = list(x.shape)
+        shape[shared_dim] = 1
+        return x * nn.functional.dropout(x.new_ones(shape), 2 * self.dropout, True)
+
+    def forward(
+        self,
+        s: torch.Tensor,
+        z: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        chunk_size: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """s [B, N, C_s]; z [B, N, N, C_z]; mask [B, N] -> updated (s, z)."""
+        bias = self.pair_to_sequence(z, chunk_size)
+        y = self.seq_attention(self.layernorm_1(s), mask=mask, bias=bias)
+        s = self.mlp_seq(s + self.drop(y))
+
+        z = z + self.sequence_to_pair(s, chunk_size)
+        # [B, N, N]
+        tri_mask = mask.unsqueeze(2) * mask.unsqueeze(1) if mask is not None else None
+        z = z + self._shared_dropout(self.tri_mul_out(z, tri_mask, chunk_size), 2)
+        z = z + self._shared_dropout(self.tri_mul_in(z, tri_mask, chunk_size), 1)
+        z = z + self._shared_dropout(self.tri_att_start(z, tri_mask, chunk_size), 2)
+        z = z + self._shared_dropout(self.tri_att_end(z, tri_mask, chunk_size), 1)
+        z = self.mlp_pair(z, chunk_size)
+        return s, z
+
+
+class RelativePosition(nn.Module):
+    """Clipped relative residue-index embedding; index 0 is reserved for pairs involving padding."""
+
+    def __init__(self, bins: int, pairwise_state_dim: int):
+        super().__init__()
+        self.bins = bins
+        self.embedding = nn.Embedding(2 * bins + 2, pairwise_state_dim)
+
+    def forward(self, residue_index: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """residue_index [B, N] (long); mask [B, N] -> [B, N, N, C_z]."""
+        # [B, N, N]: diff[b, i, j] = r_j - r_i
+        diff = residue_index[:, None, :] - residue_index[:, :, None]
+        diff = diff.clamp(-self.bins, self.bins) + self.bins + 1
+        if mask is not None:
+            pair_mask = mask[:, None, :] * mask[:, :, None]
+            diff = diff.masked_fill(pair_mask == 0, 0)
+        return self.embedding(diff)
+
+
+def recycle_distogram(coords: torch.Tensor, min_bin: float, max_bin: float, num_bins: int) -> torch.Tensor:
+    """Bin the distances between virtual C-beta atoms. coords [B, N, 3 (N, CA, C), 3] -> bins [B, N, N]."""
+    boundaries = torch.linspace(min_bin, max_bin, num_bins - 1, device=coords.device) ** 2
+    n, ca, c = coords.unbind(-2)
+    b = ca - n
+    c = c - ca
+    a = torch.cross(b, c, dim=-1)
+    cb = -0.58273431 * a + 0.56802827 * b - 0.54067466 * c + ca
+    # [B, N, N, 1]
+    dists = (cb[..., None, :, :] - cb[..., :, None, :]).pow(2).sum(dim=-1, keepdim=True)
+    return torch.sum(dists > boundaries, dim=-1)
+
+
+class FoldingTrunk(nn.Module):
+    def __init__(self, config: TrunkConfig):
+        super().__init__()
+        self.config = config
+        c_s, c_z = config.sequence_state_dim, config.pairwise_state_dim
+        self.pairwise_positional_embedding = RelativePosition(config.position_bins, c_z)
+        self.blocks = nn.ModuleList([TriangularSelfAttentionBlock(config) for _ in range(config.num_blocks)])
+        self.recycle_bins = 15
+        self.recycle_s_norm = nn.LayerNorm(c_s)
+        self.recycle_z_norm = nn.LayerNorm(c_z)
+        self.recycle_disto = nn.Embedding(self.recycle_bins, c_z)
+        sm = config.structure_module
+        self.structure_module = StructureModule(sm)
+        self.trunk2sm_s = nn.Linear(c_s, sm.sequence_dim)
+        self.trunk2sm_z = nn.Linear(c_z, sm.pairwise_dim)
+        self.chunk_size = config.chunk_size
+        # None: the blocks run in the parameters' dtype; torch.bfloat16 / float16: under autocast.
+        self.block_dtype: torch.dtype | None = None
+
+    def set_chunk_size(self, chunk_size: int | None) -> None:
+        """Split triangle attention, triangle multiplication and the pair transitions into row
+        chunks of this size (None: no chunking). Memory drops from O(N^3) to O(chunk * N^2)."""
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+
+    def _autocast(self, device: torch.device):
+        if self.block_dtype is None or self.block_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.block_dtype)
+
+    def forward(
+        self,
+        seq_feats: torch.Tensor,
+        pair_feats: torch.Tensor,
+        true_aa: torch.Tensor,
+        residx: torch.Tensor,
+        mask: torch.Tensor,
+        no_recycles: int | None = None,
+    ) -> dict:
+        """seq_feats [B, N, C_s]; pair_feats [B, N, N, C_z]; true_aa, residx, mask [B, N].
+
+        ``no_recycles=None`` runs ``max_recycles`` trunk passes in all; an integer r runs r + 1
+        (the same convention as fair-esm and transformers).
+        """
+        if no_recycles is None:
+            no_recycles = self.config.max_recycles
+        else:
+            if no_recycles < 0:
+                raise ValueError("Number of recycles must not be negative.")
+            no_recycles += 1  # the first pass is the ordinary forward pass
+        s_s_0, s_z_0 = seq_feats, pair_feats
+        recycle_s = torch.zeros_like(s_s_0)
+        recycle_z = torch.zeros_like(s_z_0)
+        recycle_bins = torch.zeros(s_z_0.shape[:-1], device=s_z_0.device, dtype=torch.int64)
+        chunk = self.chunk_size
+
+        for i in range(no_recycles):
+            with contextlib.nullcontext() if i == no_recycles - 1 else torch.no_grad():
+                recycle_s = self.recycle_s_norm(recycle_s.detach())
+                recycle_z = self.recycle_z_norm(recycle_z.detach())
+                recycle_z = recycle_z + self.recycle_disto(recycle_bins.detach())
+
+                s = s_s_0 + recycle_s
+                z = s_z_0 + recycle_z + self.pairwise_positional_embedding(residx, mask=mask)
+                with self._autocast(s.device):
+                    for block in self.blocks:
+                        s, z = block(s, z, mask=mask, chunk_size=chunk)
+                s_s, s_z = s.float(), z.float()
+
+                structure = self.structure_module(
+                    {"single": self.trunk2sm_s(s_s), "pair": self.trunk2sm_z(s_z)}, true_aa, mask.float()
+                )
+                recycle_s, recycle_z = s_s, s_z
+                # [B, N, 3 (N, CA, C), 3] of the last structure module block
+                recycle_bins = recycle_distogram(
+                    structure["positions"][-1][:, :, :3], 3.375, 21.375, self.recycle_bins
+                )
+
+        structure["s_s"] = s_s
+        structure["s_z"] = s_z
+        return structure
