@@ -24,6 +24,7 @@ _LAZY = {
     "load_checkpoint": "esm_dual.common.checkpoint",
     "save_checkpoint": "esm_dual.common.checkpoint",
     "CheckpointError": "esm_dual.common.checkpoint",
+    "convert": "esm_dual.convert",
     "pt": "esm_dual.pt",
     "tf": "esm_dual.tf",
 }

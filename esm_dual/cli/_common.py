@@ -1,0 +1,410 @@
+"""Helpers shared by the ``esm-dual`` subcommands: errors, messages, device/dtype choice, token-budget
+batching and model loading for either backend behind one numpy-in / numpy-out ``Runner``.
+
+Importing this module imports neither torch nor TensorFlow; ``load_runner`` imports the backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+PROG = "esm-dual"
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+BACKENDS = ("pt", "tf")
+
+
+class CliError(Exception):
+    """An error in the user's input or environment: printed as one line, exit status 2."""
+
+
+def warn(msg: str) -> None:
+    _write(f"{PROG}: warning: {msg}")
+
+
+def note(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        _write(f"{PROG}: {msg}")
+
+
+def _write(line: str) -> None:
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
+    except Exception:  # pragma: no cover - tqdm missing or closed stream
+        print(line, file=sys.stderr)
+
+
+def name_list(names: Sequence[str], limit: int = 10) -> str:
+    """'a, b, c' or 'a, b, ... and 7 more'."""
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# ================================================================================================
+# Arguments
+# ================================================================================================
+
+
+def add_model_runtime_arguments(parser, *, nogpu: bool = False) -> None:
+    """--backend, --device, --dtype (and fair-esm's --nogpu where the original script had it)."""
+    parser.add_argument("--backend", choices=BACKENDS, default="pt",
+                        help="framework that runs the model: pt (PyTorch, default) or tf (TensorFlow)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (GPU if one is visible, default), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="compute precision: auto (fp32 on CPU, fp16 on GPU), fp32, bf16 or fp16")
+    if nogpu:
+        parser.add_argument("--nogpu", action="store_true", help="do not use a GPU even if one is available "
+                            "(fair-esm's flag; same as --device cpu)")
+
+
+def positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+# ================================================================================================
+# Batching
+# ================================================================================================
+
+
+def token_batches(lengths: Sequence[int], toks_per_batch: int,
+                  extra_toks_per_seq: int = 2) -> list[list[int]]:
+    """Indices grouped into batches of at most ``toks_per_batch`` padded tokens, shortest first.
+
+    fair-esm's ``FastaBatchedDataset.get_batch_indices``: sort by length, add sequences while
+    ``max_len * count <= toks_per_batch`` (a sequence longer than the budget gets a batch of its own).
+    ``extra_toks_per_seq`` counts the BOS/EOS tokens.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    buf: list[int] = []
+    max_len = 0
+    for i in order:
+        sz = int(lengths[i]) + extra_toks_per_seq
+        if buf and max(sz, max_len) * (len(buf) + 1) > toks_per_batch:
+            batches.append(buf)
+            buf, max_len = [], 0
+        max_len = max(max_len, sz)
+        buf.append(i)
+    if buf:
+        batches.append(buf)
+    return batches
+
+
+# ================================================================================================
+# Device and precision
+# ================================================================================================
+
+
+def pick_device(device: str, backend: str, nogpu: bool = False) -> str:
+    """'cpu', 'cuda' or 'cuda:N' (torch naming; the TF runner maps it to '/GPU:N')."""
+    device = (device or "auto").lower()
+    if nogpu:
+        if device not in ("auto", "cpu"):
+            raise CliError(f"--nogpu contradicts --device {device}")
+        return "cpu"
+    if device == "auto":
+        return "cuda" if _gpu_available(backend) else "cpu"
+    if device == "gpu":
+        device = "cuda"
+    if device != "cpu" and not device.startswith("cuda"):
+        raise CliError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda") and not _gpu_available(backend):
+        fw = "PyTorch" if backend == "pt" else "TensorFlow"
+        raise CliError(f"--device {device}: no GPU is visible to {fw}")
+    return device
+
+
+def _gpu_available(backend: str) -> bool:
+    if backend == "pt":
+        import torch
+
+        return torch.cuda.is_available()
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def pick_dtype(dtype: str, device: str) -> str:
+    """'fp32', 'bf16' or 'fp16'. auto: fp32 on CPU, fp16 on GPU (ESM was trained in fp16)."""
+    if dtype in (None, "auto"):
+        return "fp32" if device == "cpu" else "fp16"
+    return dtype
+
+
+# ================================================================================================
+# Model loading
+# ================================================================================================
+
+
+class _Capture(logging.Filter):
+    """Logger filter that keeps the warnings of a model load (the caller decides which to show)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            self.messages.append(record.getMessage())
+            return False
+        return True
+
+    def __enter__(self) -> _Capture:
+        logging.getLogger("esm_dual").addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("esm_dual").removeFilter(self)
+
+
+def _load_checkpoint(location: str):
+    from ..common.checkpoint import load_checkpoint
+
+    if os.path.exists(location) or location.startswith((".", "/", "~")):
+        if not os.path.exists(os.path.expanduser(location)):
+            raise CliError(f"model {location!r}: no such file or directory")
+        location = os.path.expanduser(location)
+    return load_checkpoint(location)
+
+
+def has_contact_regression(tensors: dict[str, Any]) -> bool:
+    return any(k.endswith("contact_head.regression.weight") for k in tensors)
+
+
+def has_lm_head(tensors: dict[str, Any]) -> bool:
+    return any(k.startswith("lm_head.") for k in tensors)
+
+
+class Runner:
+    """A loaded model behind numpy in/out calls, the same for both backends."""
+
+    backend = "?"
+
+    def __init__(self, location: str, ckpt, head: str, device: str, dtype: str):
+        from ..common.tokenizer import EsmTokenizer
+
+        self.location = location
+        self.config = ckpt.config
+        self.source = str(getattr(ckpt, "source", location))
+        self.head = head
+        self.device = device
+        self.dtype = dtype
+        self.num_layers = self.config.num_hidden_layers
+        self.hidden_size = self.config.hidden_size
+        self.has_contact_regression = has_contact_regression(ckpt.tensors)
+        vocab = self.config.vocab_list
+        self.tokenizer = EsmTokenizer(vocab=vocab) if vocab else EsmTokenizer()
+        self.cls_id = self.tokenizer.cls_token_id
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 1
+        self.mask_id = self.config.mask_token_id if self.config.mask_token_id is not None else \
+            self.tokenizer.mask_token_id
+        self.load_messages: list[str] = []
+
+    @property
+    def max_residues(self) -> int | None:
+        """Longest sequence (residues) the model's positions allow; None when unlimited (rotary)."""
+        lim = self.config.max_sequence_positions
+        return None if lim is None else lim - 2
+
+    def token_id(self, residue: str) -> int | None:
+        """Id of a one-letter residue token, or None when the vocabulary lacks it."""
+        v = self.tokenizer.get_vocab()
+        return v.get(residue)
+
+    def pad(self, residue_ids: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Residue id arrays -> tokens [B, L] with <cls>/<eos>, right padding, and mask [B, L]."""
+        L = max(len(r) for r in residue_ids) + 2
+        ids = np.full((len(residue_ids), L), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(residue_ids), L), dtype=np.int64)
+        for b, r in enumerate(residue_ids):
+            n = len(r)
+            ids[b, 0] = self.cls_id
+            ids[b, 1:n + 1] = r
+            ids[b, n + 1] = self.eos_id
+            mask[b, :n + 2] = 1
+        return ids, mask
+
+    # Implemented by the backends.
+    def representations(self, ids: np.ndarray, mask: np.ndarray, layers: Sequence[int], contacts: bool
+                        ) -> tuple[dict[int, np.ndarray], np.ndarray | None]:
+        """-> ({layer: [B, L, D] float32}, contacts [B, L-2, L-2] float32 or None)."""
+        raise NotImplementedError
+
+    def log_probs(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+        """log-softmax of the LM logits, float32: [B, L, V], or [B, V] at ``positions`` [B] (one per row)."""
+        raise NotImplementedError
+
+
+class TorchRunner(Runner):
+    backend = "pt"
+
+    def __init__(self, location: str, ckpt, head: str, device: str, dtype: str):
+        super().__init__(location, ckpt, head, device, dtype)
+        import torch
+
+        from ..pt.modeling_esm import EsmForMaskedLM, EsmModel, _str_to_torch_dtype
+
+        self.torch = torch
+        cls = EsmForMaskedLM if head == "mlm" else EsmModel
+        kwargs = {"add_pooling_layer": False} if cls is EsmModel else {}
+        with torch.device("meta"):
+            model = cls(self.config, **kwargs)
+        model = model.to_empty(device=device).to(_str_to_torch_dtype(dtype))
+        with _Capture() as cap:
+            model.load_hub_tensors(ckpt.tensors, source=self.source)
+        self.load_messages = cap.messages
+        self.model = model.eval()
+        self.encoder = model if cls is EsmModel else model.esm
+
+    def representations(self, ids, mask, layers, contacts):
+        torch = self.torch
+        with torch.inference_mode():
+            ids_t = torch.from_numpy(ids).to(self.device)
+            mask_t = torch.from_numpy(mask).to(self.device)
+            out = self.encoder(ids_t, attention_mask=mask_t, output_hidden_states=True,
+                               output_attentions=contacts)
+            reps = {layer: out.hidden_states[layer].float().cpu().numpy() for layer in layers}
+            cmaps = None
+            if contacts:
+                # [B, layers, H, L, L]; attention to and from padding zeroed, as in predict_contacts.
+                attns = torch.stack(out.attentions, dim=1)
+                m = mask_t.to(attns.dtype)
+                attns = attns * m[:, None, None, None, :] * m[:, None, None, :, None]
+                cmaps = self.encoder.contact_head(ids_t, attns).float().cpu().numpy()
+        return reps, cmaps
+
+    def log_probs(self, ids, mask, positions=None):
+        torch = self.torch
+        with torch.inference_mode():
+            ids_t = torch.from_numpy(ids).to(self.device)
+            mask_t = torch.from_numpy(mask).to(self.device)
+            logits = self.model(ids_t, attention_mask=mask_t).logits
+            if positions is not None:
+                pos = torch.from_numpy(np.asarray(positions, dtype=np.int64)).to(self.device)
+                # [B, V]
+                logits = logits[torch.arange(logits.shape[0], device=logits.device), pos]
+            return torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+
+
+class TFRunner(Runner):
+    backend = "tf"
+
+    def __init__(self, location: str, ckpt, head: str, device: str, dtype: str):
+        super().__init__(location, ckpt, head, device, dtype)
+        import tensorflow as tf
+
+        from ..tf import modeling_esm as tfm
+
+        self.tf = tf
+        gpu = device.split(":")[1] if ":" in device else "0"
+        self.tf_device = "/CPU:0" if device == "cpu" else f"/GPU:{gpu}"
+        cls = tfm.TFEsmForMaskedLM if head == "mlm" else tfm.TFEsmModel
+        policy = {"fp32": None, "fp16": "mixed_float16", "bf16": "mixed_bfloat16"}[dtype]
+        with _Capture() as cap, tf.device(self.tf_device):
+            self.model = _tf_from_checkpoint(cls, ckpt, self.config, self.source, policy)
+        self.load_messages = cap.messages
+        self.encoder = self.model if head != "mlm" else self.model.esm
+
+    def representations(self, ids, mask, layers, contacts):
+        tf = self.tf
+        with tf.device(self.tf_device):
+            ids_t = tf.constant(ids.astype(np.int32))
+            mask_t = tf.constant(mask.astype(np.int32))
+            out = self.encoder(ids_t, attention_mask=mask_t, output_hidden_states=True,
+                               output_attentions=contacts, training=False)
+            reps = {layer: np.asarray(tf.cast(out.hidden_states[layer], tf.float32)) for layer in layers}
+            cmaps = None
+            if contacts:
+                # [B, layers, H, L, L]; attention to and from padding zeroed, as in predict_contacts.
+                attns = tf.stack(out.attentions, axis=1)
+                m = tf.cast(mask_t, attns.dtype)
+                attns = attns * m[:, None, None, None, :] * m[:, None, None, :, None]
+                cmaps = np.asarray(tf.cast(self.encoder.contact_head(ids_t, attns), tf.float32))
+        return reps, cmaps
+
+    def log_probs(self, ids, mask, positions=None):
+        tf = self.tf
+        with tf.device(self.tf_device):
+            out = self.model(tf.constant(ids.astype(np.int32)),
+                             attention_mask=tf.constant(mask.astype(np.int32)), training=False)
+            logits = tf.cast(out.logits, tf.float32)
+            if positions is not None:
+                idx = np.stack([np.arange(len(positions)), np.asarray(positions)], axis=1).astype(np.int32)
+                logits = tf.gather_nd(logits, idx)
+            return np.asarray(tf.nn.log_softmax(logits, axis=-1))
+
+
+def _tf_from_checkpoint(cls, ckpt, config, source, policy=None):
+    """Build a TF model and load the already-read checkpoint tensors (read once, not twice)."""
+    import contextlib
+
+    from ..tf import modeling_esm as tfm
+
+    no_init = getattr(tfm, "_no_init", None)
+    kwargs: dict[str, Any] = {"add_pooling_layer": False} if cls is tfm.TFEsmModel else {}
+    if policy is not None:
+        kwargs["dtype"] = policy  # a Keras mixed-precision policy: fp32 variables, fp16/bf16 compute
+    with no_init() if no_init is not None else contextlib.nullcontext():
+        model = cls(config, **kwargs)
+    model.load_hub_tensors(ckpt.tensors, source=source)
+    return model
+
+
+def load_runner(location: str, *, backend: str = "pt", head: str = "base", device: str = "auto",
+                dtype: str = "auto", nogpu: bool = False) -> Runner:
+    """Load ``location`` (preset name, hub id, hub-layout directory or fair-esm .pt) for ``backend``.
+
+    ``head``: "base" (encoder + contact head) or "mlm" (with the language-model head).
+    """
+    if backend not in BACKENDS:
+        raise CliError(f"--backend must be one of {BACKENDS}, got {backend!r}")
+    try:
+        if backend == "pt":
+            import torch  # noqa: F401
+        else:
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+            import tensorflow  # noqa: F401
+    except ImportError:
+        extra = "torch" if backend == "pt" else "tf"
+        raise CliError(f"--backend {backend} needs {'PyTorch' if backend == 'pt' else 'TensorFlow'}: "
+                       f"pip install 'esm-dual[{extra}]'") from None
+    dev = pick_device(device, backend, nogpu)
+    dt = pick_dtype(dtype, dev)
+    ckpt = _load_checkpoint(location)
+    if getattr(ckpt.config, "is_folding_model", False):
+        raise CliError(f"{location} is an ESMFold checkpoint; use its language model, or `esm-dual fold`")
+    if head == "mlm" and not has_lm_head(ckpt.tensors):
+        raise CliError(f"{location} has no language-model head (lm_head.*); "
+                       "scoring needs a masked-LM checkpoint")
+    cls = TorchRunner if backend == "pt" else TFRunner
+    return cls(location, ckpt, head, dev, dt)
+
+
+def configure_logging() -> logging.Handler:
+    """Library warnings (logger "esm_dual") go to stderr as one line each; returns the handler so the
+    caller can remove it again (``main`` does, so in-process callers keep their logging as it was)."""
+    lg = logging.getLogger("esm_dual")
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter(f"{PROG}: warning: %(message)s"))
+    h.setLevel(logging.WARNING)
+    lg.addHandler(h)
+    if lg.level == logging.NOTSET or lg.level > logging.WARNING:
+        lg.setLevel(logging.WARNING)
+    return h

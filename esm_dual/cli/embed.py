@@ -1,0 +1,336 @@
+"""``esm-dual embed``: representations and contact maps of every sequence in a FASTA file.
+
+``--format pt`` is a drop-in for fair-esm's ``esm-extract`` (``scripts/extract.py``): OUTPUT is a
+directory with one ``<label>.pt`` per record (label = the whole header line, as fair-esm), holding
+exactly fair-esm's dict: ``label``, ``representations`` {layer: [N, D]}, ``mean_representations``
+{layer: [D]}, ``bos_representations`` {layer: [D]}, ``contacts`` [N, N].
+
+``--format h5`` (default) writes one columnar HDF5 store (see ``esm_dual.common.embeddings``), read
+back with ``esm_dual.EmbeddingStore``. Both formats resume: records already written are skipped.
+
+Sequences are read as a stream, sorted by length within windows of ``--sort-window`` records and
+batched by a token budget (fair-esm's ``get_batch_indices``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import time
+from typing import Any
+
+import numpy as np
+
+from ._common import (
+    CliError,
+    add_model_runtime_arguments,
+    load_runner,
+    name_list,
+    note,
+    positive_int,
+    token_batches,
+    warn,
+)
+
+INCLUDE = ("mean", "per_tok", "bos", "contacts")
+_CRASH_ENV = "ESM_DUAL_TEST_CRASH"  # private test hook: "raise:K" or "kill:K" (see _CrashHook)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("fasta", metavar="FASTA", help="input FASTA file (plain or gzip)")
+    p.add_argument("output", metavar="OUTPUT",
+                   help="HDF5 file (--format h5) or directory of <label>.pt files (--format pt)")
+    p.add_argument("-m", "--model", required=True,
+                   help="preset name, hub id, hub-layout directory or fair-esm .pt file")
+    p.add_argument("--repr-layers", "--repr_layers", dest="repr_layers", type=int, nargs="+", default=[-1],
+                   metavar="LAYER", help="layers to extract, 0 (embeddings) to num_layers; negative counts "
+                   "from the end (default: -1, the last)")
+    p.add_argument("--include", nargs="+", choices=INCLUDE, default=["mean"],
+                   help="what to store (default: mean)")
+    p.add_argument("--toks-per-batch", "--toks_per_batch", dest="toks_per_batch", type=positive_int,
+                   default=4096, metavar="N", help="token budget of a batch, padding included (default 4096)")
+    p.add_argument("--truncation-seq-length", "--truncation_seq_length", dest="truncation_seq_length",
+                   type=positive_int, default=1022, metavar="N",
+                   help="keep at most this many residues of each sequence (default 1022)")
+    p.add_argument("--format", choices=("h5", "pt"), default="h5",
+                   help="h5: one HDF5 store (default); pt: fair-esm's directory of .pt files")
+    p.add_argument("--compression", choices=("none", "gzip", "lzf"), default="none",
+                   help="HDF5 dataset compression (default none)")
+    add_model_runtime_arguments(p, nogpu=True)
+    p.add_argument("--sort-window", type=positive_int, default=100_000, metavar="N",
+                   help="sort sequences by length within windows of N records (default 100000)")
+    p.add_argument("--plot", metavar="PNG",
+                   help="plot contact maps (needs --include contacts and matplotlib): a .png file shows the "
+                   "first records; any other path is a directory with one PNG per record")
+    p.add_argument("--plot-max", type=positive_int, default=4, metavar="N",
+                   help="records shown in a single --plot PNG (default 4)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar or notes (warnings still shown)")
+
+
+# ================================================================================================
+# Output sinks
+# ================================================================================================
+
+
+class _PtSink:
+    """fair-esm's layout: ``OUTPUT/<label>.pt`` per record; a record is done when its file exists."""
+
+    def __init__(self, outdir: str, include: list[str]):
+        if os.path.isfile(outdir):
+            raise CliError(f"--format pt writes a directory, but {outdir} is a file")
+        os.makedirs(outdir, exist_ok=True)
+        self.outdir = outdir
+        self.include = include
+        import torch
+
+        self.torch = torch
+
+    def path(self, label: str) -> str:
+        return os.path.join(self.outdir, f"{label}.pt")
+
+    def done(self, label: str) -> bool:
+        return os.path.exists(self.path(label))
+
+    def write(self, labels, ids, lengths, reps, cmaps, before_commit=None) -> None:
+        torch = self.torch
+        for i, label in enumerate(labels):
+            n = int(lengths[i])
+            result: dict[str, Any] = {"label": label}
+            # Fresh tensors (never views into the batch), as fair-esm's .clone().
+            if "per_tok" in self.include:
+                result["representations"] = {
+                    layer: torch.from_numpy(np.array(t[i, 1:n + 1], dtype=np.float32))
+                    for layer, t in reps.items()}
+            if "mean" in self.include:
+                result["mean_representations"] = {
+                    layer: torch.from_numpy(np.array(t[i, 1:n + 1].mean(0), dtype=np.float32))
+                    for layer, t in reps.items()}
+            if "bos" in self.include:
+                result["bos_representations"] = {
+                    layer: torch.from_numpy(np.array(t[i, 0], dtype=np.float32)) for layer, t in reps.items()}
+            if "contacts" in self.include:
+                result["contacts"] = torch.from_numpy(np.array(cmaps[i, :n, :n], dtype=np.float32))
+            path = self.path(label)
+            # Labels with '/' make subdirectories, as in fair-esm.
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = path + ".tmp"
+            torch.save(result, tmp)
+            if before_commit is not None and i == len(labels) - 1:
+                before_commit()
+            os.replace(tmp, path)  # a killed run never leaves a half-written <label>.pt
+
+    def close(self) -> None:
+        pass
+
+
+class _H5Sink:
+    def __init__(self, path: str, include: list[str], layers: list[int], runner, args, compression: str):
+        from ..common.embeddings import EmbeddingWriter
+
+        if os.path.isdir(path):
+            raise CliError(f"--format h5 writes a file, but {path} is a directory (use --format pt?)")
+        model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
+        identity = {
+            "model": model,
+            "model_config": runner.config.to_dict(),
+            "truncation_seq_length": args.truncation_seq_length,
+            "dtype": runner.dtype,
+        }
+        from esm_dual import __version__
+
+        metadata = {"backend": runner.backend, "device": runner.device, "esm_dual_version": __version__,
+                    "fasta": os.path.abspath(args.fasta), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                   time.gmtime())}
+        self.writer = EmbeddingWriter(path, layers=layers, include=include, hidden_size=runner.hidden_size,
+                                      num_layers=runner.num_layers, identity=identity, metadata=metadata,
+                                      compression=None if compression == "none" else compression)
+        self.include = include
+        self.layers = layers
+        if self.writer.repaired is not None:
+            warn(f"{path}: an earlier run stopped in the middle of a batch; rebuilt the store from its "
+                 f"{self.writer.repaired} committed records")
+
+    def done(self, record_id: str) -> bool:
+        return record_id in self.writer
+
+    def write(self, ids, descriptions, lengths, reps, cmaps, before_commit=None) -> None:
+        kw: dict[str, Any] = {}
+        if "mean" in self.include:
+            kw["mean"] = {layer: np.stack([reps[layer][i, 1:n + 1].mean(0) for i, n in enumerate(lengths)])
+                          for layer in self.layers}
+        if "bos" in self.include:
+            kw["bos"] = {layer: reps[layer][:, 0] for layer in self.layers}
+        if "per_tok" in self.include:
+            kw["per_tok"] = {layer: [reps[layer][i, 1:n + 1] for i, n in enumerate(lengths)]
+                             for layer in self.layers}
+        if "contacts" in self.include:
+            kw["contacts"] = [cmaps[i, :n, :n] for i, n in enumerate(lengths)]
+        self.writer.append(ids, lengths, descriptions=descriptions, _before_commit=before_commit, **kw)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _CrashHook:
+    """Private test hook (env ESM_DUAL_TEST_CRASH): "raise:K" raises after K batches were written;
+    "kill:K" SIGKILLs the process in the middle of batch K+1 (rows written, not committed)."""
+
+    def __init__(self) -> None:
+        spec = os.environ.get(_CRASH_ENV, "")
+        self.mode, _, k = spec.partition(":")
+        self.k = int(k) if k.isdigit() else -1
+        self.written = 0
+
+    def before_commit(self):
+        if self.mode == "kill" and self.written == self.k:
+            return lambda: os.kill(os.getpid(), signal.SIGKILL)
+        return None
+
+    def after_batch(self) -> None:
+        self.written += 1
+        if self.mode == "raise" and self.written == self.k:
+            raise RuntimeError(f"{_CRASH_ENV}: simulated crash after {self.k} batches")
+
+
+# ================================================================================================
+# Main
+# ================================================================================================
+
+
+def _windows(records, size: int):
+    buf = []
+    for rec in records:
+        buf.append(rec)
+        if len(buf) >= size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def normalise_layers(layers: list[int], num_layers: int) -> list[int]:
+    """fair-esm's rule: -(num_layers+1) <= i <= num_layers, then (i + num_layers + 1) % (num_layers + 1).
+
+    Sorted and without repeats: fair-esm's model returns its representations in layer order."""
+    out: list[int] = []
+    for i in layers:
+        if not -(num_layers + 1) <= i <= num_layers:
+            raise CliError(f"--repr-layers {i}: this model has layers 0..{num_layers} "
+                           f"(or -{num_layers + 1}..-1 counted from the end)")
+        j = (i + num_layers + 1) % (num_layers + 1)
+        if j not in out:
+            out.append(j)
+    return sorted(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..common.fasta import count_fasta, read_fasta
+
+    if not os.path.isfile(args.fasta):
+        raise CliError(f"FASTA file {args.fasta!r} not found")
+    include = [k for k in INCLUDE if k in args.include]
+    want_contacts = "contacts" in include
+    if args.plot and not want_contacts:
+        raise CliError("--plot draws contact maps: add --include contacts")
+    plotter = None
+    if args.plot:
+        from .plot import require_matplotlib
+
+        require_matplotlib()
+    if args.format == "pt":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise CliError("--format pt writes torch files and needs PyTorch: "
+                           "pip install 'esm-dual[torch]'") from None
+
+    runner = load_runner(args.model, backend=args.backend, head="base", device=args.device, dtype=args.dtype,
+                         nogpu=args.nogpu)
+    for msg in runner.load_messages:
+        if "lm_head" in msg and "dropping" in msg:
+            continue  # embeddings do not use the language-model head
+        if "contact_head" in msg and not want_contacts:
+            continue
+        warn(msg)
+    if want_contacts and not runner.has_contact_regression:
+        warn(f"{args.model} has no contact-regression weights: contact maps come from an untrained head")
+    layers = normalise_layers(args.repr_layers, runner.num_layers)
+    trunc = args.truncation_seq_length
+    if runner.max_residues is not None and trunc > runner.max_residues:
+        raise CliError(f"--truncation-seq-length {trunc}: this model's learned positions allow at most "
+                       f"{runner.max_residues} residues")
+
+    if args.format == "pt":
+        sink: Any = _PtSink(args.output, include)
+    else:
+        sink = _H5Sink(args.output, include, layers, runner, args, args.compression)
+    hook = _CrashHook()
+    total = count_fasta(args.fasta)
+    note(f"{args.fasta}: {total} sequences; model {args.model} ({runner.num_layers} layers, "
+         f"hidden {runner.hidden_size}) on {runner.backend}/{runner.device}/{runner.dtype}", args.quiet)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="seq", disable=True if args.quiet else None, dynamic_ncols=True,
+               desc="embed")
+    n_done = n_skipped = n_res = 0
+    truncated: list[str] = []
+    t0 = time.perf_counter()
+    first_window = True
+    try:
+        for window in _windows(read_fasta(args.fasta), args.sort_window):
+            key = (lambda r: r.description) if args.format == "pt" else (lambda r: r.id)
+            todo = [r for r in window if not sink.done(key(r))]
+            skipped = len(window) - len(todo)
+            if skipped:
+                n_skipped += skipped
+                bar.update(skipped)
+            if args.plot and first_window:
+                from .plot import ContactPlotter
+
+                plotter = ContactPlotter(args.plot, wanted=[r.id for r in todo[: args.plot_max]])
+            first_window = False
+            if not todo:
+                continue
+            enc = runner.tokenizer.encode_residues_np([r.sequence for r in todo], ids=[r.id for r in todo])
+            cut = [r.id for r, e in zip(todo, enc) if len(e) > trunc]
+            if cut:
+                truncated += cut
+                warn(f"{len(cut)} sequence(s) longer than {trunc} residues truncated to {trunc}: "
+                     f"{name_list(cut)}")
+            enc = [e[:trunc] for e in enc]
+            lengths = [len(e) for e in enc]
+            for batch in token_batches(lengths, args.toks_per_batch):
+                ids, mask = runner.pad([enc[i] for i in batch])
+                reps, cmaps = runner.representations(ids, mask, layers, want_contacts)
+                blen = [lengths[i] for i in batch]
+                recs = [todo[i] for i in batch]
+                if args.format == "pt":
+                    sink.write([r.description for r in recs], None, blen, reps, cmaps, hook.before_commit())
+                else:
+                    sink.write([r.id for r in recs], [r.description for r in recs], blen, reps, cmaps,
+                               hook.before_commit())
+                if plotter is not None:
+                    for j, r in enumerate(recs):
+                        plotter.add(r.id, cmaps[j, :blen[j], :blen[j]])
+                n_done += len(batch)
+                n_res += sum(blen)
+                bar.update(len(batch))
+                dt = max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(f"{n_res / dt:.0f} res/s", refresh=False)
+                hook.after_batch()
+    finally:
+        bar.close()
+        sink.close()
+    dt = time.perf_counter() - t0
+    skipped_note = f" (skipped {n_skipped} already there)" if n_skipped else ""
+    rate = f"{n_done / max(dt, 1e-9):.1f} seq/s, {n_res / max(dt, 1e-9):.0f} res/s"
+    note(f"wrote {n_done} records to {args.output}{skipped_note} in {dt:.1f} s: {rate}", args.quiet)
+    if truncated:
+        warn(f"{len(truncated)} sequence(s) were truncated to {trunc} residues: {name_list(truncated)}")
+    if plotter is not None:
+        written = plotter.finish()
+        note(f"plotted {plotter.count} contact map(s) to {written}", args.quiet)
+    return 0

@@ -1,0 +1,287 @@
+"""``esm-dual fold``: predict structures of the proteins in a FASTA file with ESMFold.
+
+One ``<id>.pdb`` per record (pLDDT in the B-factor column; multimers as ``:``-separated chains get
+chains A, B, ...) and ``summary.tsv`` (id, length, mean_plddt, ptm) in OUTDIR. Records are folded
+shortest first in batches of at most ``--max-tokens-per-batch`` residues. A batch that runs out of
+GPU memory is retried one record at a time; a record that still does not fit is reported and skipped,
+and the rest continue (exit status 1 at the end). Re-running skips records whose PDB exists and is
+listed in ``summary.tsv``. Empty or non-protein sequences are refused before the model loads (exit
+status 2, the record named). Letters outside the 20 amino acids are folded as X, as ESMFold does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import sys
+import time
+from typing import Any
+
+from ._common import CliError, note, positive_int, token_batches, warn
+
+SUMMARY = "summary.tsv"
+SUMMARY_FIELDS = ("id", "length", "mean_plddt", "ptm")
+_PROTEIN_CHARS = re.compile(r"^[A-Za-z:]+$")
+_NUCLEOTIDES = set("ACGTUN")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "fasta", metavar="FASTA", help="input FASTA file (multimers: chains separated by ':')"
+    )
+    parser.add_argument("outdir", metavar="OUTDIR", help="output directory (created if needed)")
+    parser.add_argument(
+        "--model",
+        "-m",
+        default="esmfold_v1",
+        help="esmfold_v1 (preset / hub id), a hub-layout directory or fair-esm esmfold_3B_v1.pt",
+    )
+    parser.add_argument(
+        "--esm-checkpoint",
+        default=None,
+        help="ESM-2 stem for a fair-esm ESMFold .pt file (default: esm2_t36_3B_UR50D.pt beside it)",
+    )
+    parser.add_argument(
+        "--num-recycles",
+        type=int,
+        default=None,
+        help="recycling iterations (default: the model's max_recycles training value, 4)",
+    )
+    parser.add_argument(
+        "--max-tokens-per-batch",
+        type=positive_int,
+        default=1024,
+        help="most residues per batch (padded); shorter sequences are batched together",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=positive_int,
+        default=None,
+        help="chunk the trunk's pair updates (e.g. 128, 64, 32): less memory, a bit slower",
+    )
+    parser.add_argument("--cpu-only", action="store_true", help="do not use a GPU even if one is available")
+    parser.add_argument(
+        "--trunk-dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="precision of the folding trunk (the structure module always runs in fp32)",
+    )
+    parser.add_argument(
+        "--esm-dtype",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        default="auto",
+        help="precision of the ESM-2 stem: auto = fp16 on GPU, fp32 on CPU",
+    )
+    parser.add_argument("--mmcif", action="store_true", help="also write <id>.cif")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar or notes")
+
+
+def safe_name(record_id: str) -> str:
+    """A file-name-safe version of a record id."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", record_id).strip(".")
+    return name or "record"
+
+
+def check_sequence(record_id: str, seq: str) -> str:
+    """The sequence to fold (upper case, terminal '*' dropped), or CliError naming the record."""
+    s = "".join(seq.split()).upper().rstrip("*")
+    if not s or not s.replace(":", ""):
+        raise CliError(f"record {record_id!r}: empty sequence")
+    if not _PROTEIN_CHARS.match(s):
+        bad = sorted({c for c in s if not (c.isalpha() or c == ":")})
+        raise CliError(f"record {record_id!r}: not a protein sequence (characters {''.join(bad)!r})")
+    if any(not chain for chain in s.split(":")):
+        raise CliError(f"record {record_id!r}: empty chain in multimer {s[:40]!r}")
+    letters = s.replace(":", "")
+    if len(letters) >= 20 and set(letters) <= _NUCLEOTIDES:
+        raise CliError(
+            f"record {record_id!r}: looks like a nucleotide sequence (only {''.join(sorted(set(letters)))})"
+        )
+    return s
+
+
+def read_summary(path: str) -> dict[str, dict[str, str]]:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return {r["id"]: r for r in rows if r.get("id")}
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except CliError as e:
+        print(f"esm-dual: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if type(e).__name__ in ("FastaError", "CheckpointError", "LoadingError", "ConfigError"):
+            print(f"esm-dual: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..common.fasta import read_fasta
+
+    if args.num_recycles is not None and args.num_recycles < 0:
+        raise CliError(f"--num-recycles must be >= 0, got {args.num_recycles}")
+    if not os.path.isfile(args.fasta):
+        raise CliError(f"{args.fasta}: no such file")
+    records: list[tuple[str, str, str]] = []  # (id, file stem, sequence)
+    stems: dict[str, str] = {}
+    for rec in read_fasta(args.fasta):
+        seq = check_sequence(rec.id, rec.sequence)
+        stem = safe_name(rec.id)
+        if stem in stems:
+            raise CliError(f"records {stems[stem]!r} and {rec.id!r} would both be written to {stem}.pdb")
+        stems[stem] = rec.id
+        records.append((rec.id, stem, seq))
+    if not records:
+        raise CliError(f"{args.fasta}: no records")
+
+    os.makedirs(args.outdir, exist_ok=True)
+    summary_path = os.path.join(args.outdir, SUMMARY)
+    done = read_summary(summary_path)
+    todo = [
+        r for r in records if not (r[0] in done and os.path.isfile(os.path.join(args.outdir, r[1] + ".pdb")))
+    ]
+    if len(todo) < len(records):
+        note(f"skipping {len(records) - len(todo)} record(s) already in {summary_path}", args.quiet)
+    if not todo:
+        return 0
+
+    import torch
+
+    from ..pt.folding import EsmForProteinFolding
+
+    device = "cuda" if torch.cuda.is_available() and not args.cpu_only else "cpu"
+    note(f"loading {args.model} on {device}", args.quiet)
+    model = EsmForProteinFolding.from_pretrained(
+        args.model, device=device, esm_checkpoint=args.esm_checkpoint
+    )
+    model.set_chunk_size(args.chunk_size)
+    model.set_esm_dtype(args.esm_dtype)
+    model.set_trunk_dtype(torch.bfloat16 if args.trunk_dtype == "bf16" else None)
+
+    new_file = not os.path.isfile(summary_path) or os.path.getsize(summary_path) == 0
+    summary = open(summary_path, "a", newline="", encoding="utf-8")
+    writer = csv.writer(summary, delimiter="\t", lineterminator="\n")
+    if new_file:
+        writer.writerow(SUMMARY_FIELDS)
+        summary.flush()
+    lengths = [len(seq.replace(":", "")) for _, _, seq in todo]
+    batches = token_batches(lengths, args.max_tokens_per_batch, extra_toks_per_seq=0)
+    failed: list[str] = []
+    progress = _progress(len(todo), args.quiet)
+    t0 = time.time()
+
+    def fold(batch: list[int]) -> None:
+        seqs = [todo[i][2] for i in batch]
+        with torch.no_grad():
+            out = model.infer(seqs, num_recycles=args.num_recycles)
+        pdbs = model.output_to_pdb(out)
+        cifs = model.output_to_mmcif(out, [todo[i][1] for i in batch]) if args.mmcif else None
+        mean_plddt = out["mean_plddt"].float().cpu().tolist()
+        ptm = out["ptm"].float().cpu().tolist()
+        for j, i in enumerate(batch):
+            rec_id, stem, _ = todo[i]
+            _write_text(os.path.join(args.outdir, stem + ".pdb"), pdbs[j])
+            if cifs is not None:
+                _write_text(os.path.join(args.outdir, stem + ".cif"), cifs[j])
+            writer.writerow([rec_id, lengths[i], f"{mean_plddt[j]:.2f}", f"{ptm[j]:.4f}"])
+            summary.flush()
+            progress.update(1)
+
+    def try_fold(batch: list[int]) -> bool:
+        """Fold a batch; False if it ran out of memory. The memory is released after the except block
+        has ended (the exception's traceback keeps the failed call's tensors alive until then)."""
+        oom = False
+        try:
+            fold(batch)
+        except Exception as e:
+            if not _is_oom(e):
+                raise
+            oom = True
+        if oom:
+            _free_memory()
+        return not oom
+
+    def skip(i: int) -> None:
+        failed.append(todo[i][0])
+        warn(
+            f"record {todo[i][0]!r} ({lengths[i]} residues): out of memory; skipped "
+            "(try --chunk-size 64 or smaller, or a larger GPU)"
+        )
+        progress.update(1)
+
+    try:
+        for batch in batches:
+            if try_fold(batch):
+                continue
+            if len(batch) == 1:
+                skip(batch[0])
+                continue
+            warn(f"out of memory on a batch of {len(batch)}; retrying its records one at a time")
+            for i in batch:
+                if not try_fold([i]):
+                    skip(i)
+    finally:
+        progress.close()
+        summary.close()
+        _compact_summary(summary_path, [r[0] for r in records])
+    n_ok = len(todo) - len(failed)
+    note(f"folded {n_ok} record(s) in {time.time() - t0:.1f} s; wrote {args.outdir}", args.quiet)
+    if failed:
+        warn(f"{len(failed)} record(s) not folded (out of memory): {', '.join(repr(f) for f in failed[:10])}")
+        return 1
+    return 0
+
+
+def _compact_summary(path: str, order: list[str]) -> None:
+    """Keep one row per id (the latest), records of this FASTA first in its order, then any others."""
+    rows = read_summary(path)
+    if not rows:
+        return
+    rank = {rec_id: i for i, rec_id in enumerate(order)}
+    ids = sorted(rows, key=lambda r: (rank.get(r, len(rank)), r))
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(SUMMARY_FIELDS)
+        for rec_id in ids:
+            writer.writerow([rows[rec_id].get(k, "") for k in SUMMARY_FIELDS])
+    os.replace(tmp, path)
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _progress(total: int, quiet: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="seq", desc="folding", file=sys.stderr, disable=quiet, dynamic_ncols=True)

@@ -1,0 +1,493 @@
+"""EmbeddingStore: a columnar HDF5 file of per-sequence embeddings that scales to millions of records.
+
+Written by ``esm-dual embed --format h5``; framework-neutral (numpy + h5py only).
+
+Layout (``L`` = a layer index as written by ``embed``, non-negative; ``n`` records, ``D`` hidden size)::
+
+    /                      attrs: format, version, n_committed, n_residues, n_contact_values,
+                                  layers, include, hidden_size, num_layers, identity, metadata (JSON)
+    ids            [n]     utf-8 record ids (the first word of the FASTA header)
+    descriptions   [n]     utf-8 full header lines
+    lengths        [n]     int32 residues stored (after truncation)
+    mean/L         [n, D]  float32 mean over residues (BOS/EOS excluded)            (include "mean")
+    bos/L          [n, D]  float32 BOS (<cls>) state                                   (include "bos")
+    per_tok/L      [R, D]  float32 residue states of all records, concatenated       (include "per_tok")
+    per_tok_offsets [n]    int64 first row of each record in per_tok/L
+    contacts       [C]     float32 flattened [N, N] contact maps, concatenated       (include "contacts")
+    contacts_offsets [n]   int64 first element of each record in contacts
+
+Every dataset is chunked and resizable along axis 0. Crash safety: before a batch is written the root
+attribute ``dirty`` is set to 1 and the file flushed; the rows are written; then the counters
+(``n_committed`` ...) are updated, ``dirty`` reset and the file flushed again. Readers only ever look at
+the committed rows. HDF5 is not journaled, so a writer killed mid-batch can leave the file's free-space
+and heap bookkeeping inconsistent for further writes: a resuming writer that finds ``dirty`` set (or rows
+past the counters) rebuilds the store from its committed rows into a fresh file before appending.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+FORMAT = "esm-dual-embeddings"
+VERSION = 1
+KINDS = ("mean", "per_tok", "bos", "contacts")
+_STR = None  # h5py string dtype, made on first use
+
+
+class EmbeddingStoreError(ValueError):
+    """The file is not a usable embedding store, or was written with conflicting options."""
+
+
+def _h5py():
+    import h5py
+
+    return h5py
+
+
+def _str_dtype():
+    global _STR
+    if _STR is None:
+        _STR = _h5py().string_dtype("utf-8")
+    return _STR
+
+
+def _rows_per_chunk(row_elems: int, target_bytes: int = 1 << 20) -> int:
+    return max(1, min(1 << 16, target_bytes // max(1, 4 * row_elems)))
+
+
+def _decode(x: Any) -> str:
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def _open_h5(path: str, mode: str):
+    h5py = _h5py()
+    try:
+        return h5py.File(path, mode)
+    except OSError as e:
+        msg = str(e)
+        if "lock" in msg.lower():
+            raise EmbeddingStoreError(
+                f"{path}: the file is in use by another process (HDF5 file lock); wait for it to finish"
+            ) from None
+        raise EmbeddingStoreError(f"{path}: cannot open as HDF5 ({msg.splitlines()[0]}); "
+                                  "is it an esm-dual embedding store?") from None
+
+
+def _check_format(f, path: str) -> None:
+    if f.attrs.get("format") != FORMAT:
+        raise EmbeddingStoreError(f"{path} is an HDF5 file but not an esm-dual embedding store")
+    version = int(f.attrs.get("version", 0))
+    if version > VERSION:
+        raise EmbeddingStoreError(f"{path}: store version {version} is newer than this esm-dual "
+                                  f"understands ({VERSION}); upgrade esm-dual")
+
+
+class EmbeddingWriter:
+    """Appends batches of records to a store; creates it or resumes an existing one.
+
+    ``identity`` holds everything that must be equal for two runs to write into the same file (model,
+    layers, include, truncation, dtype ...); a resumed store with a different identity is refused.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        layers: Sequence[int],
+        include: Sequence[str],
+        hidden_size: int,
+        num_layers: int,
+        identity: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        compression: str | None = None,
+    ):
+        self.path = os.fspath(path)
+        self.layers = [int(x) for x in layers]
+        self.include = [k for k in KINDS if k in set(include)]
+        unknown = set(include) - set(KINDS)
+        if unknown:
+            raise EmbeddingStoreError(f"unknown include kind(s) {sorted(unknown)}; use {list(KINDS)}")
+        if not self.include:
+            raise EmbeddingStoreError("nothing to store: include at least one of " + ", ".join(KINDS))
+        self.hidden_size = int(hidden_size)
+        self.num_layers = int(num_layers)
+        self.identity = dict(identity or {})
+        self.identity.update(layers=self.layers, include=self.include, hidden_size=self.hidden_size)
+        self.compression = None if compression in (None, "none") else compression
+        self.repaired: int | None = None  # committed records kept when an interrupted store was rebuilt
+        if os.path.exists(self.path):
+            self._f = _open_h5(self.path, "r+")
+            try:
+                self._resume()
+            except BaseException:
+                if self._f:
+                    self._f.close()
+                raise
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self._f = _open_h5(self.path, "w")
+            try:
+                self._create(metadata or {})
+            except BaseException:
+                self._f.close()
+                raise
+        self._ids: set[str] | None = None
+
+    # ---- creation / resumption -----------------------------------------------------------------
+    def _dataset(self, name: str, shape_tail: tuple[int, ...], dtype, rows_per_chunk: int | None = None):
+        elems = int(np.prod(shape_tail)) if shape_tail else 1
+        rows = rows_per_chunk or _rows_per_chunk(elems)
+        kw = {"compression": self.compression} if self.compression else {}
+        self._f.create_dataset(name, shape=(0, *shape_tail), maxshape=(None, *shape_tail), dtype=dtype,
+                               chunks=(rows, *shape_tail), **kw)
+
+    def _create(self, metadata: Mapping[str, Any]) -> None:
+        f, D = self._f, self.hidden_size
+        f.attrs["format"] = FORMAT
+        f.attrs["version"] = VERSION
+        f.attrs["layers"] = json.dumps(self.layers)
+        f.attrs["include"] = json.dumps(self.include)
+        f.attrs["hidden_size"] = D
+        f.attrs["num_layers"] = self.num_layers
+        f.attrs["identity"] = json.dumps(self.identity, sort_keys=True)
+        f.attrs["metadata"] = json.dumps(dict(metadata), sort_keys=True, default=str)
+        self._dataset("ids", (), _str_dtype(), 4096)
+        self._dataset("descriptions", (), _str_dtype(), 4096)
+        self._dataset("lengths", (), np.int32, 1 << 14)
+        for kind in ("mean", "bos", "per_tok"):
+            if kind in self.include:
+                for layer in self.layers:
+                    self._dataset(f"{kind}/{layer}", (D,), np.float32)
+        if "per_tok" in self.include:
+            self._dataset("per_tok_offsets", (), np.int64, 1 << 14)
+        if "contacts" in self.include:
+            self._dataset("contacts", (), np.float32, 1 << 18)
+            self._dataset("contacts_offsets", (), np.int64, 1 << 14)
+        self._commit(0, 0, 0)
+
+    def _resume(self) -> None:
+        f = self._f
+        _check_format(f, self.path)
+        stored = json.loads(f.attrs["identity"])
+        want = json.loads(json.dumps(self.identity, sort_keys=True))
+        diffs = [(k, stored.get(k), want.get(k)) for k in sorted(set(stored) | set(want))
+                 if stored.get(k) != want.get(k)]
+        if diffs:
+            err = EmbeddingStoreError(
+                f"{self.path} already holds embeddings made with other options ("
+                + "; ".join(f"{k}: stored {a!r}, this run {b!r}" for k, a, b in diffs)
+                + "). Write to another output, or rerun with the stored options to resume.")
+            err.differences = diffs  # type: ignore[attr-defined]
+            raise err
+        # A writer killed mid-batch: rebuild the store from its committed rows.
+        extents = self._extents()
+        if int(f.attrs.get("dirty", 0)) or any(f[name].shape[0] != n for name, n in extents.items()):
+            self._rebuild(extents)
+
+    def _extents(self) -> dict[str, int]:
+        """Dataset name -> committed length along axis 0."""
+        n, r, c = self.counts
+        out = {name: n for name in self._record_datasets()}
+        if "per_tok" in self.include:
+            out.update({f"per_tok/{layer}": r for layer in self.layers})
+        if "contacts" in self.include:
+            out["contacts"] = c
+        return out
+
+    def _rebuild(self, extents: dict[str, int], block: int = 1 << 16) -> None:
+        old = self._f
+        tmp = self.path + ".rebuild.tmp"
+        try:
+            with _h5py().File(tmp, "w") as new:
+                for k, v in old.attrs.items():
+                    new.attrs[k] = v
+                for name, n in extents.items():
+                    src = old[name]
+                    dst = new.create_dataset(name, shape=(n, *src.shape[1:]), maxshape=src.maxshape,
+                                             dtype=src.dtype, chunks=src.chunks, compression=src.compression,
+                                             compression_opts=src.compression_opts)
+                    for s in range(0, n, block):
+                        dst[s:min(n, s + block)] = src[s:min(n, s + block)]
+                new.attrs["dirty"] = 0
+        except Exception as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise EmbeddingStoreError(f"{self.path}: an earlier run was interrupted and its committed records "
+                                      f"cannot be read back ({e}); delete the file to start over") from None
+        old.close()
+        self._f = None
+        os.replace(tmp, self.path)
+        self._f = _open_h5(self.path, "r+")
+        self.repaired = self.counts[0]
+
+    def _record_datasets(self) -> list[str]:
+        names = ["ids", "descriptions", "lengths"]
+        for kind in ("mean", "bos"):
+            if kind in self.include:
+                names += [f"{kind}/{layer}" for layer in self.layers]
+        if "per_tok" in self.include:
+            names.append("per_tok_offsets")
+        if "contacts" in self.include:
+            names.append("contacts_offsets")
+        return names
+
+    @property
+    def counts(self) -> tuple[int, int, int]:
+        a = self._f.attrs
+        return int(a["n_committed"]), int(a["n_residues"]), int(a["n_contact_values"])
+
+    def _commit(self, n: int, r: int, c: int) -> None:
+        a = self._f.attrs
+        a["n_committed"] = n
+        a["n_residues"] = r
+        a["n_contact_values"] = c
+        a["dirty"] = 0
+        self._f.flush()
+
+    # ---- queries -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.counts[0]
+
+    @property
+    def ids(self) -> set[str]:
+        """Ids already committed (what a resumed run skips)."""
+        if self._ids is None:
+            n = self.counts[0]
+            self._ids = {_decode(x) for x in self._f["ids"][:n]}
+        return self._ids
+
+    def __contains__(self, record_id: object) -> bool:
+        return record_id in self.ids
+
+    # ---- writing -------------------------------------------------------------------------------
+    def append(
+        self,
+        ids: Sequence[str],
+        lengths: Sequence[int],
+        *,
+        descriptions: Sequence[str] | None = None,
+        mean: Mapping[int, np.ndarray] | None = None,
+        bos: Mapping[int, np.ndarray] | None = None,
+        per_tok: Mapping[int, Sequence[np.ndarray]] | None = None,
+        contacts: Sequence[np.ndarray] | None = None,
+        _before_commit=None,
+    ) -> None:
+        """Append one batch and commit it.
+
+        ``mean``/``bos``: {layer: [b, D]}; ``per_tok``: {layer: [[N_i, D]]}; ``contacts``: [[N_i, N_i]];
+        ``lengths``: N_i per record."""
+        f = self._f
+        b = len(ids)
+        if b == 0:
+            return
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if lengths.shape != (b,):
+            raise ValueError(f"lengths must have one entry per id ({b}), got shape {lengths.shape}")
+        dup = [i for i in ids if i in self.ids]
+        if dup or len(set(ids)) != b:
+            raise EmbeddingStoreError(f"{self.path}: record id(s) already stored: {dup or sorted(ids)[:5]}")
+        descriptions = list(descriptions) if descriptions is not None else list(ids)
+        n0, r0, c0 = self.counts
+        n1 = n0 + b
+        f.attrs["dirty"] = 1
+        f.flush()
+
+        def put(name: str, start: int, values) -> None:
+            ds = f[name]
+            if isinstance(values, list):  # strings
+                values = np.array(values, dtype=object)
+            end = start + len(values)
+            ds.resize(end, axis=0)
+            ds[start:end] = values
+
+        put("ids", n0, [str(i) for i in ids])
+        put("descriptions", n0, [str(d) for d in descriptions])
+        put("lengths", n0, lengths.astype(np.int32))
+        for kind, data in (("mean", mean), ("bos", bos)):
+            if kind not in self.include:
+                continue
+            for layer in self.layers:
+                arr = np.asarray(data[layer], dtype=np.float32)  # type: ignore[index]
+                if arr.shape != (b, self.hidden_size):
+                    raise ValueError(f"{kind}[{layer}] must be [{b}, {self.hidden_size}], got {arr.shape}")
+                put(f"{kind}/{layer}", n0, arr)
+        r1 = r0
+        if "per_tok" in self.include:
+            offsets = r0 + np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            r1 = r0 + int(lengths.sum())
+            for layer in self.layers:
+                parts = per_tok[layer]  # type: ignore[index]
+                if [len(p) for p in parts] != lengths.tolist():
+                    raise ValueError(f"per_tok[{layer}] row counts do not match lengths")
+                put(f"per_tok/{layer}", r0, np.concatenate(parts, 0).astype(np.float32, copy=False))
+            put("per_tok_offsets", n0, offsets)
+        c1 = c0
+        if "contacts" in self.include:
+            sizes = lengths * lengths
+            for cmap, n in zip(contacts, lengths):  # type: ignore[arg-type]
+                if tuple(np.shape(cmap)) != (n, n):
+                    raise ValueError(f"contact map must be [{n}, {n}], got {np.shape(cmap)}")
+            offsets = c0 + np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            c1 = c0 + int(sizes.sum())
+            flat = np.concatenate([np.asarray(m, dtype=np.float32).reshape(-1) for m in contacts])  # type: ignore
+            put("contacts", c0, flat)
+            put("contacts_offsets", n0, offsets)
+        if _before_commit is not None:  # test hook: simulate a crash between writing and committing
+            _before_commit()
+        self._commit(n1, r1, c1)
+        if self._ids is not None:
+            self._ids.update(str(i) for i in ids)
+
+    def close(self) -> None:
+        if self._f:
+            try:
+                self._f.flush()
+            finally:
+                self._f.close()
+                self._f = None
+
+    def __enter__(self) -> EmbeddingWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class EmbeddingStore(Mapping):
+    """Read an embedding store: ``store[record_id]["mean"][layer]`` -> np.ndarray [D].
+
+    ``store[id]`` is a dict with the kinds the store holds: ``"mean"``/``"bos"`` {layer: [D]},
+    ``"per_tok"`` {layer: [N, D]}, ``"contacts"`` [N, N], plus ``"length"`` and ``"description"``.
+    Layer keys are the ints ``embed`` wrote (negative indices normalised). Iteration yields ids in
+    store order; ``len``, ``in``, ``metadata``, ``layers``, ``hidden_size`` and the column readers
+    ``mean(layer)`` / ``bos(layer)`` ([n, D] for all records) are there for bulk use.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"no embedding store at {self.path}")
+        self._f = _open_h5(self.path, "r")
+        try:
+            _check_format(self._f, self.path)
+        except BaseException:
+            self._f.close()
+            raise
+        a = self._f.attrs
+        self._n = int(a["n_committed"])
+        self.layers: list[int] = json.loads(a["layers"])
+        self.include: list[str] = json.loads(a["include"])
+        self.hidden_size: int = int(a["hidden_size"])
+        self.num_layers: int = int(a["num_layers"])
+        self.identity: dict[str, Any] = json.loads(a["identity"])
+        self._metadata: dict[str, Any] = json.loads(a["metadata"])
+        self._ids: list[str] | None = None
+        self._index: dict[str, int] | None = None
+
+    # ---- metadata ------------------------------------------------------------------------------
+    @property
+    def metadata(self) -> dict[str, Any]:
+        out = dict(self._metadata)
+        out.update(self.identity)
+        out.update(layers=self.layers, include=self.include, hidden_size=self.hidden_size,
+                   num_layers=self.num_layers, count=self._n, dims=self.dims)
+        return out
+
+    @property
+    def model(self) -> str | None:
+        return self.identity.get("model", self._metadata.get("model"))
+
+    @property
+    def dims(self) -> dict[str, tuple]:
+        """Per-record shapes: {"mean": (D,), "bos": (D,), "per_tok": ("N", D), "contacts": ("N", "N")}."""
+        D = self.hidden_size
+        shapes = {"mean": (D,), "bos": (D,), "per_tok": ("N", D), "contacts": ("N", "N")}
+        return {k: shapes[k] for k in self.include}
+
+    # ---- ids -----------------------------------------------------------------------------------
+    @property
+    def ids(self) -> list[str]:
+        if self._ids is None:
+            self._ids = [_decode(x) for x in self._f["ids"][: self._n]]
+        return self._ids
+
+    def _idx(self, record_id: str) -> int:
+        if self._index is None:
+            self._index = {r: i for i, r in enumerate(self.ids)}
+        try:
+            return self._index[record_id]
+        except KeyError:
+            raise KeyError(record_id) from None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ids)
+
+    def __contains__(self, record_id: object) -> bool:
+        if self._index is None:
+            self._index = {r: i for i, r in enumerate(self.ids)}
+        return record_id in self._index
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self._f["lengths"][: self._n].astype(np.int64)
+
+    # ---- records -------------------------------------------------------------------------------
+    def __getitem__(self, record_id: str) -> dict[str, Any]:
+        return self.record(self._idx(record_id))
+
+    def record(self, i: int) -> dict[str, Any]:
+        """The i-th record in store order (see ``__getitem__``)."""
+        if not 0 <= i < self._n:
+            raise IndexError(f"record index {i} out of range (store has {self._n})")
+        f = self._f
+        n = int(f["lengths"][i])
+        out: dict[str, Any] = {"id": self.ids[i], "description": _decode(f["descriptions"][i]), "length": n}
+        for kind in ("mean", "bos"):
+            if kind in self.include:
+                out[kind] = {layer: f[f"{kind}/{layer}"][i] for layer in self.layers}
+        if "per_tok" in self.include:
+            start = int(f["per_tok_offsets"][i])
+            out["per_tok"] = {layer: f[f"per_tok/{layer}"][start : start + n] for layer in self.layers}
+        if "contacts" in self.include:
+            start = int(f["contacts_offsets"][i])
+            out["contacts"] = f["contacts"][start : start + n * n].reshape(n, n)
+        return out
+
+    def _column(self, kind: str, layer: int) -> np.ndarray:
+        if kind not in self.include:
+            raise KeyError(f"{self.path} holds no {kind!r} embeddings (it has {self.include})")
+        if layer not in self.layers:
+            raise KeyError(f"{self.path} holds no layer {layer} (it has {self.layers})")
+        return self._f[f"{kind}/{layer}"][: self._n]
+
+    def mean(self, layer: int) -> np.ndarray:
+        """Mean embeddings of every record, [n, D], in store order."""
+        return self._column("mean", layer)
+
+    def bos(self, layer: int) -> np.ndarray:
+        """BOS embeddings of every record, [n, D], in store order."""
+        return self._column("bos", layer)
+
+    # ---- lifetime ------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._f:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> EmbeddingStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"EmbeddingStore({self.path!r}, records={self._n}, model={self.model!r}, "
+                f"layers={self.layers}, include={self.include}, hidden_size={self.hidden_size})")

@@ -1,0 +1,179 @@
+"""`esm-dual fold` end to end on a tiny ESMFold checkpoint in the hub layout."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+
+import pytest
+import torch
+
+from esm_dual.common.fasta import read_fasta
+from esm_dual.common.protein import read_pdb_atoms
+from tests.pt.test_esmfold import one_thread, write_tiny_esmfold  # noqa: F401 (autouse fixture)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("esmfold_cli"))
+    write_tiny_esmfold(d)
+    return d
+
+
+def _args(fasta, outdir, model, *extra):
+    from esm_dual.cli import fold
+
+    parser = argparse.ArgumentParser()
+    fold.add_arguments(parser)
+    return parser.parse_args([str(fasta), str(outdir), "--model", model, "--cpu-only", "--quiet", *extra])
+
+
+def _summary(outdir):
+    with open(os.path.join(outdir, "summary.tsv"), newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def test_fold_end_to_end_and_resume(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    from esm_dual.cli import fold
+    from esm_dual.pt import EsmForProteinFolding
+
+    fasta = os.path.join(data_dir, "few_proteins.fasta")
+    records = list(read_fasta(fasta))
+    out = tmp_path / "out"
+    rc = fold.run(
+        _args(
+            fasta,
+            out,
+            tiny_model_dir,
+            "--num-recycles",
+            "1",
+            "--max-tokens-per-batch",
+            "200",
+            "--chunk-size",
+            "16",
+            "--mmcif",
+        )
+    )
+    assert rc == 0
+    rows = _summary(out)
+    assert [r["id"] for r in sorted(rows, key=lambda r: r["id"])] == sorted(r.id for r in records)
+    assert list(rows[0]) == ["id", "length", "mean_plddt", "ptm"]
+    model = EsmForProteinFolding.from_pretrained(tiny_model_dir)
+    model.set_chunk_size(16)
+    for rec in records:
+        row = next(r for r in rows if r["id"] == rec.id)
+        assert int(row["length"]) == len(rec.sequence)
+        assert 0 <= float(row["mean_plddt"]) <= 100 and 0 <= float(row["ptm"]) <= 1
+        pdb = (out / f"{rec.id}.pdb").read_text()
+        atoms = read_pdb_atoms(pdb)
+        assert len({a["res_seq"] for a in atoms}) == len(rec.sequence)
+        assert (out / f"{rec.id}.cif").is_file()
+        # Same structure as the Python API (batching and chunking do not change it).
+        with torch.no_grad():
+            ref = read_pdb_atoms(model.infer_pdb(rec.sequence, num_recycles=1))
+        assert len(ref) == len(atoms)
+        assert max(abs(p - q) for a, b in zip(atoms, ref) for p, q in zip(a["xyz"], b["xyz"])) <= 2e-3
+
+    # Re-running skips everything already listed (the model is not even loaded).
+    def boom(*a, **k):
+        raise AssertionError("model loaded although every record is done")
+
+    monkeypatch.setattr(EsmForProteinFolding, "from_pretrained", classmethod(boom))
+    assert fold.run(_args(fasta, out, tiny_model_dir)) == 0
+    assert len(_summary(out)) == len(records)
+    monkeypatch.undo()
+
+    # A record whose PDB was deleted is folded again; the others are skipped.
+    os.remove(out / f"{records[1].id}.pdb")
+    assert fold.run(_args(fasta, out, tiny_model_dir, "--num-recycles", "1")) == 0
+    assert (out / f"{records[1].id}.pdb").is_file()
+    assert [r["id"] for r in _summary(out)] == [r.id for r in records]  # one row each, FASTA order
+
+
+def test_out_of_memory_record_is_reported_and_others_continue(
+    tmp_path, tiny_model_dir, data_dir, monkeypatch, capsys
+):
+    from esm_dual.cli import fold
+    from esm_dual.pt import EsmForProteinFolding
+
+    fasta = os.path.join(data_dir, "few_proteins.fasta")
+    records = list(read_fasta(fasta))
+    too_big = max(records, key=lambda r: len(r.sequence))
+    calls: list[int] = []
+    real_infer = EsmForProteinFolding.infer
+
+    def infer(self, seqs, *args, **kwargs):
+        calls.append(len(seqs))
+        if len(seqs) > 1 or seqs[0] == too_big.sequence:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real_infer(self, seqs, *args, **kwargs)
+
+    monkeypatch.setattr(EsmForProteinFolding, "infer", infer)
+    out = tmp_path / "out"
+    rc = fold.run(
+        _args(fasta, out, tiny_model_dir, "--num-recycles", "0", "--max-tokens-per-batch", "100000")
+    )
+    assert rc == 1
+    assert calls[0] == len(records) and calls[1:] == [1] * len(records)  # batch, then each alone
+    err = capsys.readouterr().err
+    assert too_big.id in err and "out of memory" in err
+    done = {r["id"] for r in _summary(out)}
+    assert done == {r.id for r in records} - {too_big.id}
+    assert not (out / f"{too_big.id}.pdb").exists()
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (">ok\nMKV\n>bad_one\nMKV1234\n", "bad_one"),
+        (">ok\nMKV\n>empty_chain\nMKV::GG\n", "empty_chain"),
+        (">dna\nACGTACGTACGTACGTACGTACGTAGCTAGCTAGCAT\n", "nucleotide"),
+        (">ok\nMKV\n>nothing\n\n>x\nMK\n", "nothing"),
+    ],
+)
+def test_bad_sequences_are_refused_before_loading(tmp_path, content, message, capsys, monkeypatch):
+    from esm_dual.cli import fold
+    from esm_dual.pt import EsmForProteinFolding
+
+    def boom(*a, **k):
+        raise AssertionError("model loaded for invalid input")
+
+    monkeypatch.setattr(EsmForProteinFolding, "from_pretrained", classmethod(boom))
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(content)
+    assert fold.run(_args(fasta, tmp_path / "out", "unused")) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unknown_residues_fold_as_x_and_main_entry(tmp_path, tiny_model_dir):
+    from esm_dual.cli.main import main
+
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(">weird|id/1 description\nMKBZUOX*\n>dimer\nMKTAYIAK:GSHMLED\n")
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "fold",
+            str(fasta),
+            str(out),
+            "--model",
+            tiny_model_dir,
+            "--cpu-only",
+            "--quiet",
+            "--num-recycles",
+            "0",
+        ]
+    )
+    assert rc == 0
+    assert sorted(os.listdir(out)) == ["dimer.pdb", "summary.tsv", "weird_id_1.pdb"]
+    atoms = read_pdb_atoms((out / "weird_id_1.pdb").read_text())
+    assert {a["res_name"] for a in atoms} == {"MET", "LYS"}  # X residues have no atoms
+    dimer = read_pdb_atoms((out / "dimer.pdb").read_text())
+    assert {a["chain"] for a in dimer} == {"A", "B"}
+    assert "GLY" not in {a["res_name"] for a in dimer if a["chain"] == "A"}  # the poly-G linker is gone
+    rows = {r["id"]: r for r in _summary(out)}
+    assert rows["weird|id/1"]["length"] == "7" and rows["dimer"]["length"] == "15"
+    shutil.rmtree(out)

@@ -1,0 +1,111 @@
+"""`esm-dual info` on tiny checkpoints in every layout, `info --presets`, and the entry point's plumbing."""
+
+from __future__ import annotations
+
+import json
+
+from esm_dual.cli import main as cli_main
+from esm_dual.cli.main import main
+from esm_dual.common.checkpoint import save_checkpoint, save_fair_esm
+from esm_dual.common.presets import PRESETS, count_parameters
+from tests.conftest import tiny_config
+from tests.utils import write_hub_checkpoint
+
+
+def _run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _fields(text):
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition("  ")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def test_info_hub_directory(tmp_path, capsys):
+    cfg = tiny_config("esm2")
+    write_hub_checkpoint(str(tmp_path / "m"), cfg, "mlm")
+    rc, out, err = _run(capsys, "info", tmp_path / "m")
+    assert rc == 0, err
+    f = _fields(out)
+    assert f["layout"] == "safetensors"
+    assert f["family"] == "ESM-2"
+    assert f["architectures"] == "EsmForMaskedLM"
+    assert f["hidden size"] == "18" and f["layers"] == "3" and f["vocabulary"] == "33"
+    assert f["attention heads"] == "3 (head dim 6)"
+    assert f["positions"].startswith("rotary, max_position_embeddings 1026")
+    assert f["heads present"] == "lm_head, contact_head"
+    assert f"{count_parameters(cfg):,} in the masked-LM model" in f["parameters"]
+
+
+def test_info_fair_esm_file_json(tmp_path, capsys):
+    cfg = tiny_config("esm1b", intermediate_size=72)
+    tensors = write_hub_checkpoint(str(tmp_path / "hub"), cfg, "mlm")
+    pt = save_fair_esm(str(tmp_path / "esm1b_t3_tiny.pt"), cfg, tensors)
+    rc, out, err = _run(capsys, "info", pt, "--json")
+    assert rc == 0, err
+    info = json.loads(out)
+    assert info["layout"] == "fair-esm" and info["family"] == "ESM-1b"
+    assert info["num_layers"] == 3 and info["num_heads"] == 3 and info["hidden_size"] == 18
+    assert info["position_embedding_type"] == "absolute" and info["max_residues"] == 1022
+    assert info["heads"] == ["lm_head", "contact_head"]
+    assert info["parameters_mlm_model"] == count_parameters(cfg) == info["parameters_stored"]
+
+
+def test_info_sharded_classifier(tmp_path, capsys):
+    cfg = tiny_config("esm1v", num_labels=3)
+    tensors = write_hub_checkpoint(str(tmp_path / "tmp"), cfg, "seq")
+    save_checkpoint(str(tmp_path / "sharded"), cfg.copy(architectures=["EsmForSequenceClassification"]),
+                    tensors, max_shard_size=20_000)
+    rc, out, err = _run(capsys, "info", tmp_path / "sharded", "--json")
+    assert rc == 0, err
+    info = json.loads(out)
+    assert info["layout"] == "safetensors-sharded"
+    assert info["family"] == "ESM-1v"
+    assert "classifier (sequence)" in info["heads"] and "lm_head" not in info["heads"]
+    assert info["num_labels"] == 3
+
+
+def test_info_presets(capsys):
+    rc, out, err = _run(capsys, "info", "--presets")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["name", "family", "hub"]
+    for name, p in PRESETS.items():
+        row = next(line for line in lines if line.startswith(name + " "))
+        assert p.hub_id in row and p.fair_esm_name in row.split()
+    assert any(line.startswith("esm2_t6_8M_UR50D ") and line.rstrip().endswith("7.5M") for line in lines)
+    rc, out, _ = _run(capsys, "info", "--presets", "--json")
+    table = json.loads(out)
+    assert [r["name"] for r in table] == list(PRESETS)
+    assert {r["name"]: r["num_params"] for r in table}["esm2_t6_8M_UR50D"] == 7_512_474
+
+
+def test_info_errors(tmp_path, capsys):
+    for argv, msg in [(["info"], "needs a MODEL"),
+                      (["info", tmp_path / "missing"], "no such file or directory"),
+                      (["info", "esm2_t6_8M_UR50D", "--presets"], "not both")]:
+        rc, _, err = _run(capsys, *argv)
+        assert rc == 2 and msg in err and "Traceback" not in err, err
+    (tmp_path / "x.txt").write_text("hello")
+    rc, _, err = _run(capsys, "info", tmp_path / "x.txt")
+    assert rc == 2 and "unknown checkpoint file type" in err
+
+
+def test_entry_point_plumbing(capsys, monkeypatch):
+    rc, _, err = _run(capsys)
+    assert rc == 2 and "embed" in err and "score" in err and "fold" in err and "info" in err
+    rc, out, _ = _run(capsys, "--version")
+    assert rc == 0 and out.startswith("esm-dual ")
+    rc, _, err = _run(capsys, "frobnicate")
+    assert rc == 2 and "invalid choice" in err
+    # A subcommand whose module is absent says so cleanly (fold is imported lazily).
+    monkeypatch.setitem(cli_main.COMMANDS, "fold", ("esm_dual.cli._not_there", "predict structures"))
+    rc, _, err = _run(capsys, "fold", "in.fasta", "out")
+    assert rc == 2 and "`esm-dual fold` is not available" in err
+    rc, _, err = _run(capsys, "info", "--presets", "--json")  # other commands unaffected
+    assert rc == 0
