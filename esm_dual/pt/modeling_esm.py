@@ -24,6 +24,8 @@ from ..common.outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
+from .attention import VarlenInfo, packed_self_attention
+from .packing import packed_model_forward, padded_forward_via_packed, use_packed_path
 
 logger = logging.getLogger("esm_dual")
 
@@ -137,6 +139,15 @@ class EsmRotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         self.register_buffer("inv_freq", inv_freq)
 
+    def _apply(self, fn, recurse=True):
+        # The table stays fp32 when the model is cast to fp16/bf16 (as HF keeps it): bf16 would round
+        # the frequencies by up to 2^-9, a phase error of ~0.2 rad at position 1000.
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        if inv_freq.dtype == torch.float32 and self.inv_freq.dtype != torch.float32 and not inv_freq.is_meta:
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, q_scale: float = 1.0):
         """q, k [B, H, L, K]; positions [B, L] or [L] -> rotated q (times q_scale), k; computed in fp32."""
         # [B, L, K/2] or [L, K/2]
@@ -180,7 +191,13 @@ class EsmSelfAttention(nn.Module):
         positions: torch.Tensor | None,
         output_attentions: bool = False,
     ):
-        """hidden_states [B, L, D]; attention_bias [B, 1, 1, L] additive (0 or -inf-like)."""
+        """hidden_states [B, L, D]; attention_bias [B, 1, 1, L] additive (0 or -inf-like).
+
+        Packed back end (attention.py): attention_bias is a ``VarlenInfo`` (cu_seqlens, max_seqlen),
+        hidden_states [T, D] and positions [T]; returns context [T, D] and no probabilities.
+        """
+        if isinstance(attention_bias, VarlenInfo):
+            return packed_self_attention(self, hidden_states, positions, attention_bias), None
         # The query is scaled by K^-0.5 before rotary, as in the original ESM code (with rotary the
         # scale is folded into the query's cos/sin tables: the same product, one pass fewer).
         scale = self.attention_head_size**-0.5
@@ -548,6 +565,9 @@ class EsmModel(EsmPreTrainedModel):
         self.pooler = EsmPooler(config) if add_pooling_layer else None
         self.contact_head = EsmContactPredictionHead(
             config.num_hidden_layers * config.num_attention_heads, eos_idx=config.eos_token_id or 2)
+        # "auto": packed varlen attention on CUDA in fp16/bf16, padded SDPA otherwise; "sdpa": always
+        # padded; "packed": always packed (off CUDA with block-diagonal SDPA). See packing.py.
+        self.attn_implementation = "auto"
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -583,6 +603,13 @@ class EsmModel(EsmPreTrainedModel):
             positions = torch.arange(L, device=x.device)
         else:
             positions = position_ids
+        if use_packed_path(self, x, output_attentions):
+            # Fast path: unpad, run the packed encoder, re-pad (zeros at padded positions).
+            sequence_output, hidden_states = padded_forward_via_packed(
+                self, input_ids, attention_mask, position_ids, positions, inputs_embeds, output_hidden_states)
+            pooled = self.pooler(sequence_output) if self.pooler is not None else None
+            out = BaseModelOutputWithPooling(sequence_output, pooled, hidden_states, None)
+            return out if return_dict else out.to_tuple()
         embedding_output = self.embeddings(input_ids, attention_mask, position_ids, inputs_embeds)
         # [B, 1, 1, L] additive bias: 0 for real keys, the dtype's minimum for padding.
         neg = torch.finfo(embedding_output.dtype).min
@@ -591,6 +618,30 @@ class EsmModel(EsmPreTrainedModel):
             embedding_output, attention_bias, positions, output_hidden_states, output_attentions)
         pooled = self.pooler(sequence_output) if self.pooler is not None else None
         out = BaseModelOutputWithPooling(sequence_output, pooled, hidden_states, attentions)
+        return out if return_dict else out.to_tuple()
+
+    def forward_packed(
+        self,
+        input_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+    ) -> BaseModelOutputWithPooling:
+        """Packed sequences, no padding: input_ids [T] (the sequences end to end, each with BOS/EOS),
+        cu_seqlens [B + 1] int32 (sequence b is rows cu_seqlens[b]:cu_seqlens[b + 1]), max_seqlen the
+        longest (int; computed with a device sync if None) -> last_hidden_state [T, D]; pooler_output [B, D]."""
+        if cu_seqlens is None:
+            raise ValueError("forward_packed needs cu_seqlens")
+        sequence_output, hidden_states = packed_model_forward(
+            self, input_ids, cu_seqlens, max_seqlen, position_ids, inputs_embeds, output_hidden_states)
+        pooled = None
+        if self.pooler is not None:
+            # [B, 1, D]: the <cls> row of every sequence
+            pooled = self.pooler(sequence_output[cu_seqlens[:-1].to(sequence_output.device).long()][:, None])
+        out = BaseModelOutputWithPooling(sequence_output, pooled, hidden_states, None)
         return out if return_dict else out.to_tuple()
 
     def predict_contacts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -643,6 +694,19 @@ class EsmForMaskedLM(EsmPreTrainedModel):
             loss = F.cross_entropy(logits.reshape(-1, self.config.vocab_size).float(),
                                    labels.reshape(-1).to(logits.device), ignore_index=-100)
         out = MaskedLMOutput(loss, logits, outputs.hidden_states, outputs.attentions)
+        return out if return_dict else out.to_tuple()
+
+    def forward_packed(self, input_ids=None, cu_seqlens=None, max_seqlen=None, position_ids=None, inputs_embeds=None,
+                       labels=None, output_hidden_states=False, return_dict=True) -> MaskedLMOutput:
+        """Packed sequences (see ``EsmModel.forward_packed``) -> logits [T, V]; labels [T] with -100
+        where no loss is taken."""
+        outputs = self.esm.forward_packed(input_ids, cu_seqlens, max_seqlen, position_ids, inputs_embeds,
+                                          output_hidden_states=output_hidden_states)
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float(), labels.reshape(-1).to(logits.device), ignore_index=-100)
+        out = MaskedLMOutput(loss, logits, outputs.hidden_states, None)
         return out if return_dict else out.to_tuple()
 
     def predict_contacts(self, input_ids, attention_mask=None):

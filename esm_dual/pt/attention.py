@@ -1,0 +1,473 @@
+"""Attention back ends of the PyTorch ESM encoder.
+
+The padded path (``attention_bias`` [B, 1, 1, L], SDPA or eager softmax) lives in ``modeling_esm.py``.
+This module holds the packed ("varlen") path: the real tokens of B sequences laid end to end in one
+[T, D] stream, sequence b occupying rows ``cu_seqlens[b]:cu_seqlens[b + 1]``; attention never crosses
+a sequence boundary and no compute is spent on padding.
+
+Back ends of :func:`varlen_attention`:
+
+- ``flash``: FlashAttention-2 varlen kernels through ``torch.ops.aten._flash_attention_forward`` /
+  ``_flash_attention_backward`` (CUDA, fp16/bf16, head dim a multiple of 8 up to 256), wrapped in an
+  autograd Function, so training works.
+  (cuDNN's ragged SDPA, ``_cudnn_attention_forward`` with cumulative lengths, was measured on an H100
+  with torch 2.11: right answers but 73 ms per layer call against flash's 0.44 ms, so it is not offered.)
+- ``dense``: one SDPA call on [1, H, T, K] with a block-diagonal boolean mask (any device and dtype;
+  T x T mask, so for small packs: tests, CPU).
+- ``loop``: one SDPA call per sequence (any device and dtype, any T).
+
+Rotary embeddings inside a pack restart at position 0 for every sequence (``positions`` [T]). On CUDA
+the query/key rotation (with the query's K^-0.5 scale folded in) is one Triton kernel that reads the
+projections once and writes [T, H, K] tensors in the layout the flash kernels take; elsewhere it
+falls back to ``EsmRotaryEmbedding`` itself (exactly the padded path's arithmetic).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "flash", "dense", "loop")
+_DENSE_MAX_TOKENS = 4096  # "auto" off CUDA: block-diagonal mask up to this many tokens, else a loop
+
+
+@dataclass(frozen=True)
+class VarlenInfo:
+    """Where the sequences of a pack start and end; travels through the layers in the slot of the
+    padded path's ``attention_bias``.
+
+    cu_seqlens [B + 1] int32 on the tokens' device (0, len0, len0 + len1, ..., T); max_seqlen: the
+    longest sequence, a Python int (known on the host, so no device sync); backend: one of BACKENDS.
+    """
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    backend: str = "auto"
+
+
+# ================================================================================================
+# Variable-length attention
+# ================================================================================================
+
+
+def flash_supported(q: torch.Tensor) -> bool:
+    """Whether the flash varlen kernels take q [T, H, K]: CUDA, fp16/bf16, K % 8 == 0, K <= 256."""
+    K = q.shape[-1]
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and K % 8 == 0 and K <= 256
+            and hasattr(torch.ops.aten, "_flash_attention_forward"))
+
+
+class _FlashVarlen(torch.autograd.Function):
+    """FlashAttention-2 varlen forward/backward (the kernels behind SDPA's flash back end)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, dropout_p, scale):
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, False, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed, offset)
+        ctx.max_seqlen, ctx.dropout_p, ctx.scale = max_seqlen, dropout_p, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu_seqlens, seed, offset = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            dout.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_seqlen, ctx.max_seqlen,
+            ctx.dropout_p, False, seed, offset, scale=ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def _segment_ids(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
+    """[T] index of the sequence each token belongs to (no host sync)."""
+    return torch.searchsorted(cu_seqlens[1:].to(torch.int64), torch.arange(T, device=cu_seqlens.device),
+                              right=True)
+
+
+def _dense_attention(q, k, v, cu_seqlens, dropout_p, scale):
+    T = q.shape[0]
+    seg = _segment_ids(cu_seqlens, T)
+    # [T, T]: True where query and key are in the same sequence.
+    allowed = seg[:, None] == seg[None, :]
+    # [T, H, K] -> [1, H, T, K]
+    qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, dropout_p=dropout_p, scale=scale)
+    # [1, H, T, K] -> [T, H, K]
+    return out.squeeze(0).transpose(0, 1)
+
+
+def _loop_attention(q, k, v, cu_seqlens, dropout_p, scale):
+    bounds = cu_seqlens.tolist()
+    outs = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        # [n, H, K] -> [1, H, n, K]
+        qh, kh, vh = (x[s:e].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        o = F.scaled_dot_product_attention(qh, kh, vh, dropout_p=dropout_p, scale=scale)
+        # [1, H, n, K] -> [n, H, K]
+        outs.append(o.squeeze(0).transpose(0, 1))
+    return torch.cat(outs, 0)
+
+
+def resolve_backend(q: torch.Tensor, backend: str = "auto") -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown varlen attention back end {backend!r}; use one of {BACKENDS}")
+    forced = os.environ.get("ESM_DUAL_VARLEN", "auto")  # a process-wide override, for benchmarks
+    if backend == "auto" and forced in BACKENDS:
+        backend = forced
+    if backend == "auto":
+        if flash_supported(q):
+            return "flash"
+        return "dense" if q.shape[0] <= _DENSE_MAX_TOKENS else "loop"
+    if backend == "flash" and not flash_supported(q):
+        raise ValueError(f"flash varlen attention needs CUDA, fp16/bf16 and a head dim that is a multiple of 8 "
+                         f"up to 256; got device {q.device}, {q.dtype}, head dim {q.shape[-1]}")
+    return backend
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention within each sequence of a pack. q, k, v [T, H, K] -> [T, H, K].
+
+    cu_seqlens [B + 1] int32; max_seqlen: longest sequence (int); scale: applied to q k^T (None: K^-0.5).
+    """
+    backend = resolve_backend(q, backend)
+    if backend == "flash":
+        if scale is None:
+            scale = q.shape[-1] ** -0.5
+        return _FlashVarlen.apply(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), float(dropout_p),
+                                  float(scale))
+    if backend == "dense":
+        return _dense_attention(q, k, v, cu_seqlens, dropout_p, scale)
+    return _loop_attention(q, k, v, cu_seqlens, dropout_p, scale)
+
+
+# ================================================================================================
+# Fused rotary (Triton)
+# ================================================================================================
+
+_KERNELS: dict[str, object] = {}
+
+
+def triton_available() -> bool:
+    if "ok" not in _KERNELS:
+        try:
+            import triton  # noqa: F401
+
+            _KERNELS["ok"] = True
+        except Exception:  # pragma: no cover - depends on the install
+            _KERNELS["ok"] = False
+    return bool(_KERNELS["ok"])
+
+
+def _rotary_kernel():
+    if "rotary" in _KERNELS:
+        return _KERNELS["rotary"]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rotary_qkv(QI, KI, VI, QO, KO, VO, POS, INV_FREQ, stride_qi, stride_ki, stride_vi, stride_o,
+                   q_scale, H, HALF, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, INVERSE: tl.constexpr,
+                   COPY_V: tl.constexpr):
+        # One program per token: rotate its H query and key heads, copy its value heads.
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        m = (h < H) & (d < HALF)
+        pos = tl.load(POS + t).to(tl.float32)
+        inv = tl.load(INV_FREQ + d, mask=d < HALF, other=0.0).to(tl.float32)
+        f = pos * inv
+        c = tl.cos(f)
+        s = tl.sin(f)
+        if INVERSE:
+            s = -s
+        col = h * (2 * HALF) + d
+        # query: x = [x1, x2] -> [x1 c - x2 s, x2 c + x1 s] * q_scale
+        q1 = tl.load(QI + t * stride_qi + col, mask=m, other=0.0).to(tl.float32)
+        q2 = tl.load(QI + t * stride_qi + col + HALF, mask=m, other=0.0).to(tl.float32)
+        cq = c * q_scale
+        sq = s * q_scale
+        tl.store(QO + t * stride_o + col, (q1 * cq - q2 * sq).to(QO.dtype.element_ty), mask=m)
+        tl.store(QO + t * stride_o + col + HALF, (q2 * cq + q1 * sq).to(QO.dtype.element_ty), mask=m)
+        k1 = tl.load(KI + t * stride_ki + col, mask=m, other=0.0).to(tl.float32)
+        k2 = tl.load(KI + t * stride_ki + col + HALF, mask=m, other=0.0).to(tl.float32)
+        tl.store(KO + t * stride_o + col, (k1 * c - k2 * s).to(KO.dtype.element_ty), mask=m)
+        tl.store(KO + t * stride_o + col + HALF, (k2 * c + k1 * s).to(KO.dtype.element_ty), mask=m)
+        if COPY_V:
+            v1 = tl.load(VI + t * stride_vi + col, mask=m, other=0.0)
+            v2 = tl.load(VI + t * stride_vi + col + HALF, mask=m, other=0.0)
+            tl.store(VO + t * stride_o + col, v1, mask=m)
+            tl.store(VO + t * stride_o + col + HALF, v2, mask=m)
+
+    _KERNELS["rotary"] = rotary_qkv
+    return rotary_qkv
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _launch_rotary(qi, ki, vi, qo, ko, vo, positions, inv_freq, q_scale, H, K, inverse, copy_v):
+    import triton  # noqa: F401
+
+    T = qi.shape[0]
+    if T == 0:
+        return
+    kernel = _rotary_kernel()
+    half = K // 2
+    block_h, block_d = _next_pow2(H), _next_pow2(half)
+    num_warps = 4 if block_h * block_d >= 512 else 1
+    kernel[(T,)](qi, ki, vi if copy_v else qi, qo, ko, vo if copy_v else qo, positions, inv_freq,
+                 qi.stride(0), ki.stride(0), vi.stride(0) if copy_v else 0, qo.stride(0), float(q_scale), H, half,
+                 BLOCK_H=block_h, BLOCK_D=block_d, INVERSE=inverse, COPY_V=copy_v, num_warps=num_warps)
+
+
+def _rows_ok(x: torch.Tensor) -> bool:
+    return x.dim() == 2 and x.stride(1) == 1
+
+
+class _RotaryQK(torch.autograd.Function):
+    """q, k [T, D] (rows may be strided) -> rotated q * scale, k as contiguous [T, H, K]."""
+
+    @staticmethod
+    def forward(ctx, q, k, positions, inv_freq, q_scale, H, K):
+        T = q.shape[0]
+        qo = torch.empty(T, H, K, dtype=q.dtype, device=q.device)
+        ko = torch.empty(T, H, K, dtype=k.dtype, device=k.device)
+        q = q if _rows_ok(q) else q.contiguous()
+        k = k if _rows_ok(k) else k.contiguous()
+        _launch_rotary(q, k, None, qo, ko, None, positions, inv_freq, q_scale, H, K, False, False)
+        ctx.save_for_backward(positions, inv_freq)
+        ctx.q_scale, ctx.H, ctx.K = q_scale, H, K
+        return qo, ko
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        positions, inv_freq = ctx.saved_tensors
+        H, K = ctx.H, ctx.K
+        T = dq.shape[0]
+        # The rotation is orthogonal: its transpose is the rotation by -angle (same scale).
+        dqi = torch.empty(T, H * K, dtype=dq.dtype, device=dq.device)
+        dki = torch.empty(T, H * K, dtype=dk.dtype, device=dk.device)
+        dq = dq.reshape(T, H * K)
+        dk = dk.reshape(T, H * K)
+        dq = dq if _rows_ok(dq) else dq.contiguous()
+        dk = dk if _rows_ok(dk) else dk.contiguous()
+        _launch_rotary(dq, dk, None, dqi, dki, None, positions, inv_freq, ctx.q_scale, H, K, True, False)
+        return dqi, dki, None, None, None, None, None
+
+
+def triton_ok(x: torch.Tensor) -> bool:
+    """Triton kernels for x: on CUDA (or on the CPU under TRITON_INTERPRET=1), unless ESM_DUAL_NO_TRITON=1."""
+    if os.environ.get("ESM_DUAL_NO_TRITON", "0") not in ("", "0"):
+        return False
+    return (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and triton_available()
+
+
+class _QKVRotary(torch.autograd.Function):
+    """The three projections as one GEMM on the concatenated weights, then the rotary kernel.
+
+    x [T, Din] -> rotated q * scale, k, and v, each [T, H, K] (v a view of the fused output). Backward:
+    one kernel writes d(qkv) [T, 3D] (inverse rotation of dq, dk; dv copied), then one GEMM each for
+    dx and the stacked dW, and one reduction for the biases -- instead of three of each plus two adds.
+    """
+
+    @staticmethod
+    def forward(ctx, x, wq, wk, wv, bq, bk, bv, positions, inv_freq, q_scale, H):
+        D = wq.shape[0]
+        T = x.shape[0]
+        K = D // H
+        w = torch.cat([wq, wk, wv])
+        b = torch.cat([bq, bk, bv])
+        # [T, 3D]
+        qkv = torch.nn.functional.linear(x, w, b)
+        qo = torch.empty(T, H, K, dtype=qkv.dtype, device=qkv.device)
+        ko = torch.empty(T, H, K, dtype=qkv.dtype, device=qkv.device)
+        _launch_rotary(qkv[:, :D], qkv[:, D: 2 * D], None, qo, ko, None, positions, inv_freq, q_scale, H, K, False,
+                       False)
+        # [T, D] (row stride 3D) -> [T, H, K]
+        v = qkv[:, 2 * D:].view(T, H, K)
+        ctx.save_for_backward(x, w, positions, inv_freq)
+        ctx.q_scale, ctx.H, ctx.K, ctx.D = q_scale, H, K, D
+        return qo, ko, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        x, w, positions, inv_freq = ctx.saved_tensors
+        H, K, D = ctx.H, ctx.K, ctx.D
+        T = x.shape[0]
+        dq, dk, dv = ((torch.zeros(T, H, K, dtype=x.dtype, device=x.device) if g is None else g).reshape(T, D)
+                      for g in (dq, dk, dv))
+        dq, dk, dv = (g if _rows_ok(g) else g.contiguous() for g in (dq, dk, dv))
+        dqkv = torch.empty(T, 3 * D, dtype=dq.dtype, device=dq.device)
+        _launch_rotary(dq, dk, dv, dqkv[:, :D], dqkv[:, D: 2 * D], dqkv[:, 2 * D:], positions, inv_freq, ctx.q_scale,
+                       H, K, True, True)
+        need = ctx.needs_input_grad
+        dx = dqkv @ w if need[0] else None
+        dw = dqkv.t() @ x if any(need[1:4]) else None
+        db = dqkv.sum(0) if any(need[4:7]) else None
+        dws = (None, None, None) if dw is None else (dw[:D], dw[D: 2 * D], dw[2 * D:])
+        dbs = (None, None, None) if db is None else (db[:D], db[D: 2 * D], db[2 * D:])
+        return (dx, *dws, *dbs, None, None, None, None)
+
+
+def _plain_linear(m) -> bool:
+    from torch.nn.modules import module as _module
+
+    return (type(m) is torch.nn.Linear and m.bias is not None and not m._forward_hooks and not m._forward_pre_hooks
+            and not _module._global_forward_hooks and not _module._global_forward_pre_hooks)
+
+
+def fused_qkv_supported(attn, x: torch.Tensor) -> bool:
+    """One GEMM + the rotary kernel for the projections: rotary model, Triton, plain Linear modules (no hooks or
+    adapters, which then keep their own calls), no autocast, x in the weights' dtype."""
+    if attn.rotary_embeddings is None or x.dim() != 2 or not triton_ok(x):
+        return False
+    if not all(_plain_linear(m) for m in (attn.query, attn.key, attn.value)):
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    return x.dtype == attn.query.weight.dtype and attn.attention_head_size % 2 == 0
+
+
+def qkv_rotary_fused(attn, x: torch.Tensor, positions: torch.Tensor, q_scale: float):
+    """x [T, D] -> q (rotated, scaled), k (rotated), v, each [T, H, K], through :class:`_QKVRotary`."""
+    return _QKVRotary.apply(x, attn.query.weight, attn.key.weight, attn.value.weight, attn.query.bias,
+                            attn.key.bias, attn.value.bias, positions.to(torch.int32).contiguous(),
+                            attn.rotary_embeddings.inv_freq.to(torch.float32).contiguous(), float(q_scale),
+                            attn.num_attention_heads)
+
+
+def fused_rotary_supported(q: torch.Tensor) -> bool:
+    return q.shape[-1] % 2 == 0 and triton_ok(q)
+
+
+def rotary_qk_fused(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                    q_scale: float, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused half-rotation rotary for packed tokens. q, k [T, D]; positions [T] (int) -> q', k' [T, H, K].
+
+    Same arithmetic as ``EsmRotaryEmbedding`` (angles and products in fp32, query scaled by q_scale).
+    """
+    T, D = q.shape
+    K = D // num_heads
+    return _RotaryQK.apply(q, k, positions.to(torch.int32).contiguous(), inv_freq.to(torch.float32).contiguous(),
+                           float(q_scale), num_heads, K)
+
+
+# ================================================================================================
+# Fused residual add + LayerNorm (Triton, inference)
+# ================================================================================================
+
+
+def _add_ln_kernel():
+    if "add_ln" in _KERNELS:
+        return _KERNELS["add_ln"]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def add_layer_norm(X, R, W, B, HO, YO, D, eps, stride_x, stride_r, stride_h, stride_y, BLOCK: tl.constexpr):
+        # One program per row: h = x + r (rounded to the storage dtype, as a separate add would),
+        # y = LayerNorm(h) with statistics in fp32.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        m = cols < D
+        x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+        r = tl.load(R + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)
+        h = (x + r).to(HO.dtype.element_ty)
+        tl.store(HO + row * stride_h + cols, h, mask=m)
+        hf = h.to(tl.float32)
+        mean = tl.sum(hf, axis=0) / D
+        d = tl.where(m, hf - mean, 0.0)
+        var = tl.sum(d * d, axis=0) / D
+        rstd = 1.0 / tl.sqrt(var + eps)
+        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(YO + row * stride_y + cols, (d * rstd * w + b).to(YO.dtype.element_ty), mask=m)
+
+    _KERNELS["add_ln"] = add_layer_norm
+    return add_layer_norm
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, ln) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, ln(x + residual)) for x, residual [T, D]; one pass over memory (no autograd).
+
+    ``ln`` is an ``nn.LayerNorm`` over D. Falls back to the two torch ops where Triton cannot run.
+    """
+    if not triton_ok(x) or x.dim() != 2 or x.stride(1) != 1 or residual.stride(1) != 1:
+        h = x + residual
+        return h, ln(h)
+    T, D = x.shape
+    h = torch.empty_like(x)
+    y = torch.empty(T, D, dtype=x.dtype, device=x.device)
+    if T:
+        block = _next_pow2(D)
+        num_warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
+        _add_ln_kernel()[(T,)](x, residual, ln.weight, ln.bias, h, y, D, float(ln.eps), x.stride(0),
+                               residual.stride(0), h.stride(0), y.stride(0), BLOCK=block, num_warps=num_warps)
+    return h, y
+
+
+# ================================================================================================
+# The packed self-attention of one layer
+# ================================================================================================
+
+
+def packed_self_attention(attn, hidden_states: torch.Tensor, positions: torch.Tensor | None,
+                          info: VarlenInfo) -> torch.Tensor:
+    """``EsmSelfAttention`` on a pack. hidden_states [T, D]; positions [T] -> context [T, D].
+
+    With Triton and plain ``nn.Linear`` projections, one GEMM on the concatenated weights and one
+    rotary kernel (:class:`_QKVRotary`); otherwise the module's own ``query``/``key``/``value`` calls
+    (so hooks and adapters on them keep working). The query is scaled by K^-0.5 before rotary, as in
+    the padded path.
+    """
+    H, K = attn.num_attention_heads, attn.attention_head_size
+    T = hidden_states.shape[0]
+    scale = K**-0.5
+    dropout_p = attn.dropout_prob if attn.training else 0.0
+    if fused_qkv_supported(attn, hidden_states):
+        q, k, v = qkv_rotary_fused(attn, hidden_states, positions, scale)
+        context = varlen_attention(q, k, v, info.cu_seqlens, info.max_seqlen, dropout_p=dropout_p, scale=1.0,
+                                   backend=info.backend)
+        # [T, H, K] -> [T, D]
+        return context.reshape(T, H * K)
+    q = attn.query(hidden_states)
+    k = attn.key(hidden_states)
+    v = attn.value(hidden_states)
+    rotary = attn.rotary_embeddings
+    if rotary is not None and fused_rotary_supported(q):
+        q, k = rotary_qk_fused(q, k, positions, rotary.inv_freq, scale, H)
+        attn_scale = 1.0
+    else:
+        # [T, D] -> [H, T, K]: the rotary module's [B, H, L, K] layout with positions [L] = [T].
+        qh = q.view(T, H, K).transpose(0, 1)
+        kh = k.view(T, H, K).transpose(0, 1)
+        if rotary is not None:
+            qh, kh = rotary(qh, kh, positions, q_scale=scale)
+            attn_scale = 1.0
+        elif flash_supported(qh):
+            attn_scale = scale  # the flash kernel scales the scores: one pass fewer over q
+        else:
+            qh = qh * scale
+            attn_scale = 1.0
+        # [H, T, K] -> [T, H, K]
+        q, k = qh.transpose(0, 1), kh.transpose(0, 1)
+        if not q.is_contiguous() and resolve_backend(q, info.backend) == "flash":
+            q, k = q.contiguous(), k.contiguous()
+    # [T, D] -> [T, H, K]
+    v = v.view(T, H, K)
+    context = varlen_attention(q, k, v, info.cu_seqlens, info.max_seqlen, dropout_p=dropout_p, scale=attn_scale,
+                               backend=info.backend)
+    # [T, H, K] -> [T, D]
+    return context.reshape(T, H * K)
