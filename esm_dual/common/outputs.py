@@ -48,6 +48,9 @@ class ModelOutput:
     def to_dict(self) -> dict[str, Any]:
         return dict(self._present())
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(self.keys())})"
+
 
 @dataclass(repr=False)
 class BaseModelOutputWithPooling(ModelOutput):
@@ -60,41 +63,22 @@ class BaseModelOutputWithPooling(ModelOutput):
     hidden_states: tuple | None = None
     attentions: tuple | None = None
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(self.keys())})"
-
 
 @dataclass(repr=False)
-class MaskedLMOutput(ModelOutput):
-    """``loss`` scalar (labels given); ``logits`` [B, L, V]."""
-
+class _TaskOutput(ModelOutput):
     loss: Any = None
     logits: Any = None
     hidden_states: tuple | None = None
     attentions: tuple | None = None
 
-    __repr__ = BaseModelOutputWithPooling.__repr__
+
+class MaskedLMOutput(_TaskOutput):
+    """``loss`` scalar (labels given, -100 ignored); ``logits`` [B, L, V] ([T, V] packed)."""
 
 
-@dataclass(repr=False)
-class SequenceClassifierOutput(ModelOutput):
+class SequenceClassifierOutput(_TaskOutput):
     """``loss`` scalar (labels given); ``logits`` [B, num_labels]."""
 
-    loss: Any = None
-    logits: Any = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
 
-    __repr__ = BaseModelOutputWithPooling.__repr__
-
-
-@dataclass(repr=False)
-class TokenClassifierOutput(ModelOutput):
+class TokenClassifierOutput(_TaskOutput):
     """``loss`` scalar (labels given, -100 ignored); ``logits`` [B, L, num_labels]."""
-
-    loss: Any = None
-    logits: Any = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
-
-    __repr__ = BaseModelOutputWithPooling.__repr__
