@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from esm_dual.common.config import EsmConfig  # noqa: E402
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
-DATA_DIR = os.path.normpath(DATA_DIR)
+DATA_DIR = os.path.normpath(os.environ.get("ESM_DUAL_SHARED_DATA", DATA_DIR))
 
 # Odd sizes on purpose: 3 heads (not a power of two), head dim 6 (even, for rotary).
 _BASE = dict(
