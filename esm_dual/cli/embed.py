@@ -10,13 +10,24 @@ back with ``esm_dual.EmbeddingStore``. Both formats resume: records already writ
 
 Sequences are read as a stream, sorted by length within windows of ``--sort-window`` records and
 batched by a token budget (fair-esm's ``get_batch_indices``).
+
+Several processes: ``--devices N`` starts N workers (one GPU each when GPUs are visible), or launch
+``torchrun --nproc_per_node N -m esm_dual.cli.main embed ...`` (ranks from ``RANK``/``WORLD_SIZE``; no
+process group is needed). Rank r embeds records ``shard_range(total, r, N)`` (contiguous, by record index)
+into its own resumable store ``OUTPUT.rank{r}-of-{N}.h5``; when all are done, rank 0 (or the ``--devices``
+parent, or a later ``embed --merge``) merges them into OUTPUT and removes the shards. ``--format pt``
+needs no merge: every rank writes its ``<label>.pt`` files into the same directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import os
+import re
 import signal
+import sys
 import time
 from typing import Any
 
@@ -67,6 +78,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="records shown in a single --plot PNG (default 4)")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar or notes (warnings still shown)")
+    p.add_argument("--devices", type=positive_int, default=1, metavar="N",
+                   help="split the FASTA over N worker processes (one GPU each when GPUs are visible) and "
+                   "merge their shard stores into OUTPUT (default 1). Under torchrun the ranks split it instead")
+    p.add_argument("--merge", action="store_true",
+                   help="only merge the finished shard stores OUTPUT.rank*-of-N.h5 into OUTPUT")
+    p.add_argument("--shard-only", action="store_true", help=argparse.SUPPRESS)  # --devices workers
 
 
 # ================================================================================================
@@ -225,9 +242,98 @@ def normalise_layers(layers: list[int], num_layers: int) -> list[int]:
     return sorted(out)
 
 
+# ================================================================================================
+# Several processes: shards and merging
+# ================================================================================================
+
+
+def shard_range(n: int, rank: int, world_size: int) -> range:
+    """Record indices of ``rank``: a contiguous share of ``n`` (sizes differ by at most one)."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def shard_path(output: str, rank: int, world_size: int) -> str:
+    root, ext = os.path.splitext(output)
+    return f"{root}.rank{rank}-of-{world_size}{ext or '.h5'}"
+
+
+def _env_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _merge(args: argparse.Namespace, world_size: int | None = None, wait: bool = False) -> int:
+    """Merge ``OUTPUT.rank{r}-of-{n}.h5`` (each finished: its ``.done`` marker exists) into OUTPUT."""
+    from ..common.embeddings import merge_stores
+
+    if world_size is None:
+        root, ext = os.path.splitext(args.output)
+        pattern = re.compile(re.escape(root) + r"\.rank(\d+)-of-(\d+)" + re.escape(ext or ".h5") + "$")
+        found = {int(m.group(2)) for f in glob.glob(glob.escape(root) + ".rank*-of-*")
+                 if (m := pattern.match(f))}
+        if len(found) != 1:
+            raise CliError(f"--merge: expected shard stores {shard_path(args.output, 0, 'N')} ... of one run, "
+                           f"found {'none' if not found else 'several world sizes ' + str(sorted(found))}")
+        world_size = found.pop()
+    shards = [shard_path(args.output, r, world_size) for r in range(world_size)]
+    while True:
+        missing = [s for s in shards if not os.path.isfile(s + ".done")]
+        if not missing or not wait:
+            break
+        time.sleep(0.5)
+    if missing:
+        raise CliError(f"--merge: shard(s) not finished: {name_list(missing)}")
+    n = merge_stores(args.output, shards, compression=None if args.compression == "none" else args.compression)
+    for s in shards:
+        os.remove(s)
+        os.remove(s + ".done")
+    note(f"merged {world_size} shard stores ({n} records) into {args.output}", args.quiet)
+    return 0
+
+
+def _worker(args: argparse.Namespace, rank: int, world_size: int) -> None:
+    """One ``--devices`` worker (a spawned process): its own GPU, its shard, no merge."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(world_size)]
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpus[rank % len(gpus)]
+    args.devices, args.shard_only, args.plot = 1, True, None
+    try:
+        sys.exit(run(args))
+    except CliError as e:
+        warn(str(e))
+        sys.exit(2)
+
+
+def _spawn(args: argparse.Namespace) -> int:
+    import multiprocessing as mp
+
+    n = args.devices
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(args, r, n)) for r in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
+    if failed:
+        raise CliError(f"--devices {n}: worker(s) {failed} failed; rerun the same command to resume")
+    if args.format == "pt":
+        return 0
+    return _merge(args, world_size=n)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..common.fasta import count_fasta, read_fasta
 
+    rank, world = _env_world()
+    if getattr(args, "merge", False):
+        return _merge(args)
+    if getattr(args, "devices", 1) > 1 and world == 1:
+        if args.format == "h5" and os.path.isdir(args.output):
+            raise CliError(f"--format h5 writes a file, but {args.output} is a directory (use --format pt?)")
+        return _spawn(args)
     if not os.path.isfile(args.fasta):
         raise CliError(f"FASTA file {args.fasta!r} not found")
     include = [k for k in INCLUDE if k in args.include]
@@ -246,7 +352,14 @@ def run(args: argparse.Namespace) -> int:
             raise CliError("--format pt writes torch files and needs PyTorch: "
                            "pip install 'esm-dual[torch]'") from None
 
-    runner = load_runner(args.model, backend=args.backend, head="base", device=args.device, dtype=args.dtype,
+    device = args.device
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if world > 1 and not args.shard_only and not args.nogpu and device in ("auto", "cuda", "gpu"):
+        from ._common import _gpu_available
+
+        if _gpu_available(args.backend):  # torchrun: one GPU per local rank
+            device = f"cuda:{local_rank}"
+    runner = load_runner(args.model, backend=args.backend, head="base", device=device, dtype=args.dtype,
                          nogpu=args.nogpu)
     for msg in runner.load_messages:
         if "lm_head" in msg and "dropping" in msg:
@@ -262,27 +375,39 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--truncation-seq-length {trunc}: this model's learned positions allow at most "
                        f"{runner.max_residues} residues")
 
+    total = count_fasta(args.fasta)
+    mine = shard_range(total, rank, world)
+    prior: set[str] = set()
     if args.format == "pt":
         sink: Any = _PtSink(args.output, include)
+    elif world > 1:
+        sink = _H5Sink(shard_path(args.output, rank, world), include, layers, runner, args, args.compression)
+        if os.path.isfile(args.output):  # records an earlier merge already holds
+            from ..common.embeddings import EmbeddingStore
+
+            with EmbeddingStore(args.output) as merged:
+                prior = set(merged.ids)
     else:
         sink = _H5Sink(args.output, include, layers, runner, args, args.compression)
     hook = _CrashHook()
-    total = count_fasta(args.fasta)
+    if world > 1:
+        note(f"rank {rank} of {world}: records {mine.start}..{mine.stop - 1}", args.quiet)
     note(f"{args.fasta}: {total} sequences; model {args.model} ({runner.num_layers} layers, "
          f"hidden {runner.hidden_size}) on {runner.backend}/{runner.device}/{runner.dtype}", args.quiet)
 
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="seq", disable=True if args.quiet else None, dynamic_ncols=True,
+    bar = tqdm(total=len(mine), unit="seq", disable=True if args.quiet else None, dynamic_ncols=True,
                desc="embed")
     n_done = n_skipped = n_res = 0
     truncated: list[str] = []
     t0 = time.perf_counter()
     first_window = True
     try:
-        for window in _windows(read_fasta(args.fasta), args.sort_window):
+        records = (r for i, r in enumerate(read_fasta(args.fasta)) if i in mine)
+        for window in _windows(records, args.sort_window):
             key = (lambda r: r.description) if args.format == "pt" else (lambda r: r.id)
-            todo = [r for r in window if not sink.done(key(r))]
+            todo = [r for r in window if not sink.done(key(r)) and r.id not in prior]
             skipped = len(window) - len(todo)
             if skipped:
                 n_skipped += skipped
@@ -333,4 +458,11 @@ def run(args: argparse.Namespace) -> int:
     if plotter is not None:
         written = plotter.finish()
         note(f"plotted {plotter.count} contact map(s) to {written}", args.quiet)
+    if world > 1 and args.format == "h5":
+        path = shard_path(args.output, rank, world)
+        with open(path + ".done.tmp", "w") as f:
+            json.dump({"rank": rank, "world_size": world, "records": len(mine)}, f)
+        os.replace(path + ".done.tmp", path + ".done")
+        if rank == 0 and not args.shard_only:
+            return _merge(args, world_size=world, wait=True)
     return 0

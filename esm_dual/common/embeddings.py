@@ -491,3 +491,44 @@ class EmbeddingStore(Mapping):
     def __repr__(self) -> str:
         return (f"EmbeddingStore({self.path!r}, records={self._n}, model={self.model!r}, "
                 f"layers={self.layers}, include={self.include}, hidden_size={self.hidden_size})")
+
+
+def merge_stores(path: str | os.PathLike, shards: Sequence[str | os.PathLike], *, compression: str | None = None,
+                 block: int = 256) -> int:
+    """Append every record of the ``shards`` stores (in order) to the store at ``path``; returns the count added.
+
+    The shards must have been written with the same options (identity). ``path`` is created or resumed:
+    ids it already holds are skipped, so an interrupted merge can simply be run again."""
+    if not shards:
+        raise EmbeddingStoreError("merge_stores: no shard stores given")
+    stores = [EmbeddingStore(s) for s in shards]
+    try:
+        first = stores[0]
+        for s in stores[1:]:
+            if s.identity != first.identity:
+                raise EmbeddingStoreError(f"{s.path} was written with other options than {first.path}; "
+                                          "shards of one store must come from one run")
+        metadata = dict(first._metadata, shards=len(stores))
+        added = 0
+        with EmbeddingWriter(path, layers=first.layers, include=first.include, hidden_size=first.hidden_size,
+                             num_layers=first.num_layers, identity=first.identity, metadata=metadata,
+                             compression=compression) as out:
+            for store in stores:
+                todo = [i for i, rid in enumerate(store.ids) if rid not in out]
+                for s in range(0, len(todo), block):
+                    recs = [store.record(i) for i in todo[s:s + block]]
+                    kw: dict[str, Any] = {}
+                    for kind in ("mean", "bos"):
+                        if kind in store.include:
+                            kw[kind] = {la: np.stack([r[kind][la] for r in recs]) for la in store.layers}
+                    if "per_tok" in store.include:
+                        kw["per_tok"] = {la: [r["per_tok"][la] for r in recs] for la in store.layers}
+                    if "contacts" in store.include:
+                        kw["contacts"] = [r["contacts"] for r in recs]
+                    out.append([r["id"] for r in recs], [r["length"] for r in recs],
+                               descriptions=[r["description"] for r in recs], **kw)
+                    added += len(recs)
+        return added
+    finally:
+        for s in stores:
+            s.close()
