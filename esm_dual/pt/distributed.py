@@ -111,7 +111,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def rng_state() -> dict[str, Any]:
-    out: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG's state in plain types and tensors, so it loads with ``torch.load(weights_only=True)``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    out: dict[str, Any] = {"python": random.getstate(),
+                           "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                                     float(cached)),
                            "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         out["cuda"] = torch.cuda.get_rng_state_all()
@@ -120,7 +124,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -194,10 +199,10 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
         dcp.load(state, checkpoint_id=os.path.join(path, "sharded"))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
-        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(full_state_dict=True))
     rng_file = os.path.join(path, f"rng.rank{info.rank}.pt")
     if meta["world_size"] == info.world_size and os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(torch.load(rng_file, weights_only=True))
     return meta
