@@ -62,7 +62,26 @@ def average_product_correct(x: torch.Tensor) -> torch.Tensor:
     a1 = x.sum(-1, keepdim=True)
     a2 = x.sum(-2, keepdim=True)
     a12 = x.sum((-1, -2), keepdim=True)
-    return x - a1 * a2 / a12
+    # (a1 / a12) * a2: one full-size temporary fewer than a1 * a2 / a12
+    return x - (a1 / a12) * a2
+
+
+def symmetric_apc_regression(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Contact logits ``sum_c w_c * APC(symmetrize(x_c)) + b`` without building either full-size map.
+
+    x [B, C, N, N]; weight [C]; bias [] -> [B, N, N]. With s = x + x^T: rowsum(s) = colsum(s) = u =
+    rowsum(x) + colsum(x) and sum(s) = 2 sum(x), so sum_c w_c APC(s_c) = Y + Y^T - sum_c w_c u_c u_c^T /
+    (2 sum(x_c)) with Y = sum_c w_c x_c: one pass over x instead of five.
+    """
+    # [B, N, N]
+    y = torch.einsum("bcnm,c->bnm", x, weight)
+    # [B, C, N]
+    u = x.sum(-1) + x.sum(-2)
+    # [B, C]
+    scale = weight / (2 * x.sum((-1, -2)))
+    # [B, N, N]
+    corr = torch.einsum("bcn,bcm->bnm", u * scale[..., None], u)
+    return y + y.transpose(-1, -2) - corr + bias
 
 
 def _is_compiling() -> bool:
@@ -340,10 +359,9 @@ class EsmContactPredictionHead(nn.Module):
         B, layers, H, N, _ = attentions.shape
         # [B, layers * H, N, N]
         attentions = attentions.reshape(B, layers * H, N, N).to(self.regression.weight.dtype)
-        attentions = average_product_correct(symmetrize(attentions))
-        # [B, N, N, layers * H]
-        attentions = attentions.permute(0, 2, 3, 1)
-        return torch.sigmoid(self.regression(attentions).squeeze(3))
+        # symmetrize -> APC -> logistic regression over the layers * H channels, in one pass.
+        logits = symmetric_apc_regression(attentions, self.regression.weight[0], self.regression.bias[0])
+        return torch.sigmoid(logits)
 
 
 # ================================================================================================
@@ -652,8 +670,8 @@ class EsmModel(EsmPreTrainedModel):
         # [B, layers, H, L, L]
         attns = torch.stack(attns, dim=1)
         m = attention_mask.to(attns.dtype)
-        # Attention to and from padding is zeroed, as in the original model.
-        attns = attns * m[:, None, None, None, :] * m[:, None, None, :, None]
+        # Attention to and from padding is zeroed, as in the original model: [B, 1, 1, L, L], one pass.
+        attns = attns * (m[:, :, None] * m[:, None, :])[:, None, None]
         return self.contact_head(input_ids, attns)
 
 

@@ -87,7 +87,26 @@ def average_product_correct(x: tf.Tensor) -> tf.Tensor:
     a1 = tf.reduce_sum(x, -1, keepdims=True)
     a2 = tf.reduce_sum(x, -2, keepdims=True)
     a12 = tf.reduce_sum(x, (-1, -2), keepdims=True)
-    return x - a1 * a2 / a12
+    # (a1 / a12) * a2: one full-size temporary fewer than a1 * a2 / a12
+    return x - (a1 / a12) * a2
+
+
+def symmetric_apc_regression(x: tf.Tensor, weight: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+    """Contact logits ``sum_c w_c * APC(symmetrize(x_c)) + b`` without building either full-size map.
+
+    x [B, C, N, N]; weight [C]; bias [] -> [B, N, N]. With s = x + x^T: rowsum(s) = colsum(s) = u =
+    rowsum(x) + colsum(x) and sum(s) = 2 sum(x), so sum_c w_c APC(s_c) = Y + Y^T - sum_c w_c u_c u_c^T /
+    (2 sum(x_c)) with Y = sum_c w_c x_c: one pass over x instead of five.
+    """
+    # [B, N, N]
+    y = tf.einsum("bcnm,c->bnm", x, weight)
+    # [B, C, N]
+    u = tf.reduce_sum(x, -1) + tf.reduce_sum(x, -2)
+    # [B, C]
+    scale = weight / (2 * tf.reduce_sum(x, (-1, -2)))
+    # [B, N, N]
+    corr = tf.einsum("bcn,bcm->bnm", u * scale[..., None], u)
+    return y + tf.linalg.matrix_transpose(y) - corr + bias
 
 
 def masked_fill(x: tf.Tensor, mask: tf.Tensor, value: float) -> tf.Tensor:
@@ -486,10 +505,11 @@ class TFEsmContactPredictionHead(keras.layers.Layer):
         B, layers, H, N, _ = _dims(attentions)
         # [B, layers * H, N, N]
         attentions = tf.cast(tf.reshape(attentions, (B, layers * H, N, N)), self.compute_dtype)
-        attentions = average_product_correct(symmetrize(attentions))
-        # [B, N, N, layers * H]
-        attentions = tf.transpose(attentions, (0, 2, 3, 1))
-        return tf.sigmoid(tf.squeeze(self.regression(attentions), 3))
+        # symmetrize -> APC -> logistic regression over the layers * H channels, in one pass.
+        kernel = tf.cast(self.regression.kernel, self.compute_dtype)
+        bias = tf.cast(self.regression.bias, self.compute_dtype)
+        logits = symmetric_apc_regression(attentions, kernel[:, 0], bias[0])
+        return tf.sigmoid(logits)
 
 
 # ================================================================================================
@@ -936,8 +956,8 @@ class TFEsmModel(TFEsmPreTrainedModel):
         # [B, layers, H, L, L]
         attns = tf.stack(attns, axis=1)
         m = tf.cast(attention_mask, attns.dtype)
-        # Attention to and from padding is zeroed, as in the original model.
-        attns = attns * m[:, None, None, None, :] * m[:, None, None, :, None]
+        # Attention to and from padding is zeroed, as in the original model: [B, 1, 1, L, L], one pass.
+        attns = attns * (m[:, :, None] * m[:, None, :])[:, None, None]
         return self.contact_head(input_ids, attns)
 
 
