@@ -680,32 +680,10 @@ def _write_hf(out_dir: str, s: _Source, names: list[str], get: Callable[[str], n
 
 def _check_fair_esm_target(path: str, config: EsmConfig) -> None:
     """The checks of ``checkpoint.save_fair_esm``, made before anything is read."""
-    stem = os.path.splitext(os.path.basename(path))[0]
-    rotary = config.position_embedding_type == "rotary"
-    if not path.endswith(".pt"):
-        raise CheckpointError(f"{path}: fair-esm files end in .pt")
-    if rotary != stem.startswith("esm2"):
-        want = "start with 'esm2'" if rotary else "not start with 'esm2'"
-        raise CheckpointError(
-            f"{path}: fair-esm picks the file format from the name: the stem of an "
-            f"{'ESM-2' if rotary else 'ESM-1b/1v'} file must {want}")
+    _ck.check_fair_esm_config(path, config)
     arch = _architecture(config, None)
     if arch != "EsmForMaskedLM":
         raise CheckpointError(f"{path}: fair-esm holds masked-LM models only; this checkpoint is an {arch}")
-    problems = []
-    if (config.vocab_size, config.pad_token_id, config.mask_token_id) != (_ck.ESM_VOCAB_SIZE, _ck.ESM_PAD_IDX,
-                                                                         _ck.ESM_MASK_IDX):
-        problems.append("the ESM alphabet (vocab_size 33, pad_token_id 1, mask_token_id 32)")
-    if abs(config.layer_norm_eps - 1e-5) > 1e-12:
-        problems.append("layer_norm_eps 1e-5")
-    if rotary and config.intermediate_size != 4 * config.hidden_size:
-        problems.append(f"intermediate_size = 4 * hidden_size = {4 * config.hidden_size} (hard-coded in ESM2)")
-    if rotary and config.emb_layer_norm_before:
-        problems.append("no emb_layer_norm_before (ESM2 has none)")
-    if rotary and abs(config.rope_theta - 10000.0) > 1e-9:
-        problems.append("rope_theta 10000")
-    if problems:
-        raise CheckpointError(f"{path}: fair-esm cannot represent this config; it needs " + "; ".join(problems))
 
 
 def _write_fair_esm(path: str, s: _Source, names: list[str], get: Callable[[str], np.ndarray],

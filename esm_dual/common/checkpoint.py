@@ -1307,18 +1307,12 @@ def read_fair_esm(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(config=config, tensors=tensors, source=path, layout=LAYOUT_FAIR_ESM)
 
 
-def save_fair_esm(path: str | os.PathLike, config: EsmConfig, tensors: Mapping[str, np.ndarray]) -> str:
-    """Write a fair-esm ``.pt`` file that ``esm.pretrained.load_model_and_alphabet_local`` loads.
+def check_fair_esm_config(path: str, config: EsmConfig) -> None:
+    """Raise ``CheckpointError`` unless fair-esm can hold ``config`` in a file named ``path``.
 
-    ESM-2 (rotary) configs give a v2 file (``cfg={"model": Namespace(...)}``; the stem must start with
-    ``"esm2"``, which is how fair-esm picks the format); ESM-1b/1v (learned positions) give a v1 file
-    (``args=Namespace(arch="roberta_large", ...)``; the stem must not start with ``"esm2"``). Contact
-    regression tensors, when present, go to ``<stem>-contact-regression.pt`` beside it (fair-esm reads
-    that file for every stem not containing ``"esm1v"``). Tensor names: HF MLM names, with or without
-    the ``esm.`` prefix. Returns the path.
+    fair-esm picks the file format from the stem (``esm2*`` is ESM-2) and hard-codes the alphabet,
+    LayerNorm eps and, for ESM-2, the FFN width, rotary base and the absence of an embedding LayerNorm.
     """
-    torch = _import_torch()
-    path = os.fspath(path)
     stem = os.path.splitext(os.path.basename(path))[0]
     rotary = config.position_embedding_type == "rotary"
     if not path.endswith(".pt"):
@@ -1350,6 +1344,23 @@ def save_fair_esm(path: str | os.PathLike, config: EsmConfig, tensors: Mapping[s
         raise CheckpointError(
             f"{path}: fair-esm cannot represent this config; it needs " + "; ".join(problems)
         )
+
+
+def save_fair_esm(path: str | os.PathLike, config: EsmConfig, tensors: Mapping[str, np.ndarray]) -> str:
+    """Write a fair-esm ``.pt`` file that ``esm.pretrained.load_model_and_alphabet_local`` loads.
+
+    ESM-2 (rotary) configs give a v2 file (``cfg={"model": Namespace(...)}``; the stem must start with
+    ``"esm2"``, which is how fair-esm picks the format); ESM-1b/1v (learned positions) give a v1 file
+    (``args=Namespace(arch="roberta_large", ...)``; the stem must not start with ``"esm2"``). Contact
+    regression tensors, when present, go to ``<stem>-contact-regression.pt`` beside it (fair-esm reads
+    that file for every stem not containing ``"esm1v"``). Tensor names: HF MLM names, with or without
+    the ``esm.`` prefix. Returns the path.
+    """
+    torch = _import_torch()
+    path = os.fspath(path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    check_fair_esm_config(path, config)
+    rotary = config.position_embedding_type == "rotary"
 
     canon = {}
     for name, arr in tensors.items():
