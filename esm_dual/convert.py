@@ -54,6 +54,7 @@ import numpy as np
 from .common import checkpoint as _ck
 from .common.checkpoint import CheckpointError
 from .common.config import CONFIG_NAME, ConfigError, EsmConfig
+from .common.loading import canonical_tensor_name
 
 TARGETS = ("hf", "keras", "tf-h5", "fair-esm")
 SOURCES = ("hf", "fair-esm", "tf-h5", "keras", "keras-weights", "keras-hub")
@@ -529,8 +530,7 @@ def open_source(src: str | os.PathLike, *, config: str | os.PathLike | EsmConfig
     legacy = {n for n in s.names() if n.endswith(("LayerNorm.gamma", "LayerNorm.beta"))}
     if legacy:
         # transformers 5 saves modules named "LayerNorm" with the legacy gamma/beta leaf names.
-        s = _View(s, {(n.rsplit(".", 1)[0] + (".weight" if n.endswith("gamma") else ".bias")) if n in legacy else n: n
-                      for n in s.names()})
+        s = _View(s, {canonical_tensor_name(n): n for n in s.names()})
         s.renamed = len(legacy)
     if cfg is not None and fmt in ("hf", "fair-esm", "keras"):
         warnings.warn(f"{p}: the checkpoint carries its own config; the given config is not used", stacklevel=2)

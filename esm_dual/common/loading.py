@@ -44,18 +44,29 @@ def _head_of(name: str) -> str | None:
     return None
 
 
-def _legacy_name(k: str) -> str:
-    """LayerNorm ``gamma``/``beta`` (what HF writes for modules named ``LayerNorm``) -> ``weight``/``bias``."""
-    if k.endswith(".gamma"):
+def canonical_tensor_name(k: str) -> str:
+    """``LayerNorm.gamma``/``.beta`` (what transformers 5 writes for modules named ``LayerNorm``) ->
+    ``LayerNorm.weight``/``.bias``; other names unchanged."""
+    if k.endswith("LayerNorm.gamma"):
         return k[: -len("gamma")] + "weight"
-    if k.endswith(".beta"):
+    if k.endswith("LayerNorm.beta"):
         return k[: -len("beta")] + "bias"
     return k
 
 
+def describe_mismatch(missing: list[str], unused: list[str]) -> str:
+    """"missing N tensor(s): a, b; unused M tensor(s): c" (at most 12 names each)."""
+    parts = []
+    for what, names in (("missing", missing), ("unused", unused)):
+        if names:
+            more = " ..." if len(names) > 12 else ""
+            parts.append(f"{what} {len(names)} tensor(s): {', '.join(names[:12])}{more}")
+    return "; ".join(parts)
+
+
 def to_task_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Names with the ``esm.`` prefix (task-model layout), whichever layout the file used."""
-    tensors = {_legacy_name(k): v for k, v in tensors.items()}
+    tensors = {canonical_tensor_name(k): v for k, v in tensors.items()}
     if any(k.startswith(BASE_PREFIX) for k in tensors):
         return tensors
     out = {}
@@ -147,14 +158,7 @@ def match_state(
     missing = sorted(enc_want - enc_found)
     unused = sorted(enc_found - enc_want)
     if missing or unused:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:12])}"
-                         + (" ..." if len(missing) > 12 else ""))
-        if unused:
-            parts.append(f"unused {len(unused)} tensor(s): {', '.join(unused[:12])}"
-                         + (" ..." if len(unused) > 12 else ""))
-        raise LoadingError(f"{source} does not match the model: " + "; ".join(parts))
+        raise LoadingError(f"{source} does not match the model: " + describe_mismatch(missing, unused))
 
     out = {k: v for k, v in found.items() if k in want_task}
     if base_model:

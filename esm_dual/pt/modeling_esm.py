@@ -487,13 +487,8 @@ class EsmPreTrainedModel(nn.Module):
                              num_layers=self.config.num_hidden_layers, source=source)
         for msg in result.messages:
             logger.warning(msg)
+        copy_numpy_into(own, result.tensors, source)
         with torch.no_grad():
-            for name, arr in result.tensors.items():
-                target = own[name]
-                if tuple(arr.shape) != tuple(target.shape):
-                    raise LoadingError(f"{source}: tensor {name} has shape {tuple(arr.shape)}, "
-                                       f"the model expects {tuple(target.shape)}")
-                target.copy_(_np_to_torch(arr).to(target.dtype))
             for module_name in sorted({n.rsplit(".", 1)[0] for n in result.initialised}):
                 module = self.get_submodule(module_name)
                 if isinstance(module, EsmRotaryEmbedding):
@@ -539,6 +534,17 @@ class EsmPreTrainedModel(nn.Module):
             raise ValueError(
                 f"this model uses learned positions and takes at most {limit} tokens "
                 f"({limit - 2} residues + BOS/EOS); got a batch of length {L}. Truncate the sequences.")
+
+
+def copy_numpy_into(own: dict[str, torch.Tensor], tensors: dict[str, np.ndarray], source: str) -> None:
+    """Copy numpy arrays into the model tensors of the same name, checking shapes (names must match)."""
+    with torch.no_grad():
+        for name, arr in tensors.items():
+            target = own[name]
+            if tuple(arr.shape) != tuple(target.shape):
+                raise LoadingError(f"{source}: tensor {name} has shape {tuple(arr.shape)}, "
+                                   f"the model expects {tuple(target.shape)}")
+            target.copy_(_np_to_torch(np.asarray(arr)).to(target.dtype))
 
 
 def _np_to_torch(a: np.ndarray) -> torch.Tensor:

@@ -34,8 +34,8 @@ from torch import nn
 
 from ...common import residue_constants as rc
 from ...common.config import EsmConfig
-from ...common.loading import LoadingError
-from ..modeling_esm import EsmModel, EsmPreTrainedModel, _np_to_torch, _torch_to_np
+from ...common.loading import LoadingError, describe_mismatch
+from ..modeling_esm import EsmModel, EsmPreTrainedModel, _torch_to_np, copy_numpy_into
 from .confidence import categorical_lddt, predicted_aligned_error, predicted_tm_score
 from .structure_module import residue_constant
 from .trunk import FoldingTrunk
@@ -180,21 +180,6 @@ def atom14_to_atom37(atom14: torch.Tensor, aatype: torch.Tensor) -> torch.Tensor
     # [*, N, 37, 3]
     out = torch.gather(atom14, -2, idx[..., None].expand(idx.shape + (3,)))
     return out * residue_constant("restype_atom37_mask", aatype.device)[aatype][..., None]
-
-
-def _undo_transformers5_save_names(tensors: dict[str, np.ndarray], num_layers: int) -> dict[str, np.ndarray]:
-    """transformers 5's ``save_pretrained`` writes ESM LayerNorms as ``.gamma`` / ``.beta`` and one
-    rotary table as ``esm.encoder.layer.*.attention...inv_freq``; map them back to the hub names."""
-    out: dict[str, np.ndarray] = {}
-    for k, v in tensors.items():
-        if k == "esm.encoder.layer.*.attention.self.rotary_embeddings.inv_freq":
-            for i in range(num_layers):
-                out.setdefault(f"esm.encoder.layer.{i}.attention.self.rotary_embeddings.inv_freq", v)
-        elif k.startswith("esm.") and k.endswith(("LayerNorm.gamma", "LayerNorm.beta")):
-            out[k.rsplit(".", 1)[0] + (".weight" if k.endswith("gamma") else ".bias")] = v
-        else:
-            out[k] = v
-    return out
 
 
 # ================================================================================================
@@ -498,7 +483,7 @@ class EsmForProteinFolding(EsmPreTrainedModel):
 
     def load_hub_tensors(self, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> list[str]:
         """Copy hub-named numpy tensors (``facebook/esmfold_v1`` names) into this model."""
-        tensors = _undo_transformers5_save_names(tensors, self.config.num_hidden_layers)
+        # The stem goes through match_state, which also reads transformers 5's gamma/beta and ``layer.*`` names.
         esm_part = {k: v for k, v in tensors.items() if k.startswith("esm.")}
         rest = {k: v for k, v in tensors.items() if not k.startswith("esm.")}
         messages = self.esm.load_hub_tensors(esm_part, source=source)
@@ -508,27 +493,8 @@ class EsmForProteinFolding(EsmPreTrainedModel):
         missing = sorted(set(own) - set(rest))
         unused = sorted(set(rest) - set(own))
         if missing or unused:
-            parts = []
-            if missing:
-                parts.append(
-                    f"missing {len(missing)} tensor(s): {', '.join(missing[:12])}"
-                    + (" ..." if len(missing) > 12 else "")
-                )
-            if unused:
-                parts.append(
-                    f"unused {len(unused)} tensor(s): {', '.join(unused[:12])}"
-                    + (" ..." if len(unused) > 12 else "")
-                )
-            raise LoadingError(f"{source} does not match the folding model: " + "; ".join(parts))
-        with torch.no_grad():
-            for name, arr in rest.items():
-                target = own[name]
-                if tuple(arr.shape) != tuple(target.shape):
-                    raise LoadingError(
-                        f"{source}: tensor {name} has shape {tuple(arr.shape)}, "
-                        f"the model expects {tuple(target.shape)}"
-                    )
-                target.copy_(_np_to_torch(np.asarray(arr)).to(target.dtype))
+            raise LoadingError(f"{source} does not match the folding model: " + describe_mismatch(missing, unused))
+        copy_numpy_into(own, rest, source)
         return messages
 
     @classmethod
