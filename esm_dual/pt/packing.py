@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .attention import VarlenInfo, add_layer_norm, flash_supported, triton_ok
+from .attention import VarlenInfo, add_layer_norm, flash_supported, linear_gelu, triton_ok
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # as in modeling_esm (token dropout)
 
@@ -223,9 +223,13 @@ def packed_encoder_inference(encoder, hidden_states: torch.Tensor, info: VarlenI
     """``EsmEncoder.forward`` on a pack for inference, with each residual add fused into the LayerNorm
     that follows it (the next layer's first LayerNorm, or ``emb_layer_norm_after`` after the last).
 
-    The same arithmetic as the layer modules in eval mode (dropout off); the projections are still
-    the modules' own Linear calls. Returns (last_hidden_state [T, D], hidden_states tuple or None).
+    The same arithmetic as the layer modules in eval mode (dropout off). The projections are the
+    modules' own Linear calls, except the FFN's first one, which on CUDA in half precision runs with
+    its bias and GELU in the GEMM's epilogue (:func:`~esm_dual.pt.attention.linear_gelu`). Returns
+    (last_hidden_state [T, D], hidden_states tuple or None).
     """
+    from .modeling_esm import EsmIntermediate
+
     layers = list(encoder.layer)
     all_hidden = [] if output_hidden_states else None
     h = hidden_states
@@ -240,7 +244,11 @@ def packed_encoder_inference(encoder, hidden_states: torch.Tensor, info: VarlenI
         context, _ = attention.self(a, info, positions)
         # h + out(context), then the layer's second LayerNorm
         h, b = add_layer_norm(attention.output.dense(context), h, layer.LayerNorm)
-        ffn = layer.output.dense(layer.intermediate(b))
+        inter = layer.intermediate
+        if type(inter).forward is EsmIntermediate.forward and not inter._forward_hooks and not inter._forward_pre_hooks:
+            ffn = layer.output.dense(linear_gelu(inter.dense, b))  # bias + GELU in the GEMM's epilogue on GPU
+        else:
+            ffn = layer.output.dense(inter(b))
         after = layers[i + 1].attention.LayerNorm if i + 1 < len(layers) else encoder.emb_layer_norm_after
         # h + ffn, then the next layer's first LayerNorm (or the final one)
         h, a = add_layer_norm(ffn, h, after)
