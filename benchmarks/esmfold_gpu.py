@@ -9,10 +9,14 @@ structure and peak GPU memory (total and above the resident weights) for both, t
 (HF / esm-dual: > 1 means esm-dual is faster or leaner), and the largest coordinate difference.
 
 ``--max-length-search`` instead finds, for each implementation alone on the card, the longest
-sequence that folds with ``--chunk-size`` (binary search, out-of-memory = too long).
+sequence that folds with ``--chunk-size``: ascending lengths until the first out-of-memory, then
+bisection; every attempt is printed as it ends. ``--profile-length N`` prints the top CUDA kernels
+of one fold of N residues for each model.
 
     python benchmarks/esmfold_gpu.py [--chunk-size 128] [--num-recycles 3] [--lognormal 20]
-    python benchmarks/esmfold_gpu.py --max-length-search --chunk-size 64 [--impl ours|hf|both]
+    python benchmarks/esmfold_gpu.py --max-length-search --chunk-size 64 [--impl ours|hf|both] \\
+        [--search-lengths 1024,2048,3072,4096] [--budget-s 420] [--attempts-out attempts.jsonl]
+    python benchmarks/esmfold_gpu.py --profile-length 300 --num-recycles 3 --chunk-size 64 [--profile-dir DIR]
     python benchmarks/esmfold_gpu.py --tiny        # CPU smoke test with a tiny config
 
 Needs torch and transformers (no TensorFlow). Record the card with every figure (it is in the JSON).
@@ -132,6 +136,7 @@ def build_ours(cfg: dict, device, source_state: dict | None = None, seed: int = 
         hf = build_hf(cfg, device, seed)
         source_state = hf.state_dict()
         del hf
+        gc.collect()
     with torch.device("meta"):
         model = EsmForProteinFolding(config)
     model = model.to_empty(device=device)
@@ -160,6 +165,7 @@ def fold(model, seq: str, num_recycles, device) -> tuple[float, float | None, fl
     import torch
 
     cuda = torch.device(device).type == "cuda"
+    gc.collect()  # a model dropped earlier (the HF reference) may sit in a reference cycle until now
     if cuda:
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
@@ -201,12 +207,99 @@ def random_seq(n: int, rng: np.random.Generator) -> str:
     return "".join(rng.choice(list(AMINO), size=n))
 
 
+def _emit(line: dict, out_path: str | None) -> None:
+    """One JSON line to stderr (flushed) and appended to ``out_path``: a timeout keeps what was done."""
+    text = json.dumps(line)
+    print(text, file=sys.stderr, flush=True)
+    if out_path:
+        with open(out_path, "a") as f:
+            f.write(text + "\n")
+
+
+def _search_one(args, model, impl: str, rng, t_start: float, device) -> dict:
+    import torch
+
+    best, first_fail, trials, stopped = None, None, [], None
+    last = None  # (length, seconds) of the last attempt that folded
+
+    def attempt(n: int) -> bool | None:
+        nonlocal best, first_fail, last
+        if last is not None:
+            predicted = last[1] * (n / last[0]) ** 3
+            if time.perf_counter() - t_start + predicted > args.budget_s:
+                return None
+        try:
+            dt, peak, _, _ = fold(model, random_seq(n, rng), args.num_recycles or 0, device)
+            trial = {"impl": impl, "length": n, "ok": True, "seconds": round(dt, 2),
+                     "peak_gb": None if peak is None else round(peak, 2)}
+            best, last = max(best or 0, n), (n, dt)
+            ok = True
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            trial = {"impl": impl, "length": n, "ok": False, "error": str(e).split("\n")[0][:200]}
+            first_fail = n if first_fail is None else min(first_fail, n)
+            ok = False
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        trials.append(trial)
+        _emit(trial, args.attempts_out)
+        return ok
+
+    for n in args.search_lengths:
+        ok = attempt(n)
+        if ok is None:
+            stopped = f"time budget: {n} not tried"
+            break
+        if not ok:
+            break
+    fit = None
+    if args.predict and first_fail is None and stopped is None:
+        ok = [t for t in trials if t["ok"] and t["peak_gb"]]
+        if len(ok) >= 2 and torch.cuda.is_available():
+            # peak = a + b N^2 through the two longest successes; the card's memory gives N_max.
+            (n1, p1), (n2, p2) = [(t["length"], t["peak_gb"]) for t in ok[-2:]]
+            b = (p2 - p1) / (n2**2 - n1**2)
+            a = p1 - b * n1**2
+            total = torch.cuda.get_device_properties(0).total_memory / 2**30
+            n_max = int(((total * 0.97 - a) / b) ** 0.5)
+            fit = {"a_gb": round(a, 2), "b_gb_per_mres2": round(b * 1e6, 3), "card_gb": round(total, 1),
+                   "predicted_max_length": n_max}
+            _emit({"impl": impl, "fit": fit}, args.attempts_out)
+            target = n_max // 128 * 128
+            ok_target = attempt(target)
+            if ok_target is None:
+                stopped = f"time budget: {target} not tried"
+            else:
+                nxt = target + 256 if ok_target else target - 256
+                if attempt(nxt) is None:
+                    stopped = f"time budget: {nxt} not tried"
+    for _ in range(args.refine):
+        if best is None or first_fail is None or first_fail - best <= args.resolution:
+            break
+        mid = (best + first_fail) // 2
+        if attempt(mid) is None:
+            stopped = f"time budget: {mid} not tried"
+            break
+    return {"max_length": best, "first_oom": first_fail, "stopped": stopped, "fit": fit, "trials": trials}
+
+
 def max_length_search(args, cfg: dict, device) -> dict:
+    """Longest sequence that folds, for each implementation alone on the card.
+
+    Lengths of ``--search-lengths`` are tried in ascending order until the first out-of-memory; then
+    ``--refine`` bisection steps between the longest success and the first failure. Each attempt is
+    printed (and appended to ``--attempts-out``) as it ends. An attempt whose predicted time (the last
+    one's, scaled by the cube of the lengths: the triangle updates are O(N^3)) would overrun
+    ``--budget-s`` is not started; the result then says so.
+    """
     import torch
 
     rng = np.random.default_rng(args.seed)
     results = {}
     impls = ["ours", "hf"] if args.impl == "both" else [args.impl]
+    t_start = time.perf_counter()
     for impl in impls:
         model = (
             build_ours(cfg, device, seed=args.seed) if impl == "ours" else build_hf(cfg, device, args.seed)
@@ -216,35 +309,63 @@ def max_length_search(args, cfg: dict, device) -> dict:
             model.set_trunk_dtype(torch.bfloat16 if args.trunk_dtype == "bf16" else None)
         else:
             model.trunk.set_chunk_size(args.chunk_size)
-        lo, hi = args.search_min, args.search_max
-        best, trials = None, []
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            try:
-                dt, peak, _, _ = fold(model, random_seq(mid, rng), 0, device)
-                trials.append(
-                    {
-                        "length": mid,
-                        "ok": True,
-                        "seconds": round(dt, 3),
-                        "peak_gb": None if peak is None else round(peak, 2),
-                    }
-                )
-                best, lo = mid, mid + 1
-            except Exception as e:
-                if not is_oom(e):
-                    raise
-                trials.append({"length": mid, "ok": False})
-                hi = mid - 1
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        results[impl] = {"max_length": best, "trials": trials}
+        verify = None
+        if args.trunk_blocks:
+            # Inference runs the blocks one after another on the same tensors, so the peak memory of a
+            # fold does not depend on how many there are; fewer blocks make long folds fit the time
+            # limit. --verify-length checks that claim: the full and the cut trunk on one length.
+            full = model.trunk.blocks
+            if args.verify_length:
+                seq = random_seq(args.verify_length, rng)
+                verify = {"length": args.verify_length}
+                for name, blocks in (("full", full), ("cut", full[: args.trunk_blocks])):
+                    model.trunk.blocks = blocks
+                    dt, peak, _, _ = fold(model, seq, 0, device)
+                    verify[name] = {"blocks": len(blocks), "seconds": round(dt, 2),
+                                    "peak_gb": None if peak is None else round(peak, 3)}
+                    gc.collect()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                _emit({"impl": impl, "verify": verify}, args.attempts_out)
+            model.trunk.blocks = full[: args.trunk_blocks]
+        results[impl] = _search_one(args, model, impl, rng, t_start, device)
+        results[impl]["trunk_blocks"] = len(model.trunk.blocks)
+        results[impl]["verify_cut_trunk"] = verify
         del model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return results
+
+
+def profile_fold(args, cfg: dict, device) -> dict:
+    """Top CUDA kernels of one fold (``--profile-length`` residues, ``--num-recycles``) for each model."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = np.random.default_rng(args.seed)
+    hf = build_hf(cfg, device, args.seed)
+    ours = build_ours(cfg, device, hf.state_dict())
+    ours.set_chunk_size(args.chunk_size)
+    ours.set_trunk_dtype(torch.bfloat16 if args.trunk_dtype == "bf16" else None)
+    hf.trunk.set_chunk_size(args.chunk_size)
+    seq = random_seq(args.profile_length, rng)
+    cuda = torch.device(device).type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    res = {}
+    for name, m in (("esm_dual", ours), ("hf", hf)):
+        fold(m, seq, args.num_recycles, device)
+        with profile(activities=acts) as prof:
+            dt, _, _, _ = fold(m, seq, args.num_recycles, device)
+        table = prof.key_averages().table(
+            sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40, max_name_column_width=90
+        )
+        res[name] = {"seconds": round(dt, 3)}
+        if args.profile_dir:
+            with open(os.path.join(args.profile_dir, f"esmfold_profile_{name}.txt"), "w") as f:
+                f.write(table)
+        print(f"== {name} ({dt:.3f} s)\n{table}", file=sys.stderr, flush=True)
+    return res
 
 
 def main(argv=None) -> int:
@@ -262,10 +383,28 @@ def main(argv=None) -> int:
         "--trunk-dtype", choices=("fp32", "bf16"), default="fp32", help="esm-dual's trunk precision"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--tf32", action="store_true",
+        help="allow TF32 matmuls (both models): memory is unchanged, long folds run faster",
+    )
     p.add_argument("--max-length-search", action="store_true")
     p.add_argument("--impl", choices=("ours", "hf", "both"), default="both")
-    p.add_argument("--search-min", type=int, default=64)
-    p.add_argument("--search-max", type=int, default=4096)
+    p.add_argument(
+        "--search-lengths", default="256,512,1024,1536,2048,2560,3072,3584,4096,5120,6144",
+        help="lengths tried in ascending order until the first out-of-memory",
+    )
+    p.add_argument("--trunk-blocks", type=int, default=0, help="max-length search: keep only this many blocks")
+    p.add_argument("--verify-length", type=int, default=0, help="with --trunk-blocks: fold this length both ways")
+    p.add_argument("--refine", type=int, default=4, help="bisection steps after the first out-of-memory")
+    p.add_argument(
+        "--predict", action="store_true",
+        help="after the listed lengths, fit peak = a + b N^2 and try the predicted longest (and +-256)",
+    )
+    p.add_argument("--resolution", type=int, default=64, help="stop bisecting at this gap (residues)")
+    p.add_argument("--budget-s", type=float, default=420.0, help="time budget of the search (seconds)")
+    p.add_argument("--attempts-out", default=None, help="append one JSON line per attempt here")
+    p.add_argument("--profile-length", type=int, default=0, help="profile one fold of this length instead")
+    p.add_argument("--profile-dir", default=None, help="write the profile tables here")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; 1 with --tiny)")
     args = p.parse_args(argv)
 
@@ -274,15 +413,18 @@ def main(argv=None) -> int:
 
     if args.threads or args.tiny:
         torch.set_num_threads(args.threads or 1)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     device = args.device or ("cpu" if args.tiny else "cuda")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: use --tiny for a CPU smoke test", file=sys.stderr)
         return 2
-    if args.tiny and args.search_max == 4096:
-        args.search_max = 48
-    if args.tiny and args.search_min == 64:
-        args.search_min = 8
+    args.search_lengths = sorted(int(x) for x in str(args.search_lengths).split(",") if x)
+    if args.tiny:
+        args.search_lengths = [n for n in args.search_lengths if n <= 48] or [8, 16, 32, 48]
+        args.resolution = min(args.resolution, 4)
     cfg = config_dict(args.tiny)
     meta = {
         "benchmark": "esmfold_gpu",
@@ -296,7 +438,11 @@ def main(argv=None) -> int:
         "chunk_size": args.chunk_size,
         "num_recycles": args.num_recycles,
         "trunk_dtype": args.trunk_dtype,
+        "tf32": args.tf32,
     }
+    if args.profile_length:
+        print(json.dumps({**meta, "mode": "profile", "results": profile_fold(args, cfg, device)}, indent=2))
+        return 0
     if args.max_length_search:
         print(
             json.dumps(

@@ -333,12 +333,18 @@ def test_chunked_matches_unchunked(model, outputs, chunk):
         assert float((c[k] - ours[k]).abs().max()) < tol, k
 
 
-def test_chunking_bounds_the_largest_intermediate():
+@pytest.mark.parametrize("sdpa", ["0", "1"])
+def test_chunking_bounds_the_largest_intermediate(monkeypatch, sdpa):
     """Every tensor a folding block creates stays within the size of the pair state when chunked;
-    unchunked, the triangle-attention scores and the pair transition are several times larger."""
+    unchunked, the triangle-attention scores and the pair transition are several times larger.
+    (Updates under primitives.WHOLE_OP_ELEMENTS are not split: set to 0 here, so the tiny block is.)"""
     from torch.overrides import TorchFunctionMode
 
+    from esm_dual.pt.folding import primitives
     from esm_dual.pt.folding.trunk import TriangularSelfAttentionBlock
+
+    monkeypatch.setattr(primitives, "WHOLE_OP_ELEMENTS", 0)
+    monkeypatch.setenv("ESM_DUAL_TRIANGLE_SDPA", sdpa)
 
     class LargestTensor(TorchFunctionMode):
         def __init__(self):
@@ -365,6 +371,46 @@ def test_chunking_bounds_the_largest_intermediate():
                 block(s, z, mask=mask, chunk_size=chunk)
             largest[chunk] = mode.numel
     assert largest[4] <= z.numel() < 3 * z.numel() <= largest[None]
+
+
+@pytest.mark.parametrize("sdpa", ["0", "1"])
+def test_inplace_block_matches_out_of_place(monkeypatch, sdpa):
+    """Inference updates z in place, row block by row block (no full-size update tensors); the sums
+    must be those of the out-of-place block, padded or not, chunked or not."""
+    from esm_dual.pt.folding import primitives
+    from esm_dual.pt.folding.trunk import TriangularSelfAttentionBlock
+
+    monkeypatch.setattr(primitives, "WHOLE_OP_ELEMENTS", 0)  # so the tiny pair updates are chunked too
+    monkeypatch.setenv("ESM_DUAL_TRIANGLE_SDPA", sdpa)
+    cfg = EsmConfig.from_dict(tiny_esmfold_config_dict()).esmfold_config.trunk
+    torch.manual_seed(6)
+    block = TriangularSelfAttentionBlock(cfg).eval()
+    s, z = torch.randn(2, 10, 32), torch.randn(2, 10, 10, 16)
+    mask = torch.ones(2, 10)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        for m in (mask, None):
+            ref_s, ref_z = block(s, z.clone(), mask=m, chunk_size=None)
+            for chunk in (None, 1, 3):
+                z_in = z.clone()
+                got_s, got_z = block(s, z_in, mask=m, chunk_size=chunk, inplace=True)
+                assert got_z.data_ptr() == z_in.data_ptr()  # updated in place
+                assert float((got_s - ref_s).abs().max()) < 1e-5
+                assert float((got_z - ref_z).abs().max()) < 1e-5, (m is None, chunk)
+    # With gradients the block never writes into its input.
+    z_in = z.clone().requires_grad_()
+    _, out = block(s, z_in, mask=mask, chunk_size=3, inplace=True)
+    assert out.data_ptr() != z_in.data_ptr()
+
+
+def test_small_pair_updates_are_not_split():
+    from esm_dual.pt.folding.primitives import wide_op_rows
+
+    assert wide_op_rows(None, 300, 512) is None
+    assert wide_op_rows(64, 300, 512) >= 300  # 300 x 300 x 512 floats: one piece
+    assert 64 < wide_op_rows(64, 600, 512) < 600  # two to three pieces
+    assert wide_op_rows(64, 4096, 512) == 64  # large: the chunk size bounds it
+    assert wide_op_rows(8, 4096, 512) == 32  # but never below 256 MB pieces
 
 
 def test_gradients_flow_and_match_when_chunked(model):
@@ -426,6 +472,62 @@ def test_chunked_modules_match_transformers_modules():
         got_s, got_z = ours(s, z, mask=mask, chunk_size=2)
         assert float((got_s - ref_s).abs().max()) < ATOL and float((got_z - ref_z).abs().max()) < ATOL
     assert isinstance(hf, H.EsmFoldTriangularSelfAttentionBlock)
+
+
+@pytest.mark.parametrize("starting", [True, False])
+def test_triangle_attention_sdpa_matches_explicit_scores(starting, monkeypatch):
+    """The fused path (biases as SDPA's mask, no [*, H, N, N] scores) against the explicit softmax
+    path, with and without padding, chunked and not; it is the path fp32 takes."""
+    from esm_dual.pt.folding import primitives
+    from esm_dual.pt.folding.triangular import TriangleAttention
+
+    torch.manual_seed(4)
+    att = TriangleAttention(16, 8, 2, starting=starting).eval()
+    with torch.no_grad():
+        att.linear.weight.normal_()
+    z = torch.randn(2, 11, 11, 16)
+    mask = torch.ones(2, 11)
+    mask[1, 7:] = 0
+    pair_mask = mask[:, :, None] * mask[:, None, :]
+    calls = []
+    real = primitives.Attention.forward_rows
+    monkeypatch.setattr(primitives.Attention, "forward_rows", lambda self, x, b: calls.append(1) or real(self, x, b))
+    with torch.no_grad():
+        for m in (None, pair_mask):
+            monkeypatch.setenv("ESM_DUAL_TRIANGLE_SDPA", "0")
+            ref = att(z, m, None)
+            assert not calls
+            monkeypatch.setenv("ESM_DUAL_TRIANGLE_SDPA", "1")
+            for chunk in (None, 1, 4):
+                got = att(z, m, chunk)
+                assert calls, "the SDPA path was not taken"
+                assert float((got - ref).abs().max()) < 1e-5, (m is None, chunk)
+                calls.clear()
+        # No mask and an all-ones mask are the same attention.
+        assert float((att(z, None, 4) - att(z, torch.ones(2, 11, 11), 4)).abs().max()) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n", [37, 160])
+def test_triangle_attention_sdpa_on_gpu(n, monkeypatch):
+    """On CUDA the fused path runs SDPA's memory-efficient fp32 kernel with a broadcast, padded-stride
+    mask; it must agree with the explicit scores (N not a multiple of 16, padding, chunks)."""
+    from esm_dual.pt.folding.triangular import TriangleAttention
+
+    torch.manual_seed(5)
+    att = TriangleAttention(128, 32, 4, starting=False).cuda().eval()
+    z = torch.randn(2, n, n, 128, device="cuda")
+    mask = torch.ones(2, n, device="cuda")
+    mask[1, n - 9:] = 0
+    pair_mask = mask[:, :, None] * mask[:, None, :]
+    with torch.no_grad():
+        for m in (None, pair_mask):
+            monkeypatch.setenv("ESM_DUAL_TRIANGLE_SDPA", "0")
+            ref = att(z, m, None)
+            monkeypatch.setenv("ESM_DUAL_TRIANGLE_SDPA", "1")
+            for chunk in (None, 16):
+                assert float((att(z, m, chunk) - ref).abs().max()) < 1e-4, (m is None, chunk)
 
 
 # ------------------------------------------------------------------------------------------------

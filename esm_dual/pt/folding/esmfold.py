@@ -365,9 +365,9 @@ class EsmForProteinFolding(EsmPreTrainedModel):
         s_s_0 = self.esm_s_mlp(esm_s)
         if self.embedding is not None:
             s_s_0 = s_s_0 + self.embedding(aa)
-        s_z_0 = s_s_0.new_zeros(B, N, N, fold.trunk.pairwise_state_dim)
 
-        structure = self.trunk(s_s_0, s_z_0, aa, position_ids, mask, no_recycles=num_recycles)
+        # The initial pair state is zeros: None, so the trunk never holds it (HF passes a zero tensor).
+        structure = self.trunk(s_s_0, None, aa, position_ids, mask, no_recycles=num_recycles)
         out = EsmForProteinFoldingOutput(
             **{
                 k: structure[k]
@@ -385,7 +385,9 @@ class EsmForProteinFolding(EsmPreTrainedModel):
         )
 
         disto = self.distogram_head(out.s_z)
-        out.distogram_logits = (disto + disto.transpose(1, 2)) / 2
+        # symmetrised; (a + b) * 0.5 is (a + b) / 2 exactly, and in place: one [B, N, N, 64] less
+        out.distogram_logits = (disto + disto.transpose(1, 2)).mul_(0.5)
+        del disto
         out.lm_logits = self.lm_head(out.s_s)
         out.aatype = aa
         maskf = mask.to(torch.float32)

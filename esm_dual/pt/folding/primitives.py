@@ -4,9 +4,11 @@ row-chunking helpers that bound the memory of pair-representation updates."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -30,6 +32,46 @@ def chunked_rows(
     return torch.cat(
         [fn(x.narrow(dim, s.start, s.stop - s.start)) for s in row_chunks(n, chunk_size)], dim=dim
     )
+
+
+WHOLE_OP_ELEMENTS = 1 << 26  # 256 MB of fp32: a pair update this small is never split
+
+
+def wide_op_rows(chunk_size: int | None, n: int, width: int) -> int | None:
+    """Rows per chunk for a pair update whose widest per-pair intermediate has ``width`` channels.
+
+    ``chunk_size`` rows, except that an update whose whole working set (N x N x width) is under
+    ``WHOLE_OP_ELEMENTS`` takes as many rows as fit in that: a small protein then runs each update
+    in one or two pieces instead of many (each piece is a round of kernel launches), while large
+    ones keep the memory bound of ``chunk_size``.
+    """
+    if chunk_size is None:
+        return None
+    return max(chunk_size, WHOLE_OP_ELEMENTS // max(1, n * width))
+
+
+def sdpa_bias_ok(x: torch.Tensor) -> bool:
+    """Triangle attention through ``F.scaled_dot_product_attention`` with the biases as its mask:
+    fp32 outside autocast (the fused kernels never materialise the [*, H, N, N] scores). Off with
+    ESM_DUAL_TRIANGLE_SDPA=0 (the explicit scores / softmax path, as HF and OpenFold write it)."""
+    if os.environ.get("ESM_DUAL_TRIANGLE_SDPA", "1") in ("0", ""):
+        return False
+    return x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+
+
+def aligned_empty(shape: tuple, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty [..., N] tensor in storage whose rows are padded to a multiple of 16 elements: SDPA's
+    memory-efficient kernel wants aligned mask strides and would otherwise copy the (broadcast) mask."""
+    n = shape[-1]
+    npad = -(-n // 16) * 16
+    return like.new_empty(tuple(shape[:-1]) + (npad,), dtype=dtype or like.dtype)[..., :n]
+
+
+def aligned_bias(t: torch.Tensor) -> torch.Tensor:
+    """t's values in :func:`aligned_empty` storage."""
+    buf = aligned_empty(t.shape, t)
+    buf.copy_(t)
+    return buf
 
 
 def softmax_fp32(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -77,3 +119,25 @@ class Attention(nn.Module):
         # [*, Q, H * K]
         o = o.reshape(o.shape[:-2] + (-1,))
         return self.linear_o(o)
+
+    def forward_rows(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The same attention for x [B, R, Q, C_in] (R rows attending independently) with one bias
+        per batch entry shared by all rows, bias [B, H, Q, Q] or [B, R, H, Q, Q], as SDPA's mask:
+        the scores are never materialised. -> [B, R, Q, C_in]."""
+        B, R, Q, _ = x.shape
+        shape = (B, R, Q, self.no_heads, self.c_hidden)
+        # [B, R, Q, H, K] -> [B, R, H, Q, K]
+        q = self.linear_q(x).view(shape).transpose(-2, -3)
+        k = self.linear_k(x).view(shape).transpose(-2, -3)
+        v = self.linear_v(x).view(shape).transpose(-2, -3)
+        outs = []
+        for b in range(B):
+            mask = bias[b] if bias.dim() == 5 else bias[b].unsqueeze(0).expand(R, -1, -1, -1)
+            # [R, H, Q, K]
+            outs.append(F.scaled_dot_product_attention(q[b], k[b], v[b], attn_mask=mask,
+                                                       scale=1.0 / math.sqrt(self.c_hidden)))
+        # [B, R, H, Q, K] -> [B, R, Q, H, K]
+        o = torch.stack(outs).transpose(-2, -3)
+        if self.linear_g is not None:
+            o = o * torch.sigmoid(self.linear_g(x)).view(shape)
+        return self.linear_o(o.reshape(B, R, Q, -1))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .primitives import Attention, row_chunks
+from .primitives import Attention, aligned_bias, aligned_empty, row_chunks, sdpa_bias_ok
 
 
 class TriangleAttention(nn.Module):
@@ -27,14 +27,17 @@ class TriangleAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, chunk_size: int | None = None
     ) -> torch.Tensor:
-        """x [*, I, J, C_z]; mask [*, I, J] (1 = valid pair) -> update [*, I, J, C_z]."""
-        if mask is None:
-            mask = x.new_ones(x.shape[:-1])
+        """x [*, I, J, C_z]; mask [*, I, J] (1 = valid pair; None: all valid) -> update [*, I, J, C_z]."""
         if not self.starting:
             # The ending-node variant is the starting-node one on the transposed pair tensor.
             x = x.transpose(-2, -3)
-            mask = mask.transpose(-1, -2)
+            mask = None if mask is None else mask.transpose(-1, -2)
         x = self.layer_norm(x)
+        if sdpa_bias_ok(x) and x.dim() == 4:
+            out = self._forward_sdpa(x, mask, chunk_size)
+            return out if self.starting else out.transpose(-2, -3)
+        if mask is None:
+            mask = x.new_ones(x.shape[:-1])
         # [*, I, 1, 1, J]
         mask_bias = (self.inf * (mask.float() - 1))[..., :, None, None, :]
         # [*, I, J, H] -> [*, H, I, J] -> [*, 1, H, I, J]
@@ -49,6 +52,56 @@ class TriangleAttention(nn.Module):
                 out[..., rows, :, :] = o
         if not self.starting:
             out = out.transpose(-2, -3)
+        return out
+
+    def add_into(self, z: torch.Tensor, mask: torch.Tensor | None, chunk_size: int | None) -> None:
+        """z += self(z, mask, chunk_size) in place (inference): with chunks, row block by row block
+        with no full-size temporary. Row i's update reads only row i (LayerNormed) and the triangle
+        bias, which is built from every row before any of them changes."""
+        n = z.shape[-2]
+        if chunk_size is None or chunk_size >= n or z.dim() != 4:
+            z += self(z, mask, chunk_size)
+            return
+        zt = z if self.starting else z.transpose(-2, -3)
+        mt = mask if (mask is None or self.starting) else mask.transpose(-1, -2)
+        B = zt.shape[0]
+        sdpa = sdpa_bias_ok(zt)
+        h = self.linear.out_features
+        # [B, H, J, J], row block by row block: bias[b, h, j, k] = linear(LN(z))[b, j, k, h]
+        bias = aligned_empty((B, h, n, n), zt, zt.dtype if sdpa else torch.float32)
+        for rows in row_chunks(n, chunk_size):
+            bias[:, :, rows] = self.linear(self.layer_norm(zt[:, rows])).permute(0, 3, 1, 2)
+        for rows in row_chunks(n, chunk_size):
+            x = self.layer_norm(zt[:, rows])
+            if sdpa:
+                b = bias
+                if mt is not None:
+                    # [B, R, 1, 1, J] + [B, 1, H, J, J] -> [B, R, H, J, J]
+                    key_bias = (self.inf * (mt[:, rows].to(x.dtype) - 1))[:, :, None, None, :]
+                    b = aligned_bias(bias.unsqueeze(1) + key_bias)
+                o = self.mha.forward_rows(x, b)
+            else:
+                m = zt.new_ones(zt.shape[:-1]) if mt is None else mt
+                mask_bias = (self.inf * (m[:, rows].float() - 1))[:, :, None, None, :]
+                o = self.mha(x, [mask_bias, bias.unsqueeze(1)])
+            zt[:, rows] += o
+
+    def _forward_sdpa(self, x: torch.Tensor, mask: torch.Tensor | None, chunk_size: int | None) -> torch.Tensor:
+        """x [B, I, J, C] (LayerNormed, starting-node orientation); the triangle bias [B, H, J, J] is
+        the attention mask of every row, plus the pair mask's key bias where there is padding."""
+        # [B, J, J, H] -> [B, H, J, J]
+        triangle_bias = aligned_bias(self.linear(x).permute(0, 3, 1, 2))
+        out = torch.empty_like(x) if chunk_size is not None and chunk_size < x.shape[1] else None
+        for rows in row_chunks(x.shape[1], chunk_size):
+            bias = triangle_bias
+            if mask is not None:
+                # [B, R, 1, 1, J] + [B, 1, H, J, J] -> [B, R, H, J, J]
+                mask_bias = (self.inf * (mask[:, rows].to(x.dtype) - 1))[:, :, None, None, :]
+                bias = aligned_bias(triangle_bias.unsqueeze(1) + mask_bias)
+            o = self.mha.forward_rows(x[:, rows], bias)
+            if out is None:
+                return o
+            out[:, rows] = o
         return out
 
 
@@ -74,9 +127,11 @@ class TriangleMultiplicativeUpdate(nn.Module):
         return a, b
 
     def forward(
-        self, z: torch.Tensor, mask: torch.Tensor | None = None, chunk_size: int | None = None
+        self, z: torch.Tensor, mask: torch.Tensor | None = None, chunk_size: int | None = None,
+        accumulate: bool = False,
     ) -> torch.Tensor:
-        """z [*, N, N, C_z]; mask [*, N, N] -> update [*, N, N, C_z]."""
+        """z [*, N, N, C_z]; mask [*, N, N] -> update [*, N, N, C_z] (with ``accumulate`` and chunks:
+        z + update, written into z)."""
         if mask is None:
             mask = z.new_ones(z.shape[:-1])
         mask = mask.unsqueeze(-1).to(z.dtype)
@@ -111,7 +166,7 @@ class TriangleMultiplicativeUpdate(nn.Module):
             # [*, R, N, C] -> [*, C, R, N]
             a_t[..., rows, :] = a.permute(*lead, -1, -3, -2)
             b_t[..., rows, :] = b.permute(*lead, -1, -3, -2)
-        out = torch.empty_like(z)
+        out = z if accumulate else torch.empty_like(z)
         for rows in row_chunks(n, chunk_size):
             if self.outgoing:
                 # [*, C, R, K] @ [*, C, K, J] -> [*, C, R, J]
@@ -122,5 +177,18 @@ class TriangleMultiplicativeUpdate(nn.Module):
             # [*, C, R, J] -> [*, R, J, C]
             x = self.linear_z(self.layer_norm_out(p.permute(*lead, -2, -1, -3)))
             g = torch.sigmoid(self.linear_g(self.layer_norm_in(z[..., rows, :, :])))
-            out[..., rows, :, :] = x * g
+            if accumulate:
+                # z's rows above this block are updated already; this block's gate read them unchanged.
+                out[..., rows, :, :] += x * g
+            else:
+                out[..., rows, :, :] = x * g
         return out
+
+    def add_into(self, z: torch.Tensor, mask: torch.Tensor | None, chunk_size: int | None) -> None:
+        """z += self(z, mask, chunk_size) in place (inference). Chunked, the projections of every row
+        are built first and each output row block is added into z right after its gate reads it, so
+        no full-size output is held."""
+        if chunk_size is None or chunk_size >= z.shape[-3]:
+            z += self(z, mask, chunk_size)
+        else:
+            self(z, mask, chunk_size, accumulate=True)

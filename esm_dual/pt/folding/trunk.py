@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ...common.config import TrunkConfig
-from .primitives import chunked_rows, softmax_fp32
+from .primitives import chunked_rows, row_chunks, softmax_fp32, wide_op_rows
 from .structure_module import StructureModule
 from .triangular import TriangleAttention, TriangleMultiplicativeUpdate
 
@@ -35,6 +35,18 @@ class SequenceToPair(nn.Module):
             return self.o_proj(torch.cat([prod, diff], dim=-1))
 
         return chunked_rows(rows, k, chunk_size, dim=1)
+
+    def add_into(self, z: torch.Tensor, s: torch.Tensor, chunk_size: int | None) -> None:
+        """z += self(s, chunk_size) in place, row block by row block (inference)."""
+        if chunk_size is None or chunk_size >= z.shape[1]:
+            z += self(s)
+            return
+        q, k = self.proj(self.layernorm(s)).chunk(2, dim=-1)
+        for r in row_chunks(z.shape[1], chunk_size):
+            k_rows = k[:, r]
+            prod = q[:, None, :, :] * k_rows[:, :, None, :]
+            diff = q[:, None, :, :] - k_rows[:, :, None, :]
+            z[:, r] += self.o_proj(torch.cat([prod, diff], dim=-1))
 
 
 class PairToSequence(nn.Module):
@@ -68,6 +80,11 @@ class ResidueMLP(nn.Module):
         if x.dim() == 4:
             return chunked_rows(lambda r: r + self.mlp(r), x, chunk_size)
         return x + self.mlp(x)
+
+    def add_into(self, z: torch.Tensor, chunk_size: int | None) -> None:
+        """z = self(z) in place, row block by row block (inference; pair inputs)."""
+        for r in row_chunks(z.shape[1], chunk_size):
+            z[:, r] += self.mlp(z[:, r])
 
 
 class SequenceAttention(nn.Module):
@@ -137,20 +154,37 @@ class TriangularSelfAttentionBlock(nn.Module):
         z: torch.Tensor,
         mask: torch.Tensor | None = None,
         chunk_size: int | None = None,
+        inplace: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """s [B, N, C_s]; z [B, N, N, C_z]; mask [B, N] -> updated (s, z)."""
-        bias = self.pair_to_sequence(z, chunk_size)
+        """s [B, N, C_s]; z [B, N, N, C_z]; mask [B, N] -> updated (s, z). ``inplace``: in eval mode
+        without gradients, z is updated in place and returned (the caller gives it up)."""
+        n, c_z = z.shape[-2], z.shape[-1]
+        # Row chunks of the other pair updates (see wide_op_rows); their widest per-pair
+        # intermediates: 4 C_z (transition, triangle multiplication), C_z (pair <-> sequence).
+        wide = wide_op_rows(chunk_size, n, 4 * c_z)
+        narrow = wide_op_rows(chunk_size, n, c_z)
+        bias = self.pair_to_sequence(z, narrow)
         y = self.seq_attention(self.layernorm_1(s), mask=mask, bias=bias)
         s = self.mlp_seq(s + self.drop(y))
-
-        z = z + self.sequence_to_pair(s, chunk_size)
         # [B, N, N]
         tri_mask = mask.unsqueeze(2) * mask.unsqueeze(1) if mask is not None else None
-        z = z + self._shared_dropout(self.tri_mul_out(z, tri_mask, chunk_size), 2)
-        z = z + self._shared_dropout(self.tri_mul_in(z, tri_mask, chunk_size), 1)
+        if inplace and not self.training and not torch.is_grad_enabled():
+            # Inference: each update is added into z as it is produced (no full-size update and no
+            # second pair tensor; the caller hands z over). Same sums as below.
+            self.sequence_to_pair.add_into(z, s, narrow)
+            self.tri_mul_out.add_into(z, tri_mask, wide)
+            self.tri_mul_in.add_into(z, tri_mask, wide)
+            self.tri_att_start.add_into(z, tri_mask, chunk_size)
+            self.tri_att_end.add_into(z, tri_mask, chunk_size)
+            self.mlp_pair.add_into(z, wide)
+            return s, z
+
+        z = z + self.sequence_to_pair(s, narrow)
+        z = z + self._shared_dropout(self.tri_mul_out(z, tri_mask, wide), 2)
+        z = z + self._shared_dropout(self.tri_mul_in(z, tri_mask, wide), 1)
         z = z + self._shared_dropout(self.tri_att_start(z, tri_mask, chunk_size), 2)
         z = z + self._shared_dropout(self.tri_att_end(z, tri_mask, chunk_size), 1)
-        z = self.mlp_pair(z, chunk_size)
+        z = self.mlp_pair(z, wide)
         return s, z
 
 
@@ -207,7 +241,10 @@ class FoldingTrunk(nn.Module):
 
     def set_chunk_size(self, chunk_size: int | None) -> None:
         """Split triangle attention, triangle multiplication and the pair transitions into row
-        chunks of this size (None: no chunking). Memory drops from O(N^3) to O(chunk * N^2)."""
+        chunks of this size (None: no chunking); updates whose whole working set is under 256 MB
+        are not split (``primitives.wide_op_rows``). In fp32 the triangle attention runs through
+        SDPA's fused kernels and never holds its [chunk, H, N, N] scores; with ``set_trunk_dtype``
+        bf16 it does, and chunking bounds them."""
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         self.chunk_size = chunk_size
@@ -220,13 +257,14 @@ class FoldingTrunk(nn.Module):
     def forward(
         self,
         seq_feats: torch.Tensor,
-        pair_feats: torch.Tensor,
+        pair_feats: torch.Tensor | None,
         true_aa: torch.Tensor,
         residx: torch.Tensor,
         mask: torch.Tensor,
         no_recycles: int | None = None,
     ) -> dict:
-        """seq_feats [B, N, C_s]; pair_feats [B, N, N, C_z]; true_aa, residx, mask [B, N].
+        """seq_feats [B, N, C_s]; pair_feats [B, N, N, C_z] or None (zeros, never stored: ESMFold's
+        case, one pair tensor less); true_aa, residx, mask [B, N].
 
         ``no_recycles=None`` runs ``max_recycles`` trunk passes in all; an integer r runs r + 1
         (the same convention as fair-esm and transformers).
@@ -239,9 +277,13 @@ class FoldingTrunk(nn.Module):
             no_recycles += 1  # the first pass is the ordinary forward pass
         s_s_0, s_z_0 = seq_feats, pair_feats
         recycle_s = torch.zeros_like(s_s_0)
-        recycle_z = torch.zeros_like(s_z_0)
-        recycle_bins = torch.zeros(s_z_0.shape[:-1], device=s_z_0.device, dtype=torch.int64)
+        B, N = seq_feats.shape[:2]
+        pair_shape = (B, N, N, self.recycle_z_norm.normalized_shape[0])
+        recycle_z = seq_feats.new_zeros(pair_shape) if s_z_0 is None else torch.zeros_like(s_z_0)
+        recycle_bins = torch.zeros(pair_shape[:-1], device=seq_feats.device, dtype=torch.int64)
         chunk = self.chunk_size
+        # No padding (a single sequence, or equal lengths): the blocks need no mask at all.
+        block_mask = None if bool(mask.bool().all()) else mask
 
         for i in range(no_recycles):
             with contextlib.nullcontext() if i == no_recycles - 1 else torch.no_grad():
@@ -250,10 +292,14 @@ class FoldingTrunk(nn.Module):
                 recycle_z = recycle_z + self.recycle_disto(recycle_bins.detach())
 
                 s = s_s_0 + recycle_s
-                z = s_z_0 + recycle_z + self.pairwise_positional_embedding(residx, mask=mask)
+                pos = self.pairwise_positional_embedding(residx, mask=mask)
+                z = (recycle_z if s_z_0 is None else s_z_0 + recycle_z) + pos
+                del pos
+                recycle_z = None  # not needed until it is reassigned below: one pair tensor fewer
                 with self._autocast(s.device):
                     for block in self.blocks:
-                        s, z = block(s, z, mask=mask, chunk_size=chunk)
+                        # z is this loop's own tensor: blocks may update it in place (inference)
+                        s, z = block(s, z, mask=block_mask, chunk_size=chunk, inplace=True)
                 s_s, s_z = s.float(), z.float()
 
                 structure = self.structure_module(
