@@ -1,0 +1,63 @@
+"""benchmarks/embed_gpu.py in its CPU smoke mode: all three tools run, and on CPU fp32 the same weights give
+the same mean embeddings (esm-dual vs fair-esm's extract steps vs HF transformers)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from tests.conftest import DATA_DIR
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("esm")  # fair-esm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "benchmarks", "embed_gpu.py")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("_embed_gpu_bench", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def _one_torch_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model gains nothing from more threads on a busy small box
+    yield
+    torch.set_num_threads(prev)
+
+
+def test_cpu_smoke(tmp_path, _one_torch_thread):
+    bench = _load_script()
+    fasta = os.path.join(DATA_DIR, "few_proteins.fasta")
+    argv = ["--device", "cpu", "--shape", "tiny", "--lognormal", "20", "--work-dir", str(tmp_path),
+            "--out", str(tmp_path / "r.json")]
+    if os.path.isfile(fasta):
+        argv += ["--fasta", fasta]
+    argv += ["--fasta", str(tmp_path / "absent.fasta")]  # missing datasets are skipped with a note
+    result = bench.main(argv)
+    with open(tmp_path / "r.json") as f:
+        assert json.load(f) == json.loads(json.dumps(result))
+    assert any("absent.fasta" in n for n in result["notes"])
+    assert result["datasets"], result
+    assert result["datasets"][-1]["name"] == "lognormal20"
+    for ds in result["datasets"]:
+        assert set(ds["tools"]) == {"esm_dual", "esm_dual_big", "fair_esm", "hf"}, ds["tools"]
+        for tool, r in ds["tools"].items():
+            assert "error" not in r, (tool, r)
+            assert r["records"] == ds["records"] > 0
+            assert r["residues_per_s"] > 0 and "missing_files" not in r, (tool, r)
+        assert set(ds["ratios"]) >= {"esm_dual/fair_esm", "esm_dual/hf"}
+        for key in ("esm_dual_vs_fair_esm", "esm_dual_vs_hf", "esm_dual_vs_esm_dual_big"):
+            c = ds["check"][key]
+            assert c["records"] == min(ds["records"], 64), (key, c)
+            assert c["max_abs"] < 1e-4, (ds["name"], key, c)
+    # nothing left behind in the work dir
+    assert sorted(os.listdir(tmp_path)) == ["r.json"]
