@@ -70,17 +70,27 @@ import traceback
 
 import numpy as np
 
-SHAPES = {
-    "650M": dict(hidden_size=1280, num_hidden_layers=33, num_attention_heads=20, intermediate_size=5120),
-    "150M": dict(hidden_size=640, num_hidden_layers=30, num_attention_heads=20, intermediate_size=2560),
-    "35M": dict(hidden_size=480, num_hidden_layers=12, num_attention_heads=20, intermediate_size=1920),
-    "8M": dict(hidden_size=320, num_hidden_layers=6, num_attention_heads=20, intermediate_size=1280),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),  # smoke test
-}
-# fair-esm's ESM2: rotary, token dropout, no embedding LayerNorm, FFN = 4 * hidden.
-COMMON = dict(vocab_size=33, mask_token_id=32, pad_token_id=1, position_embedding_type="rotary", token_dropout=True,
-              emb_layer_norm_before=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-              max_position_embeddings=1026, layer_norm_eps=1e-5)
+# The real shapes are the project's presets (their published config.json); "tiny" is the smoke test's.
+PRESETS = {"650M": "esm2_t33_650M_UR50D", "150M": "esm2_t30_150M_UR50D", "35M": "esm2_t12_35M_UR50D",
+           "8M": "esm2_t6_8M_UR50D"}
+TINY = dict(vocab_size=33, mask_token_id=32, pad_token_id=1, position_embedding_type="rotary", token_dropout=True,
+            emb_layer_norm_before=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            max_position_embeddings=1026, layer_norm_eps=1e-5, hidden_size=64, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=256)
+SHAPES = (*PRESETS, "tiny")
+
+
+def shape_config(shape: str) -> dict:
+    """The HF config dict of ``shape`` (metadata keys of the published file left out)."""
+    if shape == "tiny":
+        return dict(TINY)
+    from esm_dual.common.presets import published_config_dict
+
+    d = published_config_dict(PRESETS[shape])
+    return {k: v for k, v in d.items()
+            if k not in ("_name_or_path", "architectures", "torch_dtype", "transformers_version")}
+
+
 TRUNC = 1022  # residues kept per sequence (fair-esm's --truncation_seq_length default)
 DEFAULT_BUDGET = 4096  # esm-dual's and fair-esm's default --toks-per-batch
 AMINO = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
@@ -90,6 +100,11 @@ ALL_TOOLS = ("esm_dual", "fair_esm", "hf")
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _dims(shape: str) -> dict:
+    c = shape_config(shape)
+    return {k: c[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -144,7 +159,7 @@ def build_weights(shape: str, workdir: str, device: str, seed: int) -> tuple[str
     from esm_dual.common.config import EsmConfig
     from esm_dual.common.tokenizer import EsmTokenizer
 
-    cfg = dict(COMMON, **SHAPES[shape])
+    cfg = shape_config(shape)
     torch.manual_seed(seed)
     with torch.device(device):  # initialise where it is fast
         hf = transformers.EsmForMaskedLM(transformers.EsmConfig(**cfg))
@@ -454,7 +469,7 @@ def main(argv=None) -> dict:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = args.device.startswith("cuda")
     result = {
-        "benchmark": "embed_gpu", "shape": args.shape, "config": SHAPES[args.shape], "device": args.device,
+        "benchmark": "embed_gpu", "shape": args.shape, "config": _dims(args.shape), "device": args.device,
         "card": torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
         "versions": versions(), "tools": args.tools, "dtype": {"esm_dual": "fp16" if cuda else "fp32",
                                                                "hf": "fp16" if cuda else "fp32", "fair_esm": "fp32"},

@@ -254,27 +254,6 @@ def _search_one(args, model, impl: str, rng, t_start: float, device) -> dict:
             break
         if not ok:
             break
-    fit = None
-    if args.predict and first_fail is None and stopped is None:
-        ok = [t for t in trials if t["ok"] and t["peak_gb"]]
-        if len(ok) >= 2 and torch.cuda.is_available():
-            # peak = a + b N^2 through the two longest successes; the card's memory gives N_max.
-            (n1, p1), (n2, p2) = [(t["length"], t["peak_gb"]) for t in ok[-2:]]
-            b = (p2 - p1) / (n2**2 - n1**2)
-            a = p1 - b * n1**2
-            total = torch.cuda.get_device_properties(0).total_memory / 2**30
-            n_max = int(((total * 0.97 - a) / b) ** 0.5)
-            fit = {"a_gb": round(a, 2), "b_gb_per_mres2": round(b * 1e6, 3), "card_gb": round(total, 1),
-                   "predicted_max_length": n_max}
-            _emit({"impl": impl, "fit": fit}, args.attempts_out)
-            target = n_max // 128 * 128
-            ok_target = attempt(target)
-            if ok_target is None:
-                stopped = f"time budget: {target} not tried"
-            else:
-                nxt = target + 256 if ok_target else target - 256
-                if attempt(nxt) is None:
-                    stopped = f"time budget: {nxt} not tried"
     for _ in range(args.refine):
         if best is None or first_fail is None or first_fail - best <= args.resolution:
             break
@@ -282,7 +261,7 @@ def _search_one(args, model, impl: str, rng, t_start: float, device) -> dict:
         if attempt(mid) is None:
             stopped = f"time budget: {mid} not tried"
             break
-    return {"max_length": best, "first_oom": first_fail, "stopped": stopped, "fit": fit, "trials": trials}
+    return {"max_length": best, "first_oom": first_fail, "stopped": stopped, "trials": trials}
 
 
 def max_length_search(args, cfg: dict, device) -> dict:
@@ -396,10 +375,6 @@ def main(argv=None) -> int:
     p.add_argument("--trunk-blocks", type=int, default=0, help="max-length search: keep only this many blocks")
     p.add_argument("--verify-length", type=int, default=0, help="with --trunk-blocks: fold this length both ways")
     p.add_argument("--refine", type=int, default=4, help="bisection steps after the first out-of-memory")
-    p.add_argument(
-        "--predict", action="store_true",
-        help="after the listed lengths, fit peak = a + b N^2 and try the predicted longest (and +-256)",
-    )
     p.add_argument("--resolution", type=int, default=64, help="stop bisecting at this gap (residues)")
     p.add_argument("--budget-s", type=float, default=420.0, help="time budget of the search (seconds)")
     p.add_argument("--attempts-out", default=None, help="append one JSON line per attempt here")

@@ -73,18 +73,21 @@ class TriangleAttention(nn.Module):
             bias[:, :, rows] = self.linear(self.layer_norm(zt[:, rows])).permute(0, 3, 1, 2)
         for rows in row_chunks(n, chunk_size):
             x = self.layer_norm(zt[:, rows])
-            if sdpa:
-                b = bias
-                if mt is not None:
-                    # [B, R, 1, 1, J] + [B, 1, H, J, J] -> [B, R, H, J, J]
-                    key_bias = (self.inf * (mt[:, rows].to(x.dtype) - 1))[:, :, None, None, :]
-                    b = aligned_bias(bias.unsqueeze(1) + key_bias)
-                o = self.mha.forward_rows(x, b)
-            else:
-                m = zt.new_ones(zt.shape[:-1]) if mt is None else mt
-                mask_bias = (self.inf * (m[:, rows].float() - 1))[:, :, None, None, :]
-                o = self.mha(x, [mask_bias, bias.unsqueeze(1)])
-            zt[:, rows] += o
+            zt[:, rows] += self._row_block(x, None if mt is None else mt[:, rows], bias, sdpa)
+
+    def _row_block(self, x: torch.Tensor, mask_rows: torch.Tensor | None, bias: torch.Tensor,
+                   sdpa: bool) -> torch.Tensor:
+        """The update of a block of rows. x [B, R, J, C] (LayerNormed); mask_rows [B, R, J] or None;
+        bias [B, H, J, J], the triangle bias shared by all rows -> [B, R, J, C]."""
+        if sdpa:
+            if mask_rows is not None:
+                # [B, R, 1, 1, J] + [B, 1, H, J, J] -> [B, R, H, J, J]
+                key_bias = (self.inf * (mask_rows.to(x.dtype) - 1))[:, :, None, None, :]
+                bias = aligned_bias(bias.unsqueeze(1) + key_bias)
+            return self.mha.forward_rows(x, bias)
+        m = x.new_ones(x.shape[:-1]) if mask_rows is None else mask_rows
+        mask_bias = (self.inf * (m.float() - 1))[:, :, None, None, :]
+        return self.mha(x, [mask_bias, bias.unsqueeze(1)])
 
     def _forward_sdpa(self, x: torch.Tensor, mask: torch.Tensor | None, chunk_size: int | None) -> torch.Tensor:
         """x [B, I, J, C] (LayerNormed, starting-node orientation); the triangle bias [B, H, J, J] is
@@ -93,12 +96,7 @@ class TriangleAttention(nn.Module):
         triangle_bias = aligned_bias(self.linear(x).permute(0, 3, 1, 2))
         out = torch.empty_like(x) if chunk_size is not None and chunk_size < x.shape[1] else None
         for rows in row_chunks(x.shape[1], chunk_size):
-            bias = triangle_bias
-            if mask is not None:
-                # [B, R, 1, 1, J] + [B, 1, H, J, J] -> [B, R, H, J, J]
-                mask_bias = (self.inf * (mask[:, rows].to(x.dtype) - 1))[:, :, None, None, :]
-                bias = aligned_bias(triangle_bias.unsqueeze(1) + mask_bias)
-            o = self.mha.forward_rows(x[:, rows], bias)
+            o = self._row_block(x[:, rows], None if mask is None else mask[:, rows], triangle_bias, True)
             if out is None:
                 return o
             out[:, rows] = o

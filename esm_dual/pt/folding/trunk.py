@@ -26,27 +26,20 @@ class SequenceToPair(nn.Module):
     def forward(self, s: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """s [B, N, C_s] -> [B, N, N, C_z]."""
         q, k = self.proj(self.layernorm(s)).chunk(2, dim=-1)
+        return chunked_rows(lambda k_rows: self._rows(q, k_rows), k, chunk_size, dim=1)
 
-        def rows(k_rows: torch.Tensor) -> torch.Tensor:
-            # [B, R, N, inner]: element (i, j) combines q_j and k_i.
-            prod = q[:, None, :, :] * k_rows[:, :, None, :]
-            diff = q[:, None, :, :] - k_rows[:, :, None, :]
-            # [B, R, N, 2 * inner] -> [B, R, N, C_z]
-            return self.o_proj(torch.cat([prod, diff], dim=-1))
-
-        return chunked_rows(rows, k, chunk_size, dim=1)
+    def _rows(self, q: torch.Tensor, k_rows: torch.Tensor) -> torch.Tensor:
+        """q [B, N, inner], k_rows [B, R, inner] -> rows [B, R, N, C_z]: (i, j) combines q_j and k_i."""
+        prod = q[:, None, :, :] * k_rows[:, :, None, :]
+        diff = q[:, None, :, :] - k_rows[:, :, None, :]
+        # [B, R, N, 2 * inner] -> [B, R, N, C_z]
+        return self.o_proj(torch.cat([prod, diff], dim=-1))
 
     def add_into(self, z: torch.Tensor, s: torch.Tensor, chunk_size: int | None) -> None:
         """z += self(s, chunk_size) in place, row block by row block (inference)."""
-        if chunk_size is None or chunk_size >= z.shape[1]:
-            z += self(s)
-            return
         q, k = self.proj(self.layernorm(s)).chunk(2, dim=-1)
         for r in row_chunks(z.shape[1], chunk_size):
-            k_rows = k[:, r]
-            prod = q[:, None, :, :] * k_rows[:, :, None, :]
-            diff = q[:, None, :, :] - k_rows[:, :, None, :]
-            z[:, r] += self.o_proj(torch.cat([prod, diff], dim=-1))
+            z[:, r] += self._rows(q, k[:, r])
 
 
 class PairToSequence(nn.Module):
