@@ -15,6 +15,12 @@ Back ends of :func:`varlen_attention`:
   A Triton kernel doing rotary and varlen attention in one pass was also measured there, on real-length
   32k-token packs: 0.584 vs 0.597 ms (rotary kernel + flash) at head dim 64, 0.377 vs 0.429 ms at 32;
   its attention core ran at ~160 TFLOP/s against flash's ~200, so it was not kept.)
+- ``fa4``: FlashAttention-4's varlen kernels (the optional ``flash-attn-4`` package, CuTe DSL, written
+  for Hopper's tensor-memory copies and warpgroup MMA), forward and backward, no dropout. "auto" takes
+  them on a Hopper GPU where the package is installed (``pip install esm-dual[hopper]``), for head dims
+  64 and 128, in training, and in inference on packs of at least ``FA4_MIN_TOKEN_HEADS`` token-heads;
+  else ``flash``. If they fail at their first call, "auto" warns and uses ``flash`` from then on.
+  ``ESM_DUAL_FA4=0`` turns them off.
 - ``dense``: one SDPA call on [1, H, T, K] with a block-diagonal boolean mask (any device and dtype;
   T x T mask, so for small packs: tests, CPU).
 - ``loop``: one SDPA call per sequence (any device and dtype, any T).
@@ -28,12 +34,13 @@ falls back to ``EsmRotaryEmbedding`` itself (exactly the padded path's arithmeti
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "flash", "dense", "loop")
+BACKENDS = ("auto", "fa4", "flash", "dense", "loop")
 _DENSE_MAX_TOKENS = 4096  # "auto" off CUDA: block-diagonal mask up to this many tokens, else a loop
 
 
@@ -61,6 +68,60 @@ def flash_supported(q: torch.Tensor) -> bool:
     K = q.shape[-1]
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and K % 8 == 0 and K <= 256
             and hasattr(torch.ops.aten, "_flash_attention_forward"))
+
+
+_FA4: dict[str, object] = {}
+# Head dims that take FA4 (flash-attn-4 4.0.0b36, checked on an H100 against fp32 attention, outputs and
+# gradients, contiguous and strided q/k/v): 64 (ESM-2 650M and 3B, ESM-1b/1v) and 128 (15B). At 64 its
+# forward ran 8-25% faster than FlashAttention-2 on real-length packs. At 32 (150M) and 24 (35M) it was
+# right but no faster (0.39 vs 0.41 ms on a 32k-token pack) while its host-side cost per call is about
+# 0.24 ms against 0.07 ms; at 16 (8M) its query gradients were wrong (1.2 relative error).
+FA4_HEAD_DIMS = (64, 128)
+# "auto" takes FA4 for a forward-only call (inference) from this many token-heads (T * H) up. Measured on an
+# H100 at head dim 64, forward only: 15.8k tokens x 20 heads 0.290 ms vs FlashAttention-2's 0.237; 15.8k x 40
+# 0.395 vs 0.526; 32.6k x 20 0.448 vs 0.524; 65.3k x 20 0.960 vs 1.047. Its host-side cost per call (about
+# 0.24 ms against 0.07 ms) also shows on small packs: `esm-dual embed` of the 650M at 4,096-token batches
+# ran at 56k residues/s with FA4 everywhere against 74k without. With gradients (training) FA4 is taken at
+# every size: forward + backward of the 650M ran 6-7% faster with it at 16k- and 32k-token packs.
+FA4_MIN_TOKEN_HEADS = 500_000
+
+
+def _fa4_function():
+    """flash-attn-4's varlen function (``flash_attn.cute``), or None where it is not installed."""
+    if "fn" not in _FA4:
+        try:
+            from flash_attn.cute import flash_attn_varlen_func
+
+            _FA4["fn"] = flash_attn_varlen_func
+        except Exception as e:  # not installed, or its CUDA libraries don't load
+            _FA4["fn"] = None
+            _FA4["why"] = f"{type(e).__name__}: {e}"
+    return _FA4["fn"]
+
+
+def fa4_supported(q: torch.Tensor) -> bool:
+    """Whether the FlashAttention-4 kernels (the optional ``flash-attn-4`` package, CuTe DSL) take
+    q [T, H, K] here: a Hopper GPU (compute capability 9.x, where they were measured), fp16/bf16,
+    K in ``FA4_HEAD_DIMS``, and the package imports. ``ESM_DUAL_FA4=0`` turns them off."""
+    K = q.shape[-1]
+    if os.environ.get("ESM_DUAL_FA4", "1") in ("", "0") or _FA4.get("broken"):
+        return False
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and K in FA4_HEAD_DIMS):
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    return _fa4_function() is not None
+
+
+def _fa4_pays(q: torch.Tensor) -> bool:
+    """Whether "auto" should take FA4 for q [T, H, K]: with gradients always, else on large packs."""
+    return (torch.is_grad_enabled() and q.requires_grad) or q.shape[0] * q.shape[1] >= FA4_MIN_TOKEN_HEADS
+
+
+def _fa4_attention(q, k, v, cu_seqlens, max_seqlen, scale):
+    out, _ = _fa4_function()(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                             max_seqlen_k=max_seqlen, softmax_scale=scale)
+    return out
 
 
 class _FlashVarlen(torch.autograd.Function):
@@ -113,16 +174,27 @@ def _loop_attention(q, k, v, cu_seqlens, dropout_p, scale):
     return torch.cat(outs, 0)
 
 
-def resolve_backend(q: torch.Tensor, backend: str = "auto") -> str:
+def resolve_backend(q: torch.Tensor, backend: str = "auto", dropout_p: float = 0.0) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown varlen attention back end {backend!r}; use one of {BACKENDS}")
     forced = os.environ.get("ESM_DUAL_VARLEN", "auto")  # a process-wide override, for benchmarks
     if backend == "auto" and forced in BACKENDS:
         backend = forced
     if backend == "auto":
+        if dropout_p == 0.0 and fa4_supported(q) and _fa4_pays(q):  # the FA4 kernels have no dropout
+            return "fa4"
         if flash_supported(q):
             return "flash"
         return "dense" if q.shape[0] <= _DENSE_MAX_TOKENS else "loop"
+    if backend == "fa4":
+        if not fa4_supported(q):
+            why = _FA4.get("broken") or _FA4.get("why") or "off (ESM_DUAL_FA4=0)"
+            raise ValueError(f"flash-attn-4 varlen attention needs a Hopper GPU, fp16/bf16, a head dim in "
+                             f"{FA4_HEAD_DIMS} and the flash-attn-4 package; got device {q.device}, "
+                             f"{q.dtype}, head dim {q.shape[-1]}"
+                             + (f" ({why})" if q.is_cuda else ""))
+        if dropout_p:
+            raise ValueError("flash-attn-4 varlen attention has no dropout; use backend 'flash'")
     if backend == "flash" and not flash_supported(q):
         raise ValueError(f"flash varlen attention needs CUDA, fp16/bf16 and a head dim that is a multiple of 8 "
                          f"up to 256; got device {q.device}, {q.dtype}, head dim {q.shape[-1]}")
@@ -143,10 +215,22 @@ def varlen_attention(
 
     cu_seqlens [B + 1] int32; max_seqlen: longest sequence (int); scale: applied to q k^T (None: K^-0.5).
     """
-    backend = resolve_backend(q, backend)
+    requested = backend
+    backend = resolve_backend(q, backend, dropout_p)
+    if scale is None and backend in ("fa4", "flash"):
+        scale = q.shape[-1] ** -0.5
+    if backend == "fa4":
+        cu = cu_seqlens.to(torch.int32)
+        if requested == "fa4":
+            return _fa4_attention(q, k, v, cu, int(max_seqlen), float(scale))
+        try:
+            return _fa4_attention(q, k, v, cu, int(max_seqlen), float(scale))
+        except Exception as e:  # chosen by "auto": fall back to flash for the rest of the process
+            _FA4["broken"] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"flash-attn-4 failed ({_FA4['broken']}); using the FlashAttention-2 kernels instead",
+                          RuntimeWarning, stacklevel=2)
+            backend = "flash"
     if backend == "flash":
-        if scale is None:
-            scale = q.shape[-1] ** -0.5
         return _FlashVarlen.apply(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), float(dropout_p),
                                   float(scale))
     if backend == "dense":
@@ -379,27 +463,54 @@ def _add_ln_kernel():
     import triton.language as tl
 
     @triton.jit
-    def add_layer_norm(X, R, W, B, HO, YO, D, eps, stride_x, stride_r, stride_h, stride_y, BLOCK: tl.constexpr):
-        # One program per row: h = x + r (rounded to the storage dtype, as a separate add would),
-        # y = LayerNorm(h) with statistics in fp32.
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        m = cols < D
-        x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-        r = tl.load(R + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)
-        h = (x + r).to(HO.dtype.element_ty)
-        tl.store(HO + row * stride_h + cols, h, mask=m)
-        hf = h.to(tl.float32)
-        mean = tl.sum(hf, axis=0) / D
+    def add_layer_norm(X, R, P, W, B, HO, YO, T, D, eps, stride_x, stride_r, stride_h, stride_y, BLOCK: tl.constexpr,
+                       ROWS: tl.constexpr, HAS_X: tl.constexpr, HAS_P: tl.constexpr):
+        # ROWS rows per program. With HAS_X: h = x + r (rounded to the storage dtype, as a separate add
+        # would) is stored to HO; else h = r. With HAS_P, the fp32 vector P (biases not yet added to h)
+        # joins h inside the LayerNorm only. y = LayerNorm(h [+ P]) with statistics in fp32.
+        rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS))[:, None].to(tl.int64)
+        cols = tl.arange(0, BLOCK)[None, :]
+        cm = cols < D
+        m = (rows < T) & cm
+        r = tl.load(R + rows * stride_r + cols, mask=m, other=0.0).to(tl.float32)
+        if HAS_X:
+            x = tl.load(X + rows * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+            h = (x + r).to(HO.dtype.element_ty)
+            tl.store(HO + rows * stride_h + cols, h, mask=m)
+            hf = h.to(tl.float32)
+        else:
+            hf = r
+        if HAS_P:
+            hf = hf + tl.load(P + cols, mask=cm, other=0.0)
+        mean = tl.sum(hf, axis=1)[:, None] / D
         d = tl.where(m, hf - mean, 0.0)
-        var = tl.sum(d * d, axis=0) / D
+        var = tl.sum(d * d, axis=1)[:, None] / D
         rstd = 1.0 / tl.sqrt(var + eps)
-        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
-        b = tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(YO + row * stride_y + cols, (d * rstd * w + b).to(YO.dtype.element_ty), mask=m)
+        w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=cm, other=0.0).to(tl.float32)
+        tl.store(YO + rows * stride_y + cols, (d * rstd * w + b).to(YO.dtype.element_ty), mask=m)
 
     _KERNELS["add_ln"] = add_layer_norm
     return add_layer_norm
+
+
+def _launch_ln(x, residual, pending, ln, h):
+    import triton
+
+    T, D = residual.shape
+    y = torch.empty(T, D, dtype=residual.dtype, device=residual.device)
+    if T:
+        block = _next_pow2(D)
+        # Several rows per program up to D = 4096 (H100, 32k rows, LayerNorm of h + pending: D 1280
+        # 62 us with 4 rows and 4 warps against 76 us with one row and 8; D 2560 118 vs 128; D 640 35 vs 38).
+        rows = 2 if block <= 1024 else (4 if block <= 4096 else 1)
+        num_warps = 4 if rows > 1 else 16
+        _add_ln_kernel()[(triton.cdiv(T, rows),)](
+            x if x is not None else residual, residual, pending if pending is not None else ln.weight, ln.weight,
+            ln.bias, h if h is not None else residual, y, T, D, float(ln.eps), x.stride(0) if x is not None else 0,
+            residual.stride(0), h.stride(0) if h is not None else 0, y.stride(0), BLOCK=block, ROWS=rows,
+            HAS_X=x is not None, HAS_P=pending is not None, num_warps=num_warps)
+    return y
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, ln) -> tuple[torch.Tensor, torch.Tensor]:
@@ -410,15 +521,32 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, ln) -> tuple[torch.T
     if not triton_ok(x) or x.dim() != 2 or x.stride(1) != 1 or residual.stride(1) != 1:
         h = x + residual
         return h, ln(h)
-    T, D = x.shape
     h = torch.empty_like(x)
-    y = torch.empty(T, D, dtype=x.dtype, device=x.device)
-    if T:
-        block = _next_pow2(D)
-        num_warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
-        _add_ln_kernel()[(T,)](x, residual, ln.weight, ln.bias, h, y, D, float(ln.eps), x.stride(0),
-                               residual.stride(0), h.stride(0), y.stride(0), BLOCK=block, num_warps=num_warps)
-    return h, y
+    return h, _launch_ln(x, residual, None, ln, h)
+
+
+def pending_layer_norm(h: torch.Tensor, pending: torch.Tensor | None, ln) -> torch.Tensor:
+    """ln(h + pending) for h [T, D] and pending [D] fp32 (or None), without storing h + pending.
+
+    The inference loop keeps the residual stream without its Linear biases (the residual add runs in
+    the GEMM's epilogue, which has no room for a bias too); ``pending`` is their running sum."""
+    if not triton_ok(h) or h.dim() != 2 or h.stride(1) != 1:
+        return ln(h if pending is None else (h.float() + pending).to(h.dtype))
+    if pending is not None:
+        pending = pending.to(device=h.device, dtype=torch.float32).contiguous()
+    return _launch_ln(None, h, pending, ln, None)
+
+
+def residual_epilogue_enabled() -> bool:
+    """ESM_DUAL_RESIDUAL_EPILOGUE=0 turns off the residual add in the GEMM epilogue (inference loop)."""
+    return os.environ.get("ESM_DUAL_RESIDUAL_EPILOGUE", "1") not in ("", "0")
+
+
+def residual_epilogue_supported(denses, h: torch.Tensor) -> bool:
+    """The residual add can run in these projections' GEMM epilogue (h += x W^T, in place): plain
+    ``nn.Linear`` modules with biases and no hooks, weights in h's dtype, h [T, D] contiguous."""
+    return (residual_epilogue_enabled() and h.dim() == 2 and h.is_contiguous()
+            and all(_plain_linear(m) and m.weight.dtype == h.dtype and m.weight.device == h.device for m in denses))
 
 
 # ================================================================================================
@@ -497,7 +625,7 @@ def packed_self_attention(attn, hidden_states: torch.Tensor, positions: torch.Te
             attn_scale = 1.0
         # [H, T, K] -> [T, H, K]
         q, k = qh.transpose(0, 1), kh.transpose(0, 1)
-        if not q.is_contiguous() and resolve_backend(q, info.backend) == "flash":
+        if not q.is_contiguous() and resolve_backend(q, info.backend, dropout_p) in ("fa4", "flash"):
             q, k = q.contiguous(), k.contiguous()
     # [T, D] -> [T, H, K]
     v = v.view(T, H, K)

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .attention import VarlenInfo, add_layer_norm, flash_supported, linear_gelu, triton_ok
+from .attention import (
+    VarlenInfo,
+    add_layer_norm,
+    flash_supported,
+    linear_gelu,
+    pending_layer_norm,
+    residual_epilogue_supported,
+    triton_ok,
+)
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # as in modeling_esm (token dropout)
 
@@ -220,13 +228,19 @@ def use_fused_inference(encoder, x: torch.Tensor) -> bool:
 
 def packed_encoder_inference(encoder, hidden_states: torch.Tensor, info: VarlenInfo, positions: torch.Tensor,
                              output_hidden_states: bool = False):
-    """``EsmEncoder.forward`` on a pack for inference, with each residual add fused into the LayerNorm
-    that follows it (the next layer's first LayerNorm, or ``emb_layer_norm_after`` after the last).
+    """``EsmEncoder.forward`` on a pack for inference: the same arithmetic as the layer modules in eval
+    mode (dropout off), in fewer passes over memory. Returns (last_hidden_state [T, D], hidden_states
+    tuple or None).
 
-    The same arithmetic as the layer modules in eval mode (dropout off). The projections are the
-    modules' own Linear calls, except the FFN's first one, which on CUDA in half precision runs with
-    its bias and GELU in the GEMM's epilogue (:func:`~esm_dual.pt.attention.linear_gelu`). Returns
-    (last_hidden_state [T, D], hidden_states tuple or None).
+    - The FFN's first projection runs with its bias and GELU in the GEMM's epilogue on CUDA in half
+      precision (:func:`~esm_dual.pt.attention.linear_gelu`).
+    - Each residual add runs in the epilogue of the projection that makes it (``h += x W^T`` in
+      place, cuBLAS's beta = 1), where the projections are plain ``nn.Linear`` modules. That epilogue
+      has no room for the bias too, so the biases are summed into an fp32 vector that the next
+      LayerNorm adds (``pending_layer_norm``): the residual stream stays one tensor, read and written
+      once per add. ``ESM_DUAL_RESIDUAL_EPILOGUE=0`` turns this off.
+    - Otherwise each residual add is fused into the LayerNorm that follows it (the next layer's first
+      LayerNorm, or ``emb_layer_norm_after`` after the last).
     """
     from .modeling_esm import EsmIntermediate
 
@@ -236,6 +250,53 @@ def packed_encoder_inference(encoder, hidden_states: torch.Tensor, info: VarlenI
     if not layers:
         out = encoder.emb_layer_norm_after(h)
         return out, ((h, out) if all_hidden is not None else None)
+    epilogue = residual_epilogue_supported(
+        [m for layer in layers for m in (layer.attention.output.dense, layer.output.dense)], h)
+    if not epilogue:
+        return _fused_add_ln_loop(encoder, layers, h, info, positions, all_hidden)
+    pending = None  # fp32 [D]: the biases not yet in h
+    owned = False  # h may be the caller's tensor until the first add writes a new one
+
+    def add_projection(h, owned, dense, x):
+        if owned:
+            h.addmm_(x, dense.weight.t())
+        else:
+            h = torch.addmm(h, x, dense.weight.t())
+        return h, True
+
+    def plus(pending, bias):
+        return bias.float() if pending is None else pending + bias.float()
+
+    a = layers[0].attention.LayerNorm(h)
+    for i, layer in enumerate(layers):
+        if all_hidden is not None:
+            all_hidden.append(h if pending is None else (h.float() + pending).to(h.dtype))
+        attention = layer.attention
+        # (temporaries are passed straight on, so none outlives its use: [T, 4D] GELU output included)
+        h, owned = add_projection(h, owned, attention.output.dense, attention.self(a, info, positions)[0])
+        pending = plus(pending, attention.output.dense.bias)
+        a = None
+        inter = _intermediate(layer, pending_layer_norm(h, pending, layer.LayerNorm), EsmIntermediate)
+        h, owned = add_projection(h, owned, layer.output.dense, inter)
+        del inter
+        pending = plus(pending, layer.output.dense.bias)
+        after = layers[i + 1].attention.LayerNorm if i + 1 < len(layers) else encoder.emb_layer_norm_after
+        a = pending_layer_norm(h, pending, after)
+    if all_hidden is not None:
+        all_hidden.append(a)
+    return a, (tuple(all_hidden) if all_hidden is not None else None)
+
+
+def _intermediate(layer, b, intermediate_cls):
+    inter = layer.intermediate
+    if type(inter).forward is intermediate_cls.forward and not inter._forward_hooks and not inter._forward_pre_hooks:
+        return linear_gelu(inter.dense, b)  # bias + GELU in the GEMM's epilogue on GPU
+    return inter(b)
+
+
+def _fused_add_ln_loop(encoder, layers, h, info, positions, all_hidden):
+    from .modeling_esm import EsmIntermediate
+
     a = layers[0].attention.LayerNorm(h)
     for i, layer in enumerate(layers):
         if all_hidden is not None:
@@ -244,11 +305,7 @@ def packed_encoder_inference(encoder, hidden_states: torch.Tensor, info: VarlenI
         context, _ = attention.self(a, info, positions)
         # h + out(context), then the layer's second LayerNorm
         h, b = add_layer_norm(attention.output.dense(context), h, layer.LayerNorm)
-        inter = layer.intermediate
-        if type(inter).forward is EsmIntermediate.forward and not inter._forward_hooks and not inter._forward_pre_hooks:
-            ffn = layer.output.dense(linear_gelu(inter.dense, b))  # bias + GELU in the GEMM's epilogue on GPU
-        else:
-            ffn = layer.output.dense(inter(b))
+        ffn = layer.output.dense(_intermediate(layer, b, EsmIntermediate))
         after = layers[i + 1].attention.LayerNorm if i + 1 < len(layers) else encoder.emb_layer_norm_after
         # h + ffn, then the next layer's first LayerNorm (or the final one)
         h, a = add_layer_norm(ffn, h, after)

@@ -414,8 +414,9 @@ def test_gpu_packed_bf16_matches_padded(tmp_path, heads):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_gpu_packed_bf16_gradients(tmp_path):
-    model = _gpu_model(tmp_path).cuda()
+@pytest.mark.parametrize("heads", [20, 5])  # head dim 16 (flash) and 64 (flash-attn-4 where installed)
+def test_gpu_packed_bf16_gradients(tmp_path, heads):
+    model = _gpu_model(tmp_path, num_attention_heads=heads).cuda()
     model.train()
     ids, mask, rows = _lognormal_batch(6, seed=1)
     ids, mask = ids.cuda(), mask.cuda()
@@ -430,7 +431,12 @@ def test_gpu_packed_bf16_gradients(tmp_path):
     for n, g in ref.items():
         p = model.get_parameter(n)
         assert p.grad is not None and torch.isfinite(p.grad).all(), n
-        assert _rel(p.grad, g) < 5e-2, (n, _rel(p.grad, g))
+        # The key bias's gradient nearly cancels (a bias on every key of a query shifts all its scores
+        # alike, which softmax ignores; only rotary's position dependence leaves a small remainder), so
+        # its relative error is taken against a small norm: measured on an H100 at head dim 64, 0.044
+        # with FlashAttention-2 and 0.051 with flash-attn-4, while every other gradient stays under 0.03.
+        tol = 8e-2 if n.endswith("key.bias") else 5e-2
+        assert _rel(p.grad, g) < tol, (n, _rel(p.grad, g))
 
 
 @pytest.mark.gpu
@@ -451,11 +457,55 @@ def test_gpu_flash_matches_dense_backend():
         assert _rel(a, b) < 2e-2
 
 
+def _fa4_here():
+    from esm_dual.pt.attention import fa4_supported
+
+    return CUDA and fa4_supported(torch.empty(0, 1, 64, device="cuda", dtype=torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("K", [128, 64])
+@pytest.mark.parametrize("strided", [False, True])
+def test_gpu_fa4_matches_flash_backend(K, strided):
+    """flash-attn-4's varlen kernels (where installed on a Hopper GPU) against FlashAttention-2's:
+    outputs and gradients on real-length sequences; "auto" picks FA4 there and flash under dropout."""
+    if not _fa4_here():
+        pytest.skip("flash-attn-4 is not installed or this is not a Hopper GPU")
+    from esm_dual.pt.attention import resolve_backend
+
+    torch.manual_seed(0)
+    lengths = [300, 1, 77, 1022, 64, 511]
+    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32, device="cuda")
+    T, H = sum(lengths), 20
+    if strided:  # views of one [T, 3 H K] buffer, as the fused projection makes them
+        qkv = torch.randn(T, 3 * H * K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        q, k, v = (qkv[:, i * H * K:(i + 1) * H * K].view(T, H, K) for i in range(3))
+    else:
+        q, k, v = (torch.randn(T, H, K, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    assert resolve_backend(q) == "fa4" and resolve_backend(q, dropout_p=0.1) == "flash"  # with gradients
+    with torch.no_grad():  # forward only: FA4 from FA4_MIN_TOKEN_HEADS token-heads up
+        assert resolve_backend(q) == "flash"
+        assert resolve_backend(torch.empty(25_000, H, K, device="cuda", dtype=torch.bfloat16)) == "fa4"
+    out4 = varlen_attention(q, k, v, cu, max(lengths), scale=K**-0.5, backend="fa4")
+    out2 = varlen_attention(q, k, v, cu, max(lengths), scale=K**-0.5, backend="flash")
+    ref = varlen_attention(*(x.float() for x in (q, k, v)), cu, max(lengths), scale=K**-0.5, backend="loop")
+    assert _rel(out4, ref) < 1e-2 and _rel(out4, ref) < 1.5 * _rel(out2, ref) + 1e-3
+    g = torch.randn_like(out4)
+    g4 = torch.autograd.grad((out4 * g).sum(), (q, k, v))
+    gr = torch.autograd.grad((ref * g.float()).sum(), (q, k, v))
+    for a, b in zip(g4, gr):
+        assert _rel(a, b) < 2e-2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (CUDA or _INTERPRET) or not triton_available(), reason="needs CUDA or TRITON_INTERPRET=1")
-def test_fused_inference_loop_matches_layer_modules(tmp_path):
-    """The inference loop (residual add fused into the next LayerNorm) equals the layer modules."""
-    from esm_dual.pt.attention import add_layer_norm
+@pytest.mark.parametrize("epilogue", ["1", "0", "hook"])
+def test_fused_inference_loop_matches_layer_modules(tmp_path, epilogue, monkeypatch):
+    """The inference loop equals the layer modules: with the residual add in the projections' epilogue
+    (biases pending into the next LayerNorm), with it off (add fused into the LayerNorm), and with a
+    hook on a projection (which turns the epilogue off, so the hook runs)."""
+    from esm_dual.pt.attention import add_layer_norm, pending_layer_norm, residual_epilogue_supported
     from esm_dual.pt.packing import packed_encoder_inference, segment_ids, use_fused_inference
 
     device = "cuda" if CUDA else "cpu"
@@ -464,20 +514,32 @@ def test_fused_inference_loop_matches_layer_modules(tmp_path):
     pack = pack_sequences(_rows(ids, mask), device=device)
     T = pack.input_ids.shape[0]
     x = model.embeddings.word_embeddings(pack.input_ids).detach()
+    x_before = x.clone()
     positions = packed_positions(pack.cu_seqlens, T, segment_ids(pack.cu_seqlens, T))
     info = VarlenInfo(pack.cu_seqlens, pack.max_seqlen)
+    monkeypatch.setenv("ESM_DUAL_RESIDUAL_EPILOGUE", "0" if epilogue == "0" else "1")
+    calls = []
+    if epilogue == "hook":
+        model.encoder.layer[1].output.dense.register_forward_hook(lambda m, i, o: calls.append(1))
+    dense = [m for layer in model.encoder.layer for m in (layer.attention.output.dense, layer.output.dense)]
+    assert residual_epilogue_supported(dense, x) == (epilogue == "1")
     with torch.no_grad():
         assert use_fused_inference(model.encoder, x)
         fused, fused_hidden = packed_encoder_inference(model.encoder, x, info, positions, True)
+        assert calls == ([1] if epilogue == "hook" else [])
         ref, ref_hidden, _ = model.encoder(x, info, positions, True, False)
         r = torch.randn_like(x)
         h, y = add_layer_norm(x, r, model.encoder.emb_layer_norm_after)
+        p = torch.randn(x.shape[1], device=device)
+        yp = pending_layer_norm(x, p, model.encoder.emb_layer_norm_after)
+    assert torch.equal(x, x_before)  # the caller's embeddings are never written
     assert _maxdiff(fused, ref) < TOL
     assert len(fused_hidden) == len(ref_hidden)
     for a, b in zip(fused_hidden, ref_hidden):
         assert _maxdiff(a, b) < TOL
     assert torch.equal(h, x + r)
     assert _maxdiff(y, model.encoder.emb_layer_norm_after(x + r)) < TOL
+    assert _maxdiff(yp, model.encoder.emb_layer_norm_after(x + p)) < TOL
     model.train()
     assert not use_fused_inference(model.encoder, x)
 
@@ -567,3 +629,36 @@ def test_linear_gelu_epilogue_matches_exact_gelu(dtype, monkeypatch):
     err_fused = (fused - exact).abs().max().item()
     err_sep = (separate - exact).abs().max().item()
     assert err_fused < 1.5 * err_sep + 1e-3, (err_fused, err_sep)
+
+
+# ---- flash-attn-4 selection ------------------------------------------------------------------------
+
+
+def test_fa4_backend_choice_and_fallback(monkeypatch):
+    """"auto" never picks FA4 off a Hopper GPU, naming it there is a clear error; where "auto" picked it
+    and it fails, a warning says so and FlashAttention-2 takes over for the rest of the process."""
+    from esm_dual.pt import attention as A
+
+    q = torch.randn(10, 2, 64)
+    assert not A.fa4_supported(q) and A.resolve_backend(q) == "dense"
+    with pytest.raises(ValueError, match="flash-attn-4 .* Hopper GPU"):
+        A.resolve_backend(q, "fa4")
+    # pretend to be on a Hopper GPU with flash-attn-4 installed, whose kernels then fail
+    calls = []
+    monkeypatch.setattr(A, "fa4_supported", lambda q: not A._FA4.get("broken"))
+    monkeypatch.setattr(A, "flash_supported", lambda q: True)
+    monkeypatch.setattr(A, "_fa4_attention", lambda *a: (_ for _ in ()).throw(RuntimeError("no CTK flavor")))
+    monkeypatch.setattr(A._FlashVarlen, "apply", lambda *a: calls.append(a[4]) or a[0])
+    monkeypatch.setitem(A._FA4, "broken", None)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    assert A.resolve_backend(q, "auto") == "flash"  # forward only, a small pack
+    monkeypatch.setattr(A, "FA4_MIN_TOKEN_HEADS", 20)
+    assert A.resolve_backend(q) == "fa4" and A.resolve_backend(q, dropout_p=0.1) == "flash"
+    with pytest.raises(ValueError, match="no dropout"):
+        A.resolve_backend(q, "fa4", dropout_p=0.1)
+    with pytest.raises(RuntimeError, match="no CTK flavor"):  # named explicitly: the error itself
+        A.varlen_attention(q, q, q, cu, 6, backend="fa4")
+    with pytest.warns(RuntimeWarning, match="flash-attn-4 failed .*no CTK flavor.*FlashAttention-2"):
+        out = A.varlen_attention(q, q, q, cu, 6)
+    assert out is q and calls == [6]
+    assert A.resolve_backend(q) == "flash"
