@@ -8,8 +8,8 @@ loading, reading and tokenising the FASTA, batching, the forward passes and the 
 
 - ``esm_dual``: ``esm_dual.cli.main.main(["embed", FASTA, OUT, "-m", HUB_DIR, "--format", "pt",
   "--include", "mean", "per_tok", "--repr-layers", "-1", "-q"])``, ``--dtype auto`` (fp16 on GPU,
-  fp32 on CPU), its default token budget (4096) and again with ``--toks-per-batch --big-budget``
-  (``esm_dual_big``, default 16384).
+  fp32 on CPU), at fair-esm's token budget (4096) and again with ``--toks-per-batch --big-budget``
+  (``esm_dual_big``, default 16384: esm-dual's own default on a GPU).
 - ``fair_esm``: fair-esm 2.0's extract script (``esm.scripts.extract``: ``create_parser()`` +
   ``run(args)``, or ``--fair-esm-extract PATH`` to a copy of its ``scripts/extract.py``), in-process, on a
   fair-esm ``.pt`` of the same weights, ``--include mean per_tok --repr_layers <last>``, default
@@ -40,16 +40,24 @@ A line per dataset goes to stderr as it finishes, and ``--out`` is rewritten aft
     python benchmarks/embed_gpu.py --device cpu --shape tiny --lognormal 20 --fasta FILE   # CPU smoke test
 
 Measured 2026-11-25 on an NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130, transformers 5.17, fair-esm 2.0.0
-through its API as above), 650M shape, defaults (3.6 minutes in all). Residues/s, end to end:
+through its API as above, flash-attn-4 4.0.0b36), 650M shape, defaults. Residues/s, end to end, one run:
 
-    dataset (records, residues)       esm_dual  esm_dual_big  fair_esm    hf    ours/fair  ours/HF
-    some_proteins (15, 5,115)            3.3k       3.7k        0.5k     2.1k     6.5      1.6
-    P62593 (first 2,000, 572,000)       74k        84k         16k      47k       4.7      1.6
-    lognormal (2,000, 672,645)          66k        86k         15k      27k       4.3      2.4
+    dataset (records, residues)       esm_dual  esm_dual_big  fair_esm    hf    big/fair  big/HF
+    some_proteins (15, 5,115)            3.3k       3.2k        0.5k     1.8k     6.0      1.8
+    P62593 (first 2,000, 572,000)       54k        66k         14.5k    42k      4.5      1.5
+    lognormal (2,000, 672,645)          57k        74k         14.9k    30k      5.0      2.5
 
-(some_proteins is mostly model loading.) Max |difference| of the mean embeddings, esm-dual fp16 vs fair-esm
-fp32: 3.6e-3..5.3e-3 (1.1e-3..1.3e-3 of the largest value); vs HF fp16: 1.4e-3..1.9e-3; esm-dual at 4096
-vs 16384 tokens per batch: 0 (identical).
+``esm_dual`` runs at fair-esm's 4,096 tokens per batch, ``esm_dual_big`` at 16,384, which is what
+``esm-dual embed`` now uses by default with PyTorch on a GPU. (some_proteins is mostly model loading.)
+These runs are noisy: the disk writes (~5 KB per residue) weigh on them, and three more esm-dual-only runs
+on other H100s that day gave 64k-87k (P62593) and 74k-81k (lognormal) at 16,384 tokens. With flash-attn-4
+forced on every batch, 4,096-token batches fell to 44k-47k (its host-side cost per call shows on small
+packs), so the library takes it only for large inference packs. An earlier run without flash-attn-4, the
+GELU epilogue or the residual epilogue: 74k / 84k (P62593), 66k / 86k (lognormal), fair-esm 16k / 15k,
+HF 47k / 27k.
+
+Max |difference| of the mean embeddings, esm-dual fp16 vs fair-esm fp32: 3.6e-3..5.3e-3 (1.1e-3..1.3e-3 of
+the largest value); vs HF fp16: 1.4e-3..1.9e-3; esm-dual at 4096 vs 16384 tokens per batch: 0 (identical).
 """
 
 from __future__ import annotations
@@ -328,7 +336,7 @@ class Bench:
         self.extract_mod = _fair_esm_extract_module(args.fair_esm_extract) if "fair_esm" in args.tools else None
         self.runs = []  # (name, fn(fasta, outdir)), in order
         if "esm_dual" in args.tools:
-            self.runs.append(("esm_dual", lambda f, o: run_esm_dual(f, o, hub, args.device, None)))
+            self.runs.append(("esm_dual", lambda f, o: run_esm_dual(f, o, hub, args.device, DEFAULT_BUDGET)))
             if args.big_budget:
                 self.runs.append(("esm_dual_big", lambda f, o: run_esm_dual(f, o, hub, args.device, args.big_budget)))
         if "fair_esm" in args.tools:

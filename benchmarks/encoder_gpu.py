@@ -17,22 +17,28 @@ above what was allocated before the pass (weights of both models stay resident),
 
     python benchmarks/encoder_gpu.py [--shapes 150M,650M,3B] [--modes inference,training] [--out r.json]
 
-Measured 2026-11-25 on an NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130, transformers 5.17, triton 3.6;
-a 8192^3 bf16 GEMM ran at 766-791 TFLOP/s there). Real tokens/s, ours best / HF best (HF's best was
-always its sorted 32k-token batches, after a full warm-up pass), peak GiB at the same token budget:
+``--variants`` also runs one pass of each named variant (environment switches the library reads, see
+``VARIANTS``) at every budget: ``torch_flash`` (no flash-attn-4), ``no_residual_epilogue``, ``no_triton``.
+
+Measured 2026-11-25 on an NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130, transformers 5.17, triton 3.6,
+flash-attn-4 4.0.0b36 with nvidia-cutlass-dsl 4.8.1 cu13; a 8192^3 bf16 GEMM ran at 766-798 TFLOP/s
+there). Real tokens/s, ours best / HF best (HF's best was always its sorted 32k-token batches, after a full
+warm-up pass), peak GiB above the weights at the same token budget; each row's two numbers from one run:
 
     shape  mode        ours               HF               ratio  peak ours / HF
-    150M   inference  1017k (339 TF/s)   299k (100 TF/s)  3.40   0.47 / 0.81
-    150M   training    269k (268 TF/s)    90k  (90 TF/s)  2.99   21.6 / 30.8  (32k budget)
-    650M   inference   362k (500 TF/s)   141k (195 TF/s)  2.56   0.94 / 1.59
-    650M   training    102k (420 TF/s)    46k (189 TF/s)  2.22   23.9 / 32.7  (16k budget)
-    3B     inference   101k (593 TF/s)    43k (249 TF/s)  2.38   1.88 / 3.13
-    3B     training     30k (530 TF/s)    16k (286 TF/s)  1.85   27.1 / 35.1  (8k budget)
+    150M   inference  1052k (350 TF/s)   301k (100 TF/s)  3.50   0.35 / 0.81
+    650M   inference   384k (530 TF/s)   142k (196 TF/s)  2.70   0.70 / 1.59
+    650M   training    108k (446 TF/s)    46k (188 TF/s)  2.37   23.9 / 32.7  (16k budget)
+    3B     inference   106k (622 TF/s)    43k (252 TF/s)  2.47   1.40 / 3.13
+    150M   training    269k (268 TF/s)    90k  (90 TF/s)  2.99   21.6 / 30.8  (32k budget; an earlier run)
+    3B     training     30k (530 TF/s)    16k (286 TF/s)  1.85   27.1 / 35.1  (8k budget; an earlier run)
 
-The inference rows include the FFN's bias + GELU in the cuBLASLt epilogue (before it: 935k, 337k, 97k; the
-training rows are from that earlier run). Without the Triton kernels (rotary, residual add + LayerNorm) the
-650M inference drops to 210k. 650M inference profile now: GEMMs 66%, flash attention 19%, add + LayerNorm 9%,
-rotary 5%.
+What the parts bring, 650M inference at 32k / 64k-token packs (same run): all on 383k / 384k; FlashAttention-2
+instead of flash-attn-4 370k / 376k; residual add fused into the LayerNorm instead of the GEMM epilogue
+371k / 375k (and 0.94 GiB peak instead of 0.70); no Triton kernels at all 216k (an earlier run). 3B: 106k,
+104k, 104k. 650M training: 108k with flash-attn-4, 102k without. Earlier steps: the FFN's bias + GELU in
+the cuBLASLt epilogue took the 650M from 337k to 362k. 650M inference profile now (one 32k-token pack,
+78.6 ms of kernels): GEMMs 70% (at 700-800 TFLOP/s), flash-attn-4 16%, LayerNorm 6%, rotary 5%.
 """
 
 from __future__ import annotations
@@ -352,23 +358,11 @@ def bench_shape(shape_name, modes, args, torch, transformers, log):
             res[f"ours_packed_budget{budget}"] = measure(
                 f"ours packed {budget}", lambda pk=pk: result(*timed(torch, ours_fn, pk, reps=args.reps), n_tok, fl,
                                                               len(pk)), log, errors)
-            if budget != args.our_budgets[0]:
-                continue
-            # without the Triton kernels (rotary, residual add + LayerNorm): what they bring
-            variants = {"no_triton": {"ESM_DUAL_NO_TRITON": "1"}}
-            for vname, env in variants.items():
-                saved = {k: os.environ.get(k) for k in env}
-                os.environ.update(env)
-                try:
-                    res[f"variant_{vname}_budget{budget}"] = measure(
-                        f"ours packed {vname} {budget}",
-                        lambda pk=pk: result(*timed(torch, ours_fn, pk, reps=1), n_tok, fl, len(pk)), log, errors)
-                finally:
-                    for k, v in saved.items():
-                        if v is None:
-                            os.environ.pop(k, None)
-                        else:
-                            os.environ[k] = v
+            for vname in args.variants:
+                res[f"variant_{vname}_budget{budget}"] = measure(
+                    f"ours packed {vname} {budget}",
+                    lambda pk=pk, vname=vname: with_env(VARIANTS[vname], lambda: result(
+                        *timed(torch, ours_fn, pk, reps=1), n_tok, fl, len(pk))), log, errors)
         _summarise(res, args.budget)
         out["inference"] = res
         DEV.empty_cache()
@@ -409,6 +403,12 @@ def bench_shape(shape_name, modes, args, torch, transformers, log):
             res[f"ours_packed_budget{our_budget}"] = measure(
                 f"ours train packed {our_budget}",
                 lambda pk=pk: result(*timed(torch, ours_step, pk, reps=args.reps), n_tok, fl, len(pk)), log, errors)
+            for vname in args.variants:
+                if vname in TRAINING_VARIANTS:
+                    res[f"variant_{vname}_budget{our_budget}"] = measure(
+                        f"ours train packed {vname} {our_budget}",
+                        lambda pk=pk, vname=vname: with_env(VARIANTS[vname], lambda: result(
+                            *timed(torch, ours_step, pk, reps=1), n_tok, fl, len(pk))), log, errors)
             del pk
             DEV.empty_cache()
         _summarise(res, budget)
@@ -420,6 +420,28 @@ def bench_shape(shape_name, modes, args, torch, transformers, log):
         out["profile"] = profile(torch, ours, shape_name, args, log)
     out["errors"] = errors
     return out
+
+
+# What each variant switches (environment variables the library reads), to show what a part brings.
+VARIANTS = {
+    "torch_flash": {"ESM_DUAL_FA4": "0"},  # torch's FlashAttention-2 varlen kernels instead of flash-attn-4's
+    "no_residual_epilogue": {"ESM_DUAL_RESIDUAL_EPILOGUE": "0"},  # residual add fused into the LayerNorm instead
+    "no_triton": {"ESM_DUAL_NO_TRITON": "1"},  # no rotary / add + LayerNorm kernels, no residual epilogue
+}
+TRAINING_VARIANTS = ("torch_flash",)  # the others change only the inference loop
+
+
+def with_env(env, fn):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return fn()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _summarise(res, budget):
@@ -584,6 +606,16 @@ def env_info(torch, transformers):
         info["triton"] = f"missing: {e}"
     info["aten_flash_varlen"] = hasattr(torch.ops.aten, "_flash_attention_forward")
     try:
+        from importlib.metadata import version
+
+        info["flash_attn_4"] = version("flash-attn-4")
+        from esm_dual.pt.attention import fa4_supported
+
+        if torch.cuda.is_available():
+            info["fa4_used"] = fa4_supported(torch.empty(0, 1, 64, device="cuda", dtype=torch.bfloat16))
+    except Exception as e:
+        info["flash_attn_4"] = f"missing: {type(e).__name__}"
+    try:
         from torch.nn.attention import varlen  # noqa: F401
 
         info["torch_varlen_attn"] = True
@@ -605,11 +637,17 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=int, default=32768, help="HF sorted batches: padded tokens per batch")
     p.add_argument("--our-budgets", default="32768,65536", help="esm-dual packs: real tokens per pack")
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--variants", default="torch_flash,no_residual_epilogue,no_triton",
+                   help=f"also measure these (one pass each, at every budget): {', '.join(VARIANTS)}")
     p.add_argument("--profile", default="", help="shapes to profile (top kernels), e.g. 650M")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--device", default="cuda", help="cuda; cpu only as a smoke test of this script (shape tiny)")
     args = p.parse_args(argv)
     args.our_budgets = [int(x) for x in args.our_budgets.split(",") if x]
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     args.out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else None
 
     import torch
