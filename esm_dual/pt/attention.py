@@ -544,8 +544,10 @@ def residual_epilogue_enabled() -> bool:
 
 def residual_epilogue_supported(denses, h: torch.Tensor) -> bool:
     """The residual add can run in these projections' GEMM epilogue (h += x W^T, in place): plain
-    ``nn.Linear`` modules with biases and no hooks, weights in h's dtype, h [T, D] contiguous."""
+    ``nn.Linear`` modules with biases and no hooks, weights in h's dtype, h [T, D] contiguous, no autocast
+    (which would hand the in-place product operands of another dtype)."""
     return (residual_epilogue_enabled() and h.dim() == 2 and h.is_contiguous()
+            and not torch.is_autocast_enabled(h.device.type)
             and all(_plain_linear(m) and m.weight.dtype == h.dtype and m.weight.device == h.device for m in denses))
 
 

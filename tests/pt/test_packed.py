@@ -546,6 +546,30 @@ def test_fused_inference_loop_matches_layer_modules(tmp_path, epilogue, monkeypa
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not (CUDA or _INTERPRET) or not triton_available(), reason="needs CUDA or TRITON_INTERPRET=1")
+def test_fused_inference_loop_under_autocast(tmp_path):
+    """fp32 weights under bf16 autocast: the inference loop (which then keeps the residual add out of the
+    GEMM epilogue) runs and gives the layer modules' answer."""
+    from esm_dual.pt.attention import residual_epilogue_supported
+    from esm_dual.pt.packing import packed_encoder_inference, segment_ids
+
+    device = "cuda" if CUDA else "cpu"
+    model = _model(tmp_path, "esm2", head="base").to(device)
+    pack = pack_sequences(_rows(*(torch.tensor(x) for x in make_batch(seed=12))), device=device)
+    T = pack.input_ids.shape[0]
+    x = model.embeddings.word_embeddings(pack.input_ids).detach()
+    positions = packed_positions(pack.cu_seqlens, T, segment_ids(pack.cu_seqlens, T))
+    info = VarlenInfo(pack.cu_seqlens, pack.max_seqlen)
+    dense = [model.encoder.layer[0].output.dense]
+    assert residual_epilogue_supported(dense, x)
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        assert not residual_epilogue_supported(dense, x)
+        fused, _ = packed_encoder_inference(model.encoder, x, info, positions)
+        ref, _, _ = model.encoder(x, info, positions, False, False)
+    assert fused.shape == ref.shape and _rel(fused, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (CUDA or _INTERPRET) or not triton_available(), reason="needs CUDA or TRITON_INTERPRET=1")
 def test_fused_qkv_projection_matches_module_calls(tmp_path):
     """One GEMM on the stacked q/k/v weights + the rotary kernel == the three Linear calls (values and
     gradients); a hook on a projection sends that layer back to the module calls."""
