@@ -120,20 +120,10 @@ def _dims(shape: str) -> dict:
 
 def read_fasta(path: str) -> tuple[list[str], list[str]]:
     """(labels, sequences); a label is the whole header line without '>' (fair-esm's label)."""
-    labels, seqs, buf = [], [], []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line.startswith(">"):
-                if labels:
-                    seqs.append("".join(buf))
-                labels.append(line[1:].strip())
-                buf = []
-            elif line:
-                buf.append(line)
-    if labels:
-        seqs.append("".join(buf))
-    return labels, seqs
+    from esm_dual.common.fasta import read_fasta as records
+
+    recs = list(records(path, check_duplicates=False, allow_empty=True))
+    return [r.description for r in recs], [r.sequence for r in recs]
 
 
 def write_fasta(path: str, labels, seqs) -> None:
@@ -277,16 +267,10 @@ def run_hf(fasta: str, outdir: str, hub: str, layer: int, device: str, dtype, bu
                                                   add_pooling_layer=False).to(device).eval()
     labels, seqs = read_fasta(fasta)
     seqs = [s[:TRUNC] for s in seqs]
-    batches, cur, cur_max = [], [], 0
-    for i in sorted(range(len(seqs)), key=lambda i: len(seqs[i])):
-        n = len(seqs[i]) + 2
-        if cur and max(cur_max, n) * (len(cur) + 1) > budget:
-            batches.append(cur)
-            cur, cur_max = [], 0
-        cur.append(i)
-        cur_max = max(cur_max, n)
-    if cur:
-        batches.append(cur)
+    from esm_dual.cli._common import token_batches
+
+    # length-sorted batches of at most `budget` padded tokens, BOS/EOS included: esm-dual's own grouping
+    batches = token_batches([len(s) for s in seqs], budget)
     os.makedirs(outdir, exist_ok=True)
     with torch.inference_mode():
         for b in batches:

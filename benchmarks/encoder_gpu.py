@@ -112,22 +112,15 @@ def flops_per_pass(seqs, shape, training: bool) -> float:
 # ---- batching ------------------------------------------------------------------------------------
 
 
-def padded_batches(seqs, order, batch_size=None, budget=None, labels=None):
-    """Padded [B, L] batches: fixed batch size in the given order, or sorted with B * L <= budget."""
-    groups = []
+def padded_batches(seqs, order=None, batch_size=None, budget=None, labels=None):
+    """Padded [B, L] batches: fixed batch size in the given order, or length-sorted with B * L <= budget
+    (``token_batches``, the grouping of ``esm-dual embed`` and fair-esm; seqs already hold BOS/EOS)."""
+    from esm_dual.cli._common import token_batches
+
     if batch_size:
         groups = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     else:
-        cur, cur_max = [], 0
-        for i in order:
-            n = len(seqs[i])
-            if cur and max(cur_max, n) * (len(cur) + 1) > budget:
-                groups.append(cur)
-                cur, cur_max = [], 0
-            cur.append(i)
-            cur_max = max(cur_max, n)
-        if cur:
-            groups.append(cur)
+        groups = token_batches([len(s) for s in seqs], budget, extra_toks_per_seq=0)
     out = []
     for g in groups:
         L = max(len(seqs[i]) for i in g)
@@ -325,9 +318,8 @@ def bench_shape(shape_name, modes, args, torch, transformers, log):
         n_tok = sum(len(s) for s in seqs)
         fl = flops_per_pass(seqs, SHAPES[shape_name], training=False)
         file_order = list(range(len(seqs)))
-        by_len = sorted(file_order, key=lambda i: len(seqs[i]))
         hf16 = [to_dev(b) for b in padded_batches(seqs, file_order, batch_size=16)]
-        hfb = [to_dev(b) for b in padded_batches(seqs, by_len, budget=args.budget)]
+        hfb = [to_dev(b) for b in padded_batches(seqs, budget=args.budget)]
         res = {"n_seqs": len(seqs), "n_tokens": n_tok, "padded_tokens_16": int(sum(b[0].numel() for b in hf16)),
                "padded_tokens_sorted": int(sum(b[0].numel() for b in hfb))}
 
@@ -374,9 +366,8 @@ def bench_shape(shape_name, modes, args, torch, transformers, log):
         n_tok = sum(len(s) for s in seqs)
         fl = flops_per_pass(seqs, SHAPES[shape_name], training=True)
         file_order = list(range(len(seqs)))
-        by_len = sorted(file_order, key=lambda i: len(seqs[i]))
         hf16 = [to_dev(b) for b in padded_batches(inputs, file_order, batch_size=16, labels=labels)]
-        hfb = [to_dev(b) for b in padded_batches(inputs, by_len, budget=budget, labels=labels)]
+        hfb = [to_dev(b) for b in padded_batches(inputs, budget=budget, labels=labels)]
         res = {"n_seqs": len(seqs), "n_tokens": n_tok, "budget": budget,
                "what": "forward + backward of the MLM loss, bf16 weights and grads, no optimizer step"}
         hf.train()
@@ -506,6 +497,18 @@ def profile(torch, ours, shape_name, args, log):
     return res
 
 
+def cuda_ms(torch, fn, n):
+    """Milliseconds per call of fn on the GPU (CUDA events around n calls, after one untimed call)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
 def attention_probe(torch, cfg, pack):
     """Milliseconds of one layer's varlen attention on a real pack: flash forward, forward + backward."""
     from esm_dual.pt import attention as A
@@ -515,15 +518,8 @@ def attention_probe(torch, cfg, pack):
     cu, mx = pack.cu_seqlens, pack.max_seqlen
     out = {"tokens": T}
 
-    def t(fn, n=10):
-        fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return round(start.elapsed_time(end) / n, 3)
+    def t(fn):
+        return round(cuda_ms(torch, fn, 10), 3)
 
     with torch.no_grad():
         out["flash_fwd_ms"] = t(lambda: A.varlen_attention(q, k, v, cu, mx, backend="flash"))
@@ -548,15 +544,8 @@ def gemm_probe(torch, D, T):
     wf, bf = torch.cat(ws), torch.cat(bs)
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
 
-    def t(fn, n=20):
-        fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / n / 1e3
+    def t(fn):  # seconds
+        return cuda_ms(torch, fn, 20) / 1e3
 
     three = t(lambda: [F.linear(x, w, b) for w, b in zip(ws, bs)])
     fused = t(lambda: F.linear(x, wf, bf))

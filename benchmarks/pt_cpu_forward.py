@@ -18,52 +18,28 @@ import statistics
 import sys
 import time
 
-import numpy as np
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_FASTA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "some_proteins.fasta"))
-VOCAB = ["<cls>", "<pad>", "<eos>", "<unk>", *"LAGVSERTIDPKQNFYMHWCXBUZO.-", "<null_1>", "<mask>"]
 
 
 def read_sequences(path: str) -> list[str]:
-    seqs, cur = [], []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line.startswith(">"):
-                if cur:
-                    seqs.append("".join(cur))
-                cur = []
-            elif line:
-                cur.append(line)
-    if cur:
-        seqs.append("".join(cur))
-    return seqs
+    from esm_dual.common.fasta import read_fasta
+
+    return [r.sequence for r in read_fasta(path)]
 
 
 def batches(seqs: list[str], toks_per_batch: int, max_len: int = 1022):
-    idx = {c: i for i, c in enumerate(VOCAB)}
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out, cur, cur_max = [], [], 0
-    for i in order:
-        n = min(len(seqs[i]), max_len) + 2
-        if cur and max(cur_max, n) * (len(cur) + 1) > toks_per_batch:
-            out.append(cur)
-            cur, cur_max = [], 0
-        cur.append(i)
-        cur_max = max(cur_max, n)
-    if cur:
-        out.append(cur)
-    encoded = []
-    for b in out:
-        L = max(min(len(seqs[i]), max_len) + 2 for i in b)
-        ids = np.full((len(b), L), 1, dtype=np.int64)
-        for r, i in enumerate(b):
-            s = seqs[i][:max_len]
-            ids[r, 0], ids[r, len(s) + 1] = 0, 2
-            ids[r, 1 : len(s) + 1] = [idx.get(c, 3) for c in s]
-        encoded.append((ids, (ids != 1).astype(np.int64)))
-    return encoded
+    """Length-sorted padded batches of at most toks_per_batch tokens (``esm-dual embed``'s grouping):
+    [(input_ids [B, L], attention_mask [B, L])] as int64 numpy."""
+    from esm_dual.cli._common import token_batches
+    from esm_dual.common.tokenizer import EsmTokenizer
+
+    tok = EsmTokenizer()
+    out = []
+    for b in token_batches([min(len(s), max_len) for s in seqs], toks_per_batch):
+        enc = tok([seqs[i][:max_len] for i in b], padding=True, return_tensors="np")
+        out.append((enc["input_ids"], enc["attention_mask"]))
+    return out
 
 
 def main(argv=None) -> int:

@@ -220,12 +220,12 @@ def varlen_attention(
     if scale is None and backend in ("fa4", "flash"):
         scale = q.shape[-1] ** -0.5
     if backend == "fa4":
-        cu = cu_seqlens.to(torch.int32)
-        if requested == "fa4":
-            return _fa4_attention(q, k, v, cu, int(max_seqlen), float(scale))
         try:
-            return _fa4_attention(q, k, v, cu, int(max_seqlen), float(scale))
-        except Exception as e:  # chosen by "auto": fall back to flash for the rest of the process
+            return _fa4_attention(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), float(scale))
+        except Exception as e:
+            if requested == "fa4":
+                raise
+            # chosen by "auto": fall back to flash for the rest of the process
             _FA4["broken"] = f"{type(e).__name__}: {e}"
             warnings.warn(f"flash-attn-4 failed ({_FA4['broken']}); using the FlashAttention-2 kernels instead",
                           RuntimeWarning, stacklevel=2)

@@ -242,7 +242,6 @@ def packed_encoder_inference(encoder, hidden_states: torch.Tensor, info: VarlenI
     - Otherwise each residual add is fused into the LayerNorm that follows it (the next layer's first
       LayerNorm, or ``emb_layer_norm_after`` after the last).
     """
-    from .modeling_esm import EsmIntermediate
 
     layers = list(encoder.layer)
     all_hidden = [] if output_hidden_states else None
@@ -275,8 +274,8 @@ def packed_encoder_inference(encoder, hidden_states: torch.Tensor, info: VarlenI
         # (temporaries are passed straight on, so none outlives its use: [T, 4D] GELU output included)
         h, owned = add_projection(h, owned, attention.output.dense, attention.self(a, info, positions)[0])
         pending = plus(pending, attention.output.dense.bias)
-        a = None
-        inter = _intermediate(layer, pending_layer_norm(h, pending, layer.LayerNorm), EsmIntermediate)
+        a = None  # the LayerNorm output is spent: free it before the FFN's [T, 4D]
+        inter = _intermediate(layer, pending_layer_norm(h, pending, layer.LayerNorm))
         h, owned = add_projection(h, owned, layer.output.dense, inter)
         del inter
         pending = plus(pending, layer.output.dense.bias)
@@ -287,16 +286,17 @@ def packed_encoder_inference(encoder, hidden_states: torch.Tensor, info: VarlenI
     return a, (tuple(all_hidden) if all_hidden is not None else None)
 
 
-def _intermediate(layer, b, intermediate_cls):
+def _intermediate(layer, b):
+    """The layer's FFN up-projection + GELU on b (through the module itself if it is not the plain one)."""
+    from .modeling_esm import EsmIntermediate
+
     inter = layer.intermediate
-    if type(inter).forward is intermediate_cls.forward and not inter._forward_hooks and not inter._forward_pre_hooks:
+    if type(inter).forward is EsmIntermediate.forward and not inter._forward_hooks and not inter._forward_pre_hooks:
         return linear_gelu(inter.dense, b)  # bias + GELU in the GEMM's epilogue on GPU
     return inter(b)
 
 
 def _fused_add_ln_loop(encoder, layers, h, info, positions, all_hidden):
-    from .modeling_esm import EsmIntermediate
-
     a = layers[0].attention.LayerNorm(h)
     for i, layer in enumerate(layers):
         if all_hidden is not None:
@@ -305,7 +305,7 @@ def _fused_add_ln_loop(encoder, layers, h, info, positions, all_hidden):
         context, _ = attention.self(a, info, positions)
         # h + out(context), then the layer's second LayerNorm
         h, b = add_layer_norm(attention.output.dense(context), h, layer.LayerNorm)
-        ffn = layer.output.dense(_intermediate(layer, b, EsmIntermediate))
+        ffn = layer.output.dense(_intermediate(layer, b))
         after = layers[i + 1].attention.LayerNorm if i + 1 < len(layers) else encoder.emb_layer_norm_after
         # h + ffn, then the next layer's first LayerNorm (or the final one)
         h, a = add_layer_norm(ffn, h, after)
