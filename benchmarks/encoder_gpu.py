@@ -18,8 +18,7 @@ above what was allocated before the pass (weights of both models stay resident),
     python benchmarks/encoder_gpu.py [--shapes 150M,650M,3B] [--modes inference,training] [--out r.json]
 
 ``--variants`` also runs one pass of each named variant (environment switches the library reads, see
-``VARIANTS``) at every budget: ``torch_flash`` (no flash-attn-4), ``no_residual_epilogue``, ``no_triton``,
-``fa4_own_tiles`` (flash-attn-4's own forward tiles).
+``VARIANTS``) at every budget: ``torch_flash`` (no flash-attn-4), ``no_residual_epilogue``, ``no_triton``.
 
 Measured 2026-11-25 on an NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130, transformers 5.17, triton 3.6,
 flash-attn-4 4.0.0b36 with nvidia-cutlass-dsl 4.8.1 cu13; a 8192^3 bf16 GEMM ran at 766-798 TFLOP/s
@@ -41,15 +40,13 @@ instead of flash-attn-4 370k / 376k; residual add fused into the LayerNorm inste
 the cuBLASLt epilogue took the 650M from 337k to 362k. 650M inference profile now (one 32k-token pack,
 78.6 ms of kernels): GEMMs 70% (at 700-800 TFLOP/s), flash-attn-4 16%, LayerNorm 6%, rotary 5%.
 
-Later runs on other H100s (same day, each ratio from one run): 650M 380k / 142k = 2.68-2.72x, 3B 103.7k-105.1k /
-42.4k-42.9k = 2.45x, 150M 1,040k-1,069k / 299k = 3.47-3.58x, 650M training 107.6k / 45.7k = 2.36x. An
-nvidia-smi log beside one of them: the card at its ~690 W power cap, SM clock ~1,750 MHz in the 650M passes
-and ~1,450 MHz in the 3B passes (1,980 idle); a profile of a whole pass: kernels 98% (650M) and 100% (3B) of
-the wall time, and a CUDA graph of a 32k-token pack ran 84.8 ms against 85.3 ms eager. flash-attn-4 with
-its inference tiles (``attention.FA4_INFERENCE_TILES``, 192 x 96 at head dim 64): 650M at 16k-token packs
-372k against 345k-357k with FlashAttention-2 (``fa4_own_tiles`` / ``torch_flash``: at 16k tokens x 20 heads
-FA4's own tiles do not pay, so "auto" took FlashAttention-2), 3B 102.6k against 99.0k-101.2k; at 32k and
-64k packs within the run-to-run spread (+0-0.7%). Attention per layer in the 650M profile: 366 against 383 us.
+Later runs on other H100s (same day, each ratio from one run): 650M 380k-384k / 141k-142k = 2.68-2.72x, 3B
+103.7k-105.1k / 42.4k-42.9k = 2.45x, 150M 1,040k-1,069k / 299k = 3.47-3.58x, 650M training 107.6k / 45.7k =
+2.36x. An nvidia-smi log beside one of them: the card at its ~690 W power cap, SM clock ~1,750 MHz in the 650M
+passes and ~1,450 MHz in the 3B passes (1,980 at low load); a profile of a whole pass: kernels 98% (650M) and
+100% (3B) of the wall time, and a CUDA graph of a 32k-token pack ran 84.8 ms against 85.3 ms eager. What was
+tried on top and not kept (other flash-attn-4 tiles, sequences longest first in a pack): see
+``esm_dual/pt/attention.py`` beside ``FA4_MIN_TOKEN_HEADS``.
 """
 
 from __future__ import annotations
@@ -429,7 +426,6 @@ VARIANTS = {
     "torch_flash": {"ESM_DUAL_FA4": "0"},  # torch's FlashAttention-2 varlen kernels instead of flash-attn-4's
     "no_residual_epilogue": {"ESM_DUAL_RESIDUAL_EPILOGUE": "0"},  # residual add fused into the LayerNorm instead
     "no_triton": {"ESM_DUAL_NO_TRITON": "1"},  # no rotary / add + LayerNorm kernels, no residual epilogue
-    "fa4_own_tiles": {"ESM_DUAL_FA4_TILES": "0"},  # flash-attn-4's own forward tiles (192 x 128 at head dim 64)
 }
 TRAINING_VARIANTS = ("torch_flash",)  # the others change only the inference loop
 
@@ -638,7 +634,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=int, default=32768, help="HF sorted batches: padded tokens per batch")
     p.add_argument("--our-budgets", default="32768,65536", help="esm-dual packs: real tokens per pack")
     p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--variants", default="torch_flash,no_residual_epilogue,fa4_own_tiles",
+    p.add_argument("--variants", default="torch_flash,no_residual_epilogue,no_triton",
                    help=f"also measure these (one pass each, at every budget): {', '.join(VARIANTS)}")
     p.add_argument("--profile", default="", help="shapes to profile (top kernels), e.g. 650M")
     p.add_argument("--out", default=None, help="also write the JSON here")

@@ -18,10 +18,9 @@ Back ends of :func:`varlen_attention`:
 - ``fa4``: FlashAttention-4's varlen kernels (the optional ``flash-attn-4`` package, CuTe DSL, written
   for Hopper's tensor-memory copies and warpgroup MMA), forward and backward, no dropout. "auto" takes
   them on a Hopper GPU where the package is installed (``pip install esm-dual[hopper]``), for head dims
-  64 and 128, in training, and in inference on packs of at least ``FA4_MIN_TOKEN_HEADS_TILED`` token-heads
-  (with the forward tiles of ``FA4_INFERENCE_TILES``; ``FA4_MIN_TOKEN_HEADS`` without them); else ``flash``.
-  If they fail at their first call, "auto" warns and uses ``flash`` from then on. ``ESM_DUAL_FA4=0`` turns
-  them off.
+  64 and 128, in training, and in inference on packs of at least ``FA4_MIN_TOKEN_HEADS`` token-heads;
+  else ``flash``. If they fail at their first call, "auto" warns and uses ``flash`` from then on.
+  ``ESM_DUAL_FA4=0`` turns them off.
 - ``dense``: one SDPA call on [1, H, T, K] with a block-diagonal boolean mask (any device and dtype;
   T x T mask, so for small packs: tests, CPU).
 - ``loop``: one SDPA call per sequence (any device and dtype, any T).
@@ -85,12 +84,14 @@ FA4_HEAD_DIMS = (64, 128)
 # ran at 56k residues/s with FA4 everywhere against 74k without. With gradients (training) FA4 is taken at
 # every size: forward + backward of the 650M ran 6-7% faster with it at 16k- and 32k-token packs.
 FA4_MIN_TOKEN_HEADS = 500_000
-# The same with the inference tiles (``FA4_INFERENCE_TILES``), which are faster on small packs above all
-# (H100, head dim 64, real-length packs, forward only, ms, FA4 with them / FA4's own / FlashAttention-2):
-# 4.0k tokens x 20 heads 0.198 / 0.194 / 0.073; 4.0k x 40 0.167 / 0.226 / 0.116; 7.8k x 20 0.160 / 0.232 / 0.124;
-# 7.8k x 40 0.167 / 0.219 / 0.223; 16.1k x 20 0.183 / 0.231 / 0.245; 16.1k x 40 0.347 / 0.349 / 0.462;
-# 32.7k x 20 0.354 / 0.361 / 0.436.
-FA4_MIN_TOKEN_HEADS_TILED = 300_000
+# Tried and not kept: other forward tiles through flash-attn-4's internal ``_flash_attn_fwd(..., tile_mn)``. At head
+# dim 64 it picks 192 x 128; 192 x 96 made one layer's attention 1-14% faster on 32k-65k-token packs and 25-31%
+# faster on 8k-16k packs (H100). But the 650M and 3B encoders at 32k and 64k packs moved by 0-0.7%, within the
+# run-to-run spread, and taking FA4 from 300k token-heads with them (16k-token packs of the 650M: +4% in
+# encoder_gpu.py) made `esm-dual embed` at its 16,384-token default slower end to end: 70-74k against 83-93k
+# residues/s, since that loop is partly host-bound and FA4 costs more host time per call. Also tried: sequences
+# reordered longest first inside a pack (attention 2-7% faster on large packs, the encoder unchanged within the
+# spread), and CUDA graphs (the GPU is already busy 98-100% of a pass: 84.8 vs 85.3 ms per 32k-token pack).
 
 
 def _fa4_function():
@@ -121,62 +122,11 @@ def fa4_supported(q: torch.Tensor) -> bool:
 
 
 def _fa4_pays(q: torch.Tensor) -> bool:
-    """Whether "auto" should take FA4 for q [T, H, K]: with gradients always, else on large packs (from
-    ``FA4_MIN_TOKEN_HEADS_TILED`` token-heads where the inference tiles apply, else ``FA4_MIN_TOKEN_HEADS``)."""
-    if torch.is_grad_enabled() and q.requires_grad:
-        return True
-    least = FA4_MIN_TOKEN_HEADS_TILED if fa4_inference_tile(q, q, q) is not None else FA4_MIN_TOKEN_HEADS
-    return q.shape[0] * q.shape[1] >= least
-
-
-# Forward tiles (query rows, key rows) for inference (no gradients), by head dim. flash-attn-4 picks 192 x 128 at
-# head dim 64 on Hopper. On real-length packs (median 270 residues, H100) 192 x 96 was 1-14% faster at 32k-65k
-# tokens (0.362 vs 0.423 ms on one 32.5k x 20-head pack, 0.354 vs 0.361 on another; 1.607 vs 1.830 at 65k x 40)
-# and 25-31% faster at 8k-16k tokens (table above); 192 x 64 was within 1% of it, 128 x 128, 128 x 96 and
-# 128 x 64 no faster than 192 x 128, 64-row tiles 35-55% slower. Its outputs were those of the default tiles up
-# to one bf16 rounding. ``ESM_DUAL_FA4_TILES=0`` keeps flash-attn-4's own choice.
-FA4_INFERENCE_TILES = {64: (192, 96)}
-
-
-def _fa4_forward_function():
-    """flash-attn-4's forward entry point that takes a tile shape (``interface._flash_attn_fwd(..., tile_mn)``,
-    not part of its public API), or None where this build lacks it."""
-    if "fwd" not in _FA4:
-        _FA4["fwd"] = None
-        try:
-            import inspect
-
-            from flash_attn.cute.interface import _flash_attn_fwd
-
-            if "tile_mn" in inspect.signature(_flash_attn_fwd).parameters:
-                _FA4["fwd"] = _flash_attn_fwd
-        except Exception:
-            pass
-    return _FA4["fwd"]
-
-
-def fa4_inference_tile(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int] | None:
-    """The tile shape to ask flash-attn-4 for on this call, or None for its own choice: forward-only calls
-    (no gradient wanted) at head dims in ``FA4_INFERENCE_TILES``, unless ``ESM_DUAL_FA4_TILES=0``."""
-    tile = FA4_INFERENCE_TILES.get(q.shape[-1])
-    if tile is None or os.environ.get("ESM_DUAL_FA4_TILES", "1") in ("", "0"):
-        return None
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return None
-    return tile if _fa4_forward_function() is not None else None
+    """Whether "auto" should take FA4 for q [T, H, K]: with gradients always, else on large packs."""
+    return (torch.is_grad_enabled() and q.requires_grad) or q.shape[0] * q.shape[1] >= FA4_MIN_TOKEN_HEADS
 
 
 def _fa4_attention(q, k, v, cu_seqlens, max_seqlen, scale):
-    tile = fa4_inference_tile(q, k, v)
-    if tile is not None:
-        try:
-            return _fa4_forward_function()(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-                                           max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, softmax_scale=scale,
-                                           tile_mn=tile)[0]
-        except Exception as e:  # an internal entry point: if it changed, keep flash-attn-4's public call
-            _FA4["fwd"] = None
-            warnings.warn(f"flash-attn-4 with tiles {tile} failed ({type(e).__name__}: {e}); using its own tiles",
-                          RuntimeWarning, stacklevel=3)
     out, _ = _fa4_function()(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
                              max_seqlen_k=max_seqlen, softmax_scale=scale)
     return out

@@ -487,8 +487,6 @@ def test_gpu_fa4_matches_flash_backend(K, strided):
     with torch.no_grad():  # forward only: FA4 from FA4_MIN_TOKEN_HEADS token-heads up
         assert resolve_backend(q) == "flash"
         assert resolve_backend(torch.empty(25_000, H, K, device="cuda", dtype=torch.bfloat16)) == "fa4"
-        if K == 64:  # with the inference tiles: from 300k token-heads
-            assert resolve_backend(torch.empty(15_000, H, K, device="cuda", dtype=torch.bfloat16)) == "fa4"
     out4 = varlen_attention(q, k, v, cu, max(lengths), scale=K**-0.5, backend="fa4")
     out2 = varlen_attention(q, k, v, cu, max(lengths), scale=K**-0.5, backend="flash")
     ref = varlen_attention(*(x.float() for x in (q, k, v)), cu, max(lengths), scale=K**-0.5, backend="loop")
@@ -690,69 +688,22 @@ def test_fa4_backend_choice_and_fallback(monkeypatch):
     assert A.resolve_backend(q) == "flash"
 
 
-def test_fa4_inference_tiles_choice_and_fallback(monkeypatch):
-    """Forward-only calls at head dim 64 ask flash-attn-4 for its 192 x 96 tiles (through its internal entry
-    point); with gradients, at other head dims or with ESM_DUAL_FA4_TILES=0 its own choice stays. If the
-    internal entry point fails, a warning says so and the public call takes over."""
-    from esm_dual.pt import attention as A
-
-    calls = []
-
-    def internal(q, k, v, **kw):
-        calls.append(("internal", kw["tile_mn"]))
-        if kw.get("softmax_scale") == 0.5:
-            raise TypeError("unexpected keyword argument 'tile_mn'")
-        return (q + 1, None)
-
-    monkeypatch.setitem(A._FA4, "fwd", internal)
-    monkeypatch.setitem(A._FA4, "fn", lambda q, k, v, **kw: calls.append(("public", None)) or (q + 2, None))
-    q = torch.zeros(6, 2, 64)
-    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
-    with torch.no_grad():
-        assert A.fa4_inference_tile(q, q, q) == (192, 96)
-        assert A.fa4_inference_tile(*(torch.zeros(6, 2, 128),) * 3) is None
-        assert torch.equal(A._fa4_attention(q, q, q, cu, 4, 0.125), q + 1)
-        monkeypatch.setenv("ESM_DUAL_FA4_TILES", "0")
-        assert A.fa4_inference_tile(q, q, q) is None
-        assert torch.equal(A._fa4_attention(q, q, q, cu, 4, 0.125), q + 2)
-        monkeypatch.delenv("ESM_DUAL_FA4_TILES")
-    qg = q.clone().requires_grad_()
-    assert A.fa4_inference_tile(qg, q, q) is None  # training: flash-attn-4's autograd function and tiles
-    assert torch.equal(A._fa4_attention(qg, q, q, cu, 4, 0.125), q + 2)
-    assert calls == [("internal", (192, 96)), ("public", None), ("public", None)]
-    with torch.no_grad(), pytest.warns(RuntimeWarning, match=r"tiles \(192, 96\) failed .*tile_mn.*its own tiles"):
-        assert torch.equal(A._fa4_attention(q, q, q, cu, 4, 0.5), q + 2)
-    assert A._FA4["fwd"] is None and A.fa4_inference_tile(q, q, q) is None
-    # "auto", forward only: FA4 from 300k token-heads with the tiles, from 500k without
-    monkeypatch.setitem(A._FA4, "fwd", internal)
-    monkeypatch.setattr(A, "fa4_supported", lambda q: True)
-    monkeypatch.setattr(A, "flash_supported", lambda q: True)
-    with torch.no_grad():
-        assert A.resolve_backend(torch.empty(15_000, 20, 64)) == "fa4"
-        assert A.resolve_backend(torch.empty(14_999, 20, 64)) == "flash"
-        monkeypatch.setenv("ESM_DUAL_FA4_TILES", "0")
-        assert A.resolve_backend(torch.empty(15_000, 20, 64)) == "flash"
-        assert A.resolve_backend(torch.empty(25_000, 20, 64)) == "fa4"
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_gpu_fa4_inference_tiles_match(monkeypatch):
-    """flash-attn-4 with the inference tiles against its own tiles and fp32, on real-length sequences."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_model_with_fa4(tmp_path, dtype):
+    """The whole packed encoder in inference with flash-attn-4 against FlashAttention-2 and the fp32 padded
+    reference, head dim 64, real-length sequences; fp16 too, as ``esm-dual embed`` runs."""
     if not _fa4_here():
         pytest.skip("flash-attn-4 is not installed or this is not a Hopper GPU")
-    from esm_dual.pt import attention as A
-
-    torch.manual_seed(0)
-    lengths = [300, 1, 77, 1022, 64, 511, 190]
-    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32, device="cuda")
-    T, H, K = sum(lengths), 20, 64
-    q, k, v = (torch.randn(T, H, K, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    model = _gpu_model(tmp_path, hidden_size=1280, intermediate_size=1280).cuda()  # 20 heads of 64
+    ids, mask, rows = _lognormal_batch(16, seed=3)
+    ids, mask = ids.cuda(), mask.cuda()
+    pack = pack_sequences(rows, device="cuda")
     with torch.no_grad():
-        assert A.fa4_inference_tile(q, k, v) == (192, 96)
-        tiled = A.varlen_attention(q, k, v, cu, max(lengths), scale=K**-0.5, backend="fa4")
-        monkeypatch.setenv("ESM_DUAL_FA4_TILES", "0")
-        own = A.varlen_attention(q, k, v, cu, max(lengths), scale=K**-0.5, backend="fa4")
-        ref = A.varlen_attention(*(x.float() for x in (q, k, v)), cu, max(lengths), scale=K**-0.5, backend="loop")
-    assert _rel(tiled, ref) < 1e-2 and _rel(tiled, ref) < 1.2 * _rel(own, ref) + 1e-4
-    assert _maxdiff(tiled, own) < 0.02
+        ref32 = _sdpa(model)(ids, attention_mask=mask).logits[mask.bool()]
+        model.to(dtype)
+        out = {b: model.lm_head(packed_model_forward(model.esm, pack.input_ids, pack.cu_seqlens, pack.max_seqlen,
+                                                     backend=b)[0]) for b in ("fa4", "flash")}
+    e4, e2 = _rel(out["fa4"], ref32), _rel(out["flash"], ref32)
+    assert e4 < 2e-2 and e4 < 1.2 * e2 + 1e-3, (e4, e2)
