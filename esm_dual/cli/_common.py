@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -242,14 +243,39 @@ class Runner:
         return ids, mask
 
     # Implemented by the backends.
-    def representations(self, ids: np.ndarray, mask: np.ndarray, layers: Sequence[int], contacts: bool
-                        ) -> tuple[dict[int, np.ndarray], np.ndarray | None]:
-        """-> ({layer: [B, L, D] float32}, contacts [B, L-2, L-2] float32 or None)."""
+    def representations(self, ids: np.ndarray, mask: np.ndarray, layers: Sequence[int], contacts: bool,
+                        per_token: bool = True) -> Representations:
+        """Hidden states of ``layers`` for a batch from :meth:`pad`: the mean over each sequence's residues and
+        the <cls> row always, every position only with ``per_token`` (copying [B, L, D] to the host is what a
+        mean-only job would otherwise spend most of its host time on), contact maps with ``contacts``."""
         raise NotImplementedError
 
     def log_probs(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
         """log-softmax of the LM logits, float32: [B, L, V], or [B, V] at ``positions`` [B] (one per row)."""
         raise NotImplementedError
+
+
+@dataclass
+class Representations:
+    """A batch's hidden states (float32), per requested layer: ``mean`` [B, D] over each sequence's residues
+    (positions 1..n: no BOS/EOS/padding), ``bos`` [B, D] (the <cls> row), ``tokens`` [B, L, D] every position
+    (None unless asked for); ``contacts`` [B, L-2, L-2] or None."""
+
+    mean: dict[int, np.ndarray]
+    bos: dict[int, np.ndarray]
+    tokens: dict[int, np.ndarray] | None
+    contacts: np.ndarray | None = None
+
+    @classmethod
+    def from_tokens(cls, tokens: dict[int, np.ndarray], mask: np.ndarray, per_token: bool,
+                    contacts: np.ndarray | None = None) -> Representations:
+        """Means and <cls> rows computed on the host from [B, L, D] states (sequences as :meth:`Runner.pad`
+        lays them out: BOS, n residues, EOS)."""
+        n = mask.sum(-1) - 2
+        mean = {layer: np.stack([t[i, 1:k + 1].mean(0) for i, k in enumerate(n)]).astype(np.float32)
+                for layer, t in tokens.items()}
+        bos = {layer: np.ascontiguousarray(t[:, 0], dtype=np.float32) for layer, t in tokens.items()}
+        return cls(mean, bos, tokens if per_token else None, contacts)
 
 
 class TorchRunner(Runner):
@@ -273,14 +299,28 @@ class TorchRunner(Runner):
         self.model = model.eval()
         self.encoder = model if cls is EsmModel else model.esm
 
-    def representations(self, ids, mask, layers, contacts):
+    def representations(self, ids, mask, layers, contacts, per_token=True):
         torch = self.torch
         with torch.inference_mode():
             ids_t = torch.from_numpy(ids).to(self.device)
             mask_t = torch.from_numpy(mask).to(self.device)
-            out = self.encoder(ids_t, attention_mask=mask_t, output_hidden_states=True,
+            # every layer's states only when a layer other than the last is wanted
+            all_layers = any(layer != self.num_layers for layer in layers)
+            out = self.encoder(ids_t, attention_mask=mask_t, output_hidden_states=all_layers,
                                output_attentions=contacts)
-            reps = {layer: out.hidden_states[layer].float().cpu().numpy() for layer in layers}
+            states = {layer: (out.hidden_states[layer] if all_layers else out.last_hidden_state)
+                      for layer in layers}
+            # The means and <cls> rows on the device: only [B, D] per layer crosses to the host.
+            n = mask_t.sum(-1, keepdim=True) - 2
+            pos = torch.arange(ids_t.shape[1], device=ids_t.device)
+            residues = ((pos >= 1) & (pos <= n)).unsqueeze(-1)  # [B, L, 1]: positions 1..n
+            mean, bos, tokens = {}, {}, {} if per_token else None
+            for layer, h in states.items():
+                h = h.float()
+                mean[layer] = (torch.where(residues, h, 0.0).sum(1) / n.clamp_min(1)).cpu().numpy()
+                bos[layer] = h[:, 0].cpu().numpy()
+                if per_token:
+                    tokens[layer] = h.cpu().numpy()
             cmaps = None
             if contacts:
                 # [B, layers, H, L, L]; attention to and from padding zeroed, as in predict_contacts.
@@ -288,7 +328,7 @@ class TorchRunner(Runner):
                 m = mask_t.to(attns.dtype)
                 attns = attns * m[:, None, None, None, :] * m[:, None, None, :, None]
                 cmaps = self.encoder.contact_head(ids_t, attns).float().cpu().numpy()
-        return reps, cmaps
+        return Representations(mean, bos, tokens, cmaps)
 
     def log_probs(self, ids, mask, positions=None):
         torch = self.torch
@@ -322,7 +362,7 @@ class TFRunner(Runner):
         self.load_messages = cap.messages
         self.encoder = self.model if head != "mlm" else self.model.esm
 
-    def representations(self, ids, mask, layers, contacts):
+    def representations(self, ids, mask, layers, contacts, per_token=True):
         tf = self.tf
         with tf.device(self.tf_device):
             ids_t = tf.constant(ids.astype(np.int32))
@@ -337,7 +377,7 @@ class TFRunner(Runner):
                 m = tf.cast(mask_t, attns.dtype)
                 attns = attns * m[:, None, None, None, :] * m[:, None, None, :, None]
                 cmaps = np.asarray(tf.cast(self.encoder.contact_head(ids_t, attns), tf.float32))
-        return reps, cmaps
+        return Representations.from_tokens(reps, mask, per_token, cmaps)
 
     def log_probs(self, ids, mask, positions=None):
         tf = self.tf

@@ -112,7 +112,7 @@ class _PtSink:
     def done(self, label: str) -> bool:
         return os.path.exists(self.path(label))
 
-    def write(self, labels, ids, lengths, reps, cmaps, before_commit=None) -> None:
+    def write(self, labels, ids, lengths, rep, before_commit=None) -> None:
         torch = self.torch
         for i, label in enumerate(labels):
             n = int(lengths[i])
@@ -121,16 +121,15 @@ class _PtSink:
             if "per_tok" in self.include:
                 result["representations"] = {
                     layer: torch.from_numpy(np.array(t[i, 1:n + 1], dtype=np.float32))
-                    for layer, t in reps.items()}
+                    for layer, t in rep.tokens.items()}
             if "mean" in self.include:
                 result["mean_representations"] = {
-                    layer: torch.from_numpy(np.array(t[i, 1:n + 1].mean(0), dtype=np.float32))
-                    for layer, t in reps.items()}
+                    layer: torch.from_numpy(np.array(t[i], dtype=np.float32)) for layer, t in rep.mean.items()}
             if "bos" in self.include:
                 result["bos_representations"] = {
-                    layer: torch.from_numpy(np.array(t[i, 0], dtype=np.float32)) for layer, t in reps.items()}
+                    layer: torch.from_numpy(np.array(t[i], dtype=np.float32)) for layer, t in rep.bos.items()}
             if "contacts" in self.include:
-                result["contacts"] = torch.from_numpy(np.array(cmaps[i, :n, :n], dtype=np.float32))
+                result["contacts"] = torch.from_numpy(np.array(rep.contacts[i, :n, :n], dtype=np.float32))
             path = self.path(label)
             # Labels with '/' make subdirectories, as in fair-esm.
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -174,18 +173,17 @@ class _H5Sink:
     def done(self, record_id: str) -> bool:
         return record_id in self.writer
 
-    def write(self, ids, descriptions, lengths, reps, cmaps, before_commit=None) -> None:
+    def write(self, ids, descriptions, lengths, rep, before_commit=None) -> None:
         kw: dict[str, Any] = {}
         if "mean" in self.include:
-            kw["mean"] = {layer: np.stack([reps[layer][i, 1:n + 1].mean(0) for i, n in enumerate(lengths)])
-                          for layer in self.layers}
+            kw["mean"] = {layer: rep.mean[layer] for layer in self.layers}
         if "bos" in self.include:
-            kw["bos"] = {layer: reps[layer][:, 0] for layer in self.layers}
+            kw["bos"] = {layer: rep.bos[layer] for layer in self.layers}
         if "per_tok" in self.include:
-            kw["per_tok"] = {layer: [reps[layer][i, 1:n + 1] for i, n in enumerate(lengths)]
+            kw["per_tok"] = {layer: [rep.tokens[layer][i, 1:n + 1] for i, n in enumerate(lengths)]
                              for layer in self.layers}
         if "contacts" in self.include:
-            kw["contacts"] = [cmaps[i, :n, :n] for i, n in enumerate(lengths)]
+            kw["contacts"] = [rep.contacts[i, :n, :n] for i, n in enumerate(lengths)]
         self.writer.append(ids, lengths, descriptions=descriptions, _before_commit=before_commit, **kw)
 
     def close(self) -> None:
@@ -436,17 +434,16 @@ def run(args: argparse.Namespace) -> int:
             lengths = [len(e) for e in enc]
             for batch in token_batches(lengths, args.toks_per_batch):
                 ids, mask = runner.pad([enc[i] for i in batch])
-                reps, cmaps = runner.representations(ids, mask, layers, want_contacts)
+                rep = runner.representations(ids, mask, layers, want_contacts, per_token="per_tok" in include)
                 blen = [lengths[i] for i in batch]
                 recs = [todo[i] for i in batch]
                 if args.format == "pt":
-                    sink.write([r.description for r in recs], None, blen, reps, cmaps, hook.before_commit())
+                    sink.write([r.description for r in recs], None, blen, rep, hook.before_commit())
                 else:
-                    sink.write([r.id for r in recs], [r.description for r in recs], blen, reps, cmaps,
-                               hook.before_commit())
+                    sink.write([r.id for r in recs], [r.description for r in recs], blen, rep, hook.before_commit())
                 if plotter is not None:
                     for j, r in enumerate(recs):
-                        plotter.add(r.id, cmaps[j, :blen[j], :blen[j]])
+                        plotter.add(r.id, rep.contacts[j, :blen[j], :blen[j]])
                 n_done += len(batch)
                 n_res += sum(blen)
                 bar.update(len(batch))

@@ -7,6 +7,7 @@ truncation, repr_layers normalised, means over residues, BOS states and contacts
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -138,6 +139,41 @@ def test_pt_format_is_fair_esm_extract(tmp_path, capsys, models, fasta, flavour)
         assert (f"'{i}'" in warning) == (n > TRUNC), i
         label = next(label for label in ref if label.split()[0] == i)
         assert ref[label]["representations"][3].shape[0] == min(n, TRUNC)
+
+
+@pytest.mark.parametrize("layers", [["-1"], ["0", "-1"]])
+def test_means_without_per_token_states(tmp_path, capsys, models, fasta, layers):
+    """Without per_tok the means and <cls> rows are reduced on the model's device and only [B, D] crosses to the
+    host (with the last layer alone, no other layer's states are kept): the same numbers as fair-esm's
+    extract, in both formats; the TF backend gives the same store."""
+    hub, pt = models["esm2"]
+    args = ["--model", pt, "--include", "mean", "bos", "--repr-layers", *layers, "--toks-per-batch", 1500,
+            "--truncation-seq-length", TRUNC, "-q"]
+    rc, _, err = _run(capsys, "embed", fasta, tmp_path / "out", "--format", "pt", *args)
+    assert rc == 0, err
+    ref = _fair_esm_extract(pt, fasta, [int(x) for x in layers], ["mean", "bos"], TRUNC)
+    for label, r in ref.items():
+        ours = torch.load(tmp_path / "out" / f"{label}.pt")
+        assert "representations" not in ours
+        _assert_same_dict(ours, r, atol=1e-5)
+    rc, _, err = _run(capsys, "embed", fasta, tmp_path / "e.h5", *args)
+    assert rc == 0, err
+    with EmbeddingStore(tmp_path / "e.h5") as store:
+        assert store.layers == sorted({int(x) % 4 for x in layers})
+        for label, r in ref.items():
+            rec = store[label.split()[0]]
+            for layer in store.layers:
+                np.testing.assert_allclose(rec["mean"][layer], r["mean_representations"][layer], atol=1e-5, rtol=0)
+                np.testing.assert_allclose(rec["bos"][layer], r["bos_representations"][layer], atol=1e-5, rtol=0)
+    if layers == ["0", "-1"] and importlib.util.find_spec("tensorflow") is not None:
+        rc, _, err = _run(capsys, "embed", fasta, tmp_path / "tf.h5", *args, "--backend", "tf")
+        assert rc == 0, err
+        a, b = _store_arrays(tmp_path / "tf.h5"), _store_arrays(tmp_path / "e.h5")
+        assert set(a) == set(b)
+        for i in a:
+            for kind in ("mean", "bos"):
+                for layer in (0, 3):
+                    np.testing.assert_allclose(a[i][kind][layer], b[i][kind][layer], atol=1e-4, rtol=0)
 
 
 def test_h5_store_matches_pt_format(tmp_path, capsys, models, fasta):
