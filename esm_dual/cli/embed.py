@@ -22,6 +22,7 @@ needs no merge: every rank writes its ``<label>.pt`` files into the same directo
 from __future__ import annotations
 
 import argparse
+import collections
 import glob
 import json
 import os
@@ -209,6 +210,51 @@ class _CrashHook:
         self.written += 1
         if self.mode == "raise" and self.written == self.k:
             raise RuntimeError(f"{_CRASH_ENV}: simulated crash after {self.k} batches")
+
+
+class _BackgroundWriter:
+    """The sink's writes on one background thread, in order, while the next batch runs on the model.
+
+    At most ``depth`` batches wait to be written (their arrays stay in memory until then). A failed write is
+    raised in the main loop, at the next hand-over or at :meth:`wait`, and no later batch is written.
+    :meth:`close` waits for every batch already handed over, also when the loop stopped on another error, so a
+    stopped run keeps all of them (each write commits atomically, as before)."""
+
+    def __init__(self, depth: int = 2) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esm-dual-embed-writer")
+        self._pending: collections.deque = collections.deque()
+        self._failed = False
+        self.depth = depth
+
+    def submit(self, fn, *args) -> None:
+        while len(self._pending) >= self.depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._run, fn, args))
+
+    def _run(self, fn, args) -> None:
+        if self._failed:  # after a failed write nothing later is written: the output keeps the batch order
+            return
+        try:
+            fn(*args)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def wait(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        """Wait for the batches handed over; their errors are left to :meth:`wait` (the error that stopped
+        the loop is the one to report)."""
+        try:
+            for f in self._pending:
+                f.exception()
+        finally:
+            self._pending.clear()
+            self._pool.shutdown(wait=True)
 
 
 # ================================================================================================
@@ -408,9 +454,12 @@ def run(args: argparse.Namespace) -> int:
     truncated: list[str] = []
     t0 = time.perf_counter()
     first_window = True
+    # Files and store rows are written on a background thread while the next batch runs on the model.
+    writer = _BackgroundWriter()
     try:
         records = (r for i, r in enumerate(read_fasta(args.fasta)) if i in mine)
         for window in _windows(records, args.sort_window):
+            writer.wait()  # what is already there, before deciding what to skip
             key = (lambda r: r.description) if args.format == "pt" else (lambda r: r.id)
             todo = [r for r in window if not sink.done(key(r)) and r.id not in prior]
             skipped = len(window) - len(todo)
@@ -438,9 +487,10 @@ def run(args: argparse.Namespace) -> int:
                 blen = [lengths[i] for i in batch]
                 recs = [todo[i] for i in batch]
                 if args.format == "pt":
-                    sink.write([r.description for r in recs], None, blen, rep, hook.before_commit())
+                    writer.submit(sink.write, [r.description for r in recs], None, blen, rep, hook.before_commit())
                 else:
-                    sink.write([r.id for r in recs], [r.description for r in recs], blen, rep, hook.before_commit())
+                    writer.submit(sink.write, [r.id for r in recs], [r.description for r in recs], blen, rep,
+                                  hook.before_commit())
                 if plotter is not None:
                     for j, r in enumerate(recs):
                         plotter.add(r.id, rep.contacts[j, :blen[j], :blen[j]])
@@ -450,7 +500,9 @@ def run(args: argparse.Namespace) -> int:
                 dt = max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix_str(f"{n_res / dt:.0f} res/s", refresh=False)
                 hook.after_batch()
+        writer.wait()
     finally:
+        writer.close()
         bar.close()
         sink.close()
     dt = time.perf_counter() - t0

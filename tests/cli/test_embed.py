@@ -11,6 +11,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -275,6 +276,62 @@ def test_resume_after_sigkill_mid_batch(tmp_path, capsys, models, fasta):
     for i in a:
         np.testing.assert_allclose(a[i]["per_tok"][3], b[i]["per_tok"][3], atol=1e-5)
         np.testing.assert_allclose(a[i]["contacts"], b[i]["contacts"], atol=1e-5)
+
+
+def test_background_writer_order_errors_and_close():
+    from esm_dual.cli.embed import _BackgroundWriter
+
+    done = []
+    w = _BackgroundWriter(depth=2)
+    for i in range(6):
+        w.submit(lambda i=i: (time.sleep(0.01 * (i % 2)), done.append(i)))
+    w.wait()
+    assert done == list(range(6))  # in order, all of them
+
+    def boom():
+        raise OSError("No space left on device")
+
+    w.submit(lambda: (time.sleep(0.05), done.append(8)))
+    w.submit(boom)
+    w.close()  # waits for what was handed over and leaves write errors to wait()
+    assert done[-1] == 8
+    w = _BackgroundWriter(depth=2)
+    w.submit(boom)
+    w.submit(done.append, 6)
+    with pytest.raises(OSError, match="No space"):  # raised in the caller, at the next hand-over or wait
+        w.submit(done.append, 7)
+        w.wait()
+    w.close()
+    assert 6 not in done and 7 not in done  # nothing after a failed write
+
+
+def test_failed_write_stops_the_run_and_keeps_earlier_batches(tmp_path, capsys, models, fasta, monkeypatch):
+    """A write that fails (disk full) is reported in one line; the batches written before it stay, and a rerun
+    finishes the job."""
+    from esm_dual.cli import embed as E
+
+    hub, _ = models["esm2"]
+    args = ["--model", hub, "--format", "pt", "--include", "mean", "--toks-per-batch", 700,
+            "--truncation-seq-length", TRUNC, "-q"]
+    batches = _batches_of(fasta, 700)
+    real, calls = E._PtSink.write, []
+
+    def write(self, labels, *a, **k):
+        calls.append(labels)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(self, labels, *a, **k)
+
+    monkeypatch.setattr(E._PtSink, "write", write)
+    rc, _, err = _run(capsys, "embed", fasta, tmp_path / "out", *args)
+    assert rc != 0 and "Traceback" not in err
+    assert "No space left on device" in err.strip().splitlines()[-1]  # one line (after the truncation warning)
+    kept = {f[:-3] for f in os.listdir(tmp_path / "out") if f.endswith(".pt")}
+    assert {label.split()[0] for label in kept} == set(batches[0] + batches[1])
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tmp")]
+    monkeypatch.setattr(E._PtSink, "write", real)
+    rc, _, err = _run(capsys, "embed", fasta, tmp_path / "out", *args[:-1])
+    assert rc == 0 and f"skipped {len(kept)} already there" in err
 
 
 def test_rerun_with_conflicting_options_is_refused(tmp_path, capsys, models, data_dir):
