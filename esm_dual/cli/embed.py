@@ -9,7 +9,10 @@ exactly fair-esm's dict: ``label``, ``representations`` {layer: [N, D]}, ``mean_
 back with ``esm_dual.EmbeddingStore``. Both formats resume: records already written are skipped.
 
 Sequences are read as a stream, sorted by length within windows of ``--sort-window`` records and
-batched by a token budget (fair-esm's ``get_batch_indices``).
+batched by a token budget (fair-esm's ``get_batch_indices``). Means and <cls> rows are reduced on the
+model's device; whole [B, L, D] states reach the host only for ``per_tok``. Each batch is written on a
+background thread while the next one runs on the model (in order; a stopped run keeps every batch already
+handed over, and each batch commits atomically).
 
 Several processes: ``--devices N`` starts N workers (one GPU each when GPUs are visible), or launch
 ``torchrun --nproc_per_node N -m esm_dual.cli.main embed ...`` (ranks from ``RANK``/``WORLD_SIZE``; no
