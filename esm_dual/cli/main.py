@@ -11,6 +11,7 @@ stderr and exit with status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from collections.abc import Sequence
@@ -90,7 +91,13 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return None
 
 
+# OSErrors of the machine, not of esm-dual: a full disk, a quota, a read-only file system.
+_ENVIRONMENT_ERRNOS = {getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS") if hasattr(errno, n)}
+
+
 def _is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
+        return True
     return any(c.__name__ in USER_ERRORS for c in type(exc).__mro__)
 
 
