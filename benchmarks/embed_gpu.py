@@ -127,9 +127,10 @@ def read_fasta(path: str) -> tuple[list[str], list[str]]:
 
 
 def write_fasta(path: str, labels, seqs) -> None:
-    with open(path, "w") as f:
-        for label, s in zip(labels, seqs):
-            f.write(f">{label}\n{s}\n")
+    """One line per sequence, through the library's writer."""
+    from esm_dual.common.fasta import write_fasta as write
+
+    write(path, zip(labels, seqs), width=None)
 
 
 def lognormal_records(n: int, seed: int, prefix: str = "lognormal", lengths=None):
