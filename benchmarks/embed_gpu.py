@@ -19,9 +19,10 @@ loading, reading and tokenising the FASTA, batching, the forward passes and the 
   with 2 workers and the batch converter, one batch at a time to the CPU, a cloned slice per record).
 - ``hf``: ``transformers.EsmModel`` (``attn_implementation="sdpa"``, the dtype esm-dual picked) written as a
   competent user would: ``transformers.EsmTokenizer`` (the hub directory's ``vocab.txt``), sequences cut to
-  1022 residues and sorted by length, batches of at most the same padded-token budget as esm-dual's default,
+  1022 residues and sorted by length, batches of at most the same padded-token budget as esm-dual's (4096),
   the last hidden state to the CPU once per batch (fp32), per-residue states without BOS/EOS and their mean,
-  ``torch.save`` per record in fair-esm's format.
+  ``torch.save`` per record in fair-esm's format; again at ``--big-budget`` (``hf_big``), so the big-budget
+  ratio ``esm_dual_big/hf_best`` compares against HF's faster budget.
 
 Weights: a seeded random HF ``EsmForMaskedLM`` of the shape (LayerNorms perturbed), saved before any clock
 starts as a hub-layout directory (config.json + model.safetensors + vocab.txt) and as a fair-esm ``.pt``
@@ -40,21 +41,22 @@ A line per dataset goes to stderr as it finishes, and ``--out`` is rewritten aft
     python benchmarks/embed_gpu.py --device cpu --shape tiny --lognormal 20 --fasta FILE   # CPU smoke test
 
 Measured 2026-11-25 on an NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130, transformers 5.17, fair-esm 2.0.0
-through its API as above, flash-attn-4 4.0.0b36), 650M shape, defaults. Residues/s, end to end, one run:
+through its API as above, flash-attn-4 4.0.0b36), 650M shape, defaults, with the background writer and the
+on-device means. Residues/s, end to end, one run:
 
-    dataset (records, residues)       esm_dual  esm_dual_big  fair_esm    hf    big/fair  big/HF
-    some_proteins (15, 5,115)            3.3k       3.2k        0.5k     1.8k     6.0      1.8
-    P62593 (first 2,000, 572,000)       54k        66k         14.5k    42k      4.5      1.5
-    lognormal (2,000, 672,645)          57k        74k         14.9k    30k      5.0      2.5
+    dataset (records, residues)     esm_dual  esm_dual_big  fair_esm    hf   hf_big  big/fair  big/HF best
+    some_proteins (15, 5,115)          3.7k       4.6k        0.7k     1.7k   4.7k      6.3      0.97
+    P62593 (first 2,000, 572,000)     60k       109k        15.6k    47k     53k        7.0      2.06
+    lognormal (2,000, 672,645)        56k       104k        14.0k    21k     38k        7.4      2.71
 
-``esm_dual`` runs at fair-esm's 4,096 tokens per batch, ``esm_dual_big`` at 16,384, which is what
-``esm-dual embed`` now uses by default with PyTorch on a GPU. (some_proteins is mostly model loading.)
-These runs are noisy: the disk writes (~5 KB per residue) weigh on them, and three more esm-dual-only runs
-on other H100s that day gave 64k-87k (P62593) and 74k-81k (lognormal) at 16,384 tokens. With flash-attn-4
-forced on every batch, 4,096-token batches fell to 44k-47k (its host-side cost per call shows on small
-packs), so the library takes it only for large inference packs. An earlier run without flash-attn-4, the
-GELU epilogue or the residual epilogue: 74k / 84k (P62593), 66k / 86k (lognormal), fair-esm 16k / 15k,
-HF 47k / 27k.
+``esm_dual`` and ``hf`` run at fair-esm's 4,096 tokens per batch, ``esm_dual_big`` and ``hf_big`` at 16,384,
+which is what ``esm-dual embed`` uses by default with PyTorch on a GPU. (some_proteins is mostly model
+loading.) These runs are noisy: the disk writes (~5 KB per residue) weigh on them. An earlier run that day on
+another H100, HF at 4,096 only: esm_dual_big 101k (P62593) / 86k (lognormal), fair-esm 13.6k / 12.7k, HF
+27.5k / 24.6k. Before the background writer and the on-device means, same script: esm_dual_big 66k / 74k,
+fair-esm 14.5k / 14.9k, HF (4,096) 42k / 30k. With flash-attn-4 forced on every batch, 4,096-token batches
+fell to 44k-47k (its host-side cost per call shows on small packs), so the library takes it only for large
+inference packs.
 
 Max |difference| of the mean embeddings, esm-dual fp16 vs fair-esm fp32: 3.6e-3..5.3e-3 (1.1e-3..1.3e-3 of
 the largest value); vs HF fp16: 1.4e-3..1.9e-3; esm-dual at 4096 vs 16384 tokens per batch: 0 (identical).
@@ -328,6 +330,9 @@ class Bench:
             self.runs.append(("fair_esm", lambda f, o: run_fair_esm(f, o, pt, layers, args.device, self.extract_mod)))
         if "hf" in args.tools:
             self.runs.append(("hf", lambda f, o: run_hf(f, o, hub, layers, args.device, self.dtype, DEFAULT_BUDGET)))
+            if args.big_budget:
+                self.runs.append(("hf_big", lambda f, o: run_hf(f, o, hub, layers, args.device, self.dtype,
+                                                                args.big_budget)))
         self.n = 0
 
     def sync(self):
@@ -378,10 +383,7 @@ class Bench:
             missing = sum(not os.path.exists(os.path.join(out, f"{label}.pt")) for label in labels)
             r = {"records": len(labels), "residues": residues, "seconds": round(dt, 3),
                  "residues_per_s": round(residues / dt, 1)}
-            if tool.startswith("esm_dual"):
-                r["toks_per_batch"] = self.args.big_budget if tool == "esm_dual_big" else DEFAULT_BUDGET
-            else:
-                r["toks_per_batch"] = DEFAULT_BUDGET
+            r["toks_per_batch"] = self.args.big_budget if tool.endswith("_big") else DEFAULT_BUDGET
             if missing:
                 r["missing_files"] = missing
             means[tool] = read_means(out, check_labels, self.layer)
@@ -391,11 +393,15 @@ class Bench:
         rate = {t: r["residues_per_s"] for t, r in res["tools"].items() if "residues_per_s" in r}
         ratios = {}
         for ours in ("esm_dual", "esm_dual_big"):
-            for ref in ("fair_esm", "hf"):
+            for ref in ("fair_esm", "hf", "hf_big"):
                 if ours in rate and ref in rate:
                     ratios[f"{ours}/{ref}"] = round(rate[ours] / rate[ref], 3)
+        hf_best = max((rate[t] for t in ("hf", "hf_big") if t in rate), default=None)
+        if "esm_dual_big" in rate and hf_best:
+            ratios["esm_dual_big/hf_best"] = round(rate["esm_dual_big"] / hf_best, 3)
         res["ratios"] = ratios
-        for ours, ref in (("esm_dual", "fair_esm"), ("esm_dual", "hf"), ("esm_dual", "esm_dual_big")):
+        for ours, ref in (("esm_dual", "fair_esm"), ("esm_dual", "hf"), ("esm_dual", "esm_dual_big"),
+                          ("hf", "hf_big")):
             if ours in means and ref in means:
                 res["check"][f"{ours}_vs_{ref}"] = diff(means[ours], means[ref])
         return res
@@ -466,7 +472,7 @@ def main(argv=None) -> dict:
         "card": torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
         "versions": versions(), "tools": args.tools, "dtype": {"esm_dual": "fp16" if cuda else "fp32",
                                                                "hf": "fp16" if cuda else "fp32", "fair_esm": "fp32"},
-        "toks_per_batch": {"default": DEFAULT_BUDGET, "esm_dual_big": args.big_budget},
+        "toks_per_batch": {"default": DEFAULT_BUDGET, "esm_dual_big": args.big_budget, "hf_big": args.big_budget},
         "hf_tokenizer": "transformers.EsmTokenizer (the hub directory's vocab.txt)",
         "truncation": TRUNC, "datasets": [], "notes": [],
     }

@@ -45,8 +45,9 @@ Later runs on other H100s (same day, each ratio from one run): 650M 380k-384k / 
 2.36x. An nvidia-smi log beside one of them: the card at its ~690 W power cap, SM clock ~1,750 MHz in the 650M
 passes and ~1,450 MHz in the 3B passes (1,980 at low load); a profile of a whole pass: kernels 98% (650M) and
 100% (3B) of the wall time, and a CUDA graph of a 32k-token pack ran 84.8 ms against 85.3 ms eager. What was
-tried on top and not kept (other flash-attn-4 tiles, sequences longest first in a pack): see
-``esm_dual/pt/attention.py`` beside ``FA4_MIN_TOKEN_HEADS``.
+tried on top and not kept (other flash-attn-4 tiles, sequences longest first in a pack; rotary in the epilogue
+of a Triton q/k/v GEMM, torch's GEMMs through cuBLASLt): see ``esm_dual/pt/attention.py``, beside
+``FA4_MIN_TOKEN_HEADS`` and in its docstring.
 """
 
 from __future__ import annotations

@@ -49,13 +49,16 @@ def test_cpu_smoke(tmp_path, _one_torch_thread):
     assert result["datasets"], result
     assert result["datasets"][-1]["name"] == "lognormal20"
     for ds in result["datasets"]:
-        assert set(ds["tools"]) == {"esm_dual", "esm_dual_big", "fair_esm", "hf"}, ds["tools"]
+        assert set(ds["tools"]) == {"esm_dual", "esm_dual_big", "fair_esm", "hf", "hf_big"}, ds["tools"]
         for tool, r in ds["tools"].items():
             assert "error" not in r, (tool, r)
             assert r["records"] == ds["records"] > 0
             assert r["residues_per_s"] > 0 and "missing_files" not in r, (tool, r)
-        assert set(ds["ratios"]) >= {"esm_dual/fair_esm", "esm_dual/hf"}
-        for key in ("esm_dual_vs_fair_esm", "esm_dual_vs_hf", "esm_dual_vs_esm_dual_big"):
+        assert set(ds["ratios"]) >= {"esm_dual/fair_esm", "esm_dual/hf", "esm_dual_big/hf_big", "esm_dual_big/hf_best"}
+        best = max(ds["tools"]["hf"]["residues_per_s"], ds["tools"]["hf_big"]["residues_per_s"])
+        assert ds["ratios"]["esm_dual_big/hf_best"] == round(ds["tools"]["esm_dual_big"]["residues_per_s"] / best, 3)
+        assert ds["tools"]["hf_big"]["toks_per_batch"] == 16384 and ds["tools"]["hf"]["toks_per_batch"] == 4096
+        for key in ("esm_dual_vs_fair_esm", "esm_dual_vs_hf", "esm_dual_vs_esm_dual_big", "hf_vs_hf_big"):
             c = ds["check"][key]
             assert c["records"] == min(ds["records"], 64), (key, c)
             assert c["max_abs"] < 1e-4, (ds["name"], key, c)
