@@ -116,3 +116,17 @@ def test_fsdp_regression_full_state_dict_resume(setup):
     assert "classifier.out_proj.weight" in a
     assert _maxdiff(a, b) < 1e-5
     np.testing.assert_allclose(_losses(out), _losses(ref), rtol=1e-5)
+
+
+def test_exit_worker_flushes_and_keeps_the_exit_code(tmp_path):
+    """The torchrun worker's exit (os._exit, no interpreter teardown) still flushes what was printed and
+    reports main's exit code; a worker that finished its run exits 0."""
+    import subprocess
+    import sys
+
+    from .helpers import REPO, env
+
+    code = ("import sys; from esm_dual.pt.distributed import exit_worker; "
+            "print('out-unflushed', end=''); print('err-unflushed', end='', file=sys.stderr); exit_worker(3)")
+    p = subprocess.run([sys.executable, "-c", code], env=env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout, p.stderr) == (3, "out-unflushed", "err-unflushed")
