@@ -29,13 +29,15 @@ Rotary embeddings inside a pack restart at position 0 for every sequence (``posi
 the query/key rotation (with the query's K^-0.5 scale folded in) is one Triton kernel that reads the
 projections once and writes [T, H, K] tensors in the layout the flash kernels take; elsewhere it
 falls back to ``EsmRotaryEmbedding`` itself (exactly the padded path's arithmetic).
-(Tried and not kept: the rotation in the epilogue of a Triton q/k/v GEMM, each program computing the x1
-and the x2 halves of its heads as two products so the rotation is elementwise. Right answers, one rounding
-fewer (1.7e-3 vs 2.0e-3 relative to fp32), but on an H100 at 32k-token packs its best tiles (128 x 128 x 64,
-8 warps, 4 stages, of nine tried) took 0.84 ms for the 650M's projection against 0.55 ms for cuBLAS (0.43)
-+ this kernel (0.12), and 2.67 vs 1.86 ms for the 3B's: the GEMM ran at 380-480 TFLOP/s against cuBLAS's
-~750, far more than the 0.12 ms it saves. Routing torch's GEMMs through cuBLASLt
-(``preferred_blas_library``) left the encoder unchanged: 650M 379k vs 379-382k tok/s, 3B 104k either way.)
+(Tried and not kept: the rotation in the epilogue of a Triton q/k/v GEMM, on an H100 at 32k-token packs,
+against cuBLAS + this kernel: 650M 0.55 ms (0.42 + 0.12), 3B 1.86 ms. Right answers, one rounding fewer (1.7e-3
+vs 2.0e-3 relative to fp32). With sin/cos evaluated for every output element it took 0.84 and 2.67 ms. With
+TMA loads, the weight rows interleaved per call so that each rotation pair sits side by side in one product,
+and fp32 cos/sin tables read once per row and dim of a tile: 0.50 ms for the 650M (its GEMM alone 0.47
+against cuBLAS's 0.42) and 1.79-1.90 ms for the 3B. But the whole encoder did not move: 650M 381k against
+380k tok/s, 3B 103.5k against 104.3k (three alternating passes each, one process). So it was not kept.
+Routing torch's GEMMs through cuBLASLt (``preferred_blas_library``) left the encoder unchanged: 650M 379k vs
+379-382k tok/s, 3B 104k either way.)
 """
 
 from __future__ import annotations
