@@ -120,7 +120,7 @@ def test_fsdp_regression_full_state_dict_resume(setup):
 
 def test_exit_worker_flushes_and_keeps_the_exit_code(tmp_path):
     """The torchrun worker's exit (os._exit, no interpreter teardown) still flushes what was printed and
-    reports main's exit code; a worker that finished its run exits 0."""
+    reports main's exit code (the torchrun tests above check that finished workers exit 0)."""
     import subprocess
     import sys
 
