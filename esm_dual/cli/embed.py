@@ -420,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
         warn(f"{args.model} has no contact-regression weights: contact maps come from an untrained head")
     if args.toks_per_batch is None:
         # On a GPU the packed encoder needs large batches to fill the card (650M on an H100, .pt files with
-        # per-residue states: 66k residues/s at 16384 tokens against 54k at 4096, README "Performance");
+        # per-residue states: 109k residues/s at 16384 tokens against 60k at 4096, README "Performance");
         # attention maps for contacts grow with the batch, so they keep 4096.
         on_gpu = runner.backend == "pt" and str(runner.device).startswith("cuda")
         args.toks_per_batch = 16384 if on_gpu and not want_contacts else 4096

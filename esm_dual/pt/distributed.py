@@ -51,6 +51,12 @@ def env_world() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def torchrun_worker() -> bool:
+    """Whether this process was started by torchrun (or another launcher that sets its variables): more
+    than one process, or a rendezvous address even for one. Such a process joins a process group."""
+    return env_world()[1] > 1 or "MASTER_ADDR" in os.environ
+
+
 def init_distributed(backend: str | None = None, device: str | None = None) -> DistInfo:
     """Join the process group torchrun describes (NCCL on GPU, gloo on CPU); no-op for one process."""
     rank, world, local_rank = env_world()
@@ -58,7 +64,7 @@ def init_distributed(backend: str | None = None, device: str | None = None) -> D
     dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    if world == 1 and "MASTER_ADDR" not in os.environ:
+    if not torchrun_worker():
         return DistInfo(device=dev)
     backend = backend or ("nccl" if use_cuda else "gloo")
     if not dist.is_initialized():

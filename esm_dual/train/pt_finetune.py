@@ -295,6 +295,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    if D.env_world()[1] > 1:  # a torchrun worker: skip the teardown that can abort it (see exit_worker)
+    if D.torchrun_worker():  # skip the teardown that can abort it (see exit_worker)
         D.exit_worker(code)
     sys.exit(code)
