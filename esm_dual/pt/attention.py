@@ -37,7 +37,9 @@ and fp32 cos/sin tables read once per row and dim of a tile: 0.50 ms for the 650
 against cuBLAS's 0.42) and 1.79-1.90 ms for the 3B. But the whole encoder did not move: 650M 381k against
 380k tok/s, 3B 103.5k against 104.3k (three alternating passes each, one process). So it was not kept.
 Routing torch's GEMMs through cuBLASLt (``preferred_blas_library``) left the encoder unchanged: 650M 379k vs
-379-382k tok/s, 3B 104k either way.)
+379-382k tok/s, 3B 104k either way; so did torch's TunableOp (every cuBLAS/cuBLASLt algorithm timed per GEMM
+shape): 650M 380k either way, 3B 104.6k vs 105.4k. How far the GEMMs alone could go: ``benchmarks/encoder_gpu.py
+--bounds``.)
 """
 
 from __future__ import annotations
