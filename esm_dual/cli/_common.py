@@ -48,6 +48,31 @@ def name_list(names: Sequence[str], limit: int = 10) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def residue_problem(ch: str) -> str:
+    """What is wrong with a character that is not a residue of the model's vocabulary (for messages)."""
+    if ch.islower() and ch.upper() != ch:
+        return (f"lower-case {ch!r} (ESM vocabularies are upper-case; upper-case the file, or drop A3M insert "
+                "columns, which are lower-case)")
+    if ch == "*":
+        return "'*' (a stop codon? ESM vocabularies have no stop token: end the sequence before it)"
+    return f"{ch!r}, not a residue of the model's vocabulary"
+
+
+def encode_records(tokenizer, records: Sequence[Any], source: str) -> list[np.ndarray]:
+    """Residue ids of FASTA records (no <cls>/<eos>); a character outside the vocabulary is a ``CliError``
+    naming the file, record, position and character (never a silent ``<unk>``, which would also fold a run
+    of such characters into one token and shift every later position)."""
+    from ..common.tokenizer import TokenizerError
+
+    try:
+        return tokenizer.encode_residues_np([r.sequence for r in records], strict=True, ids=[r.id for r in records])
+    except TokenizerError as e:
+        if e.index is None or e.character is None:
+            raise CliError(f"{source}: {e}") from None
+        raise CliError(f"{source}: record {records[e.index].id!r}, residue {e.position}: "
+                       f"{residue_problem(e.character)}") from None
+
+
 # ================================================================================================
 # Arguments
 # ================================================================================================

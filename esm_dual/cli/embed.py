@@ -40,6 +40,7 @@ import numpy as np
 from ._common import (
     CliError,
     add_model_runtime_arguments,
+    encode_records,
     load_runner,
     name_list,
     note,
@@ -111,7 +112,12 @@ class _PtSink:
         self.torch = torch
 
     def path(self, label: str) -> str:
-        return os.path.join(self.outdir, f"{label}.pt")
+        path = os.path.normpath(os.path.join(self.outdir, f"{label}.pt"))
+        base = os.path.normpath(os.path.abspath(self.outdir))
+        if os.path.commonpath([base, os.path.abspath(path)]) != base:
+            raise CliError(f"record {label!r}: its file {path} would lie outside {self.outdir} ('..' or an "
+                           "absolute path in the header); rename the record")
+        return path
 
     def done(self, label: str) -> bool:
         return os.path.exists(self.path(label))
@@ -383,8 +389,13 @@ def run(args: argparse.Namespace) -> int:
         if args.format == "h5" and os.path.isdir(args.output):
             raise CliError(f"--format h5 writes a file, but {args.output} is a directory (use --format pt?)")
         return _spawn(args)
+    if os.path.isdir(args.fasta):
+        raise CliError(f"{args.fasta} is a directory, not a FASTA file")
     if not os.path.isfile(args.fasta):
         raise CliError(f"FASTA file {args.fasta!r} not found")
+    total = count_fasta(args.fasta)  # before the model loads: a wrong file fails at once
+    if total == 0:
+        raise CliError(f"{args.fasta}: no FASTA records (no line starts with '>')")
     include = [k for k in INCLUDE if k in args.include]
     want_contacts = "contacts" in include
     if args.plot and not want_contacts:
@@ -430,7 +441,6 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--truncation-seq-length {trunc}: this model's learned positions allow at most "
                        f"{runner.max_residues} residues")
 
-    total = count_fasta(args.fasta)
     mine = shard_range(total, rank, world)
     prior: set[str] = set()
     if args.format == "pt":
@@ -477,7 +487,7 @@ def run(args: argparse.Namespace) -> int:
             first_window = False
             if not todo:
                 continue
-            enc = runner.tokenizer.encode_residues_np([r.sequence for r in todo], ids=[r.id for r in todo])
+            enc = encode_records(runner.tokenizer, todo, args.fasta)
             cut = [r.id for r, e in zip(todo, enc) if len(e) > trunc]
             if cut:
                 truncated += cut

@@ -85,9 +85,15 @@ def describe(location: str) -> dict[str, Any]:
     if not c.is_folding_model:
         info["parameters_mlm_model"] = count_parameters(c)
     preset = get_preset(os.path.basename(location.rstrip("/")), missing_ok=True)
-    if preset is not None:
+    if preset is not None and _same_shape(preset.config, c):  # a folder's name alone proves nothing
         info["preset"] = preset.name
     return info
+
+
+def _same_shape(a, b) -> bool:
+    keys = ("is_folding_model", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "vocab_size", "position_embedding_type")
+    return all(getattr(a, k, None) == getattr(b, k, None) for k in keys)
 
 
 def _fmt_params(n: int | None) -> str:

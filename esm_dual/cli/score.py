@@ -29,7 +29,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._common import CliError, add_model_runtime_arguments, load_runner, note, positive_int, warn
+from ._common import (
+    CliError,
+    add_model_runtime_arguments,
+    load_runner,
+    note,
+    positive_int,
+    residue_problem,
+    warn,
+)
 
 STRATEGIES = ("wt-marginals", "pseudo-ppl", "masked-marginals")
 _MUT = re.compile(r"^([A-Za-z])(-?\d+)([A-Za-z])$")
@@ -96,18 +104,42 @@ def parse_mutations(text: str, sequence: str, offset_idx: int, where: str) -> li
     return muts
 
 
-def read_dms(path: str) -> tuple[list[str], list[list[str]]]:
+def check_sequence(sequence: str, token_id) -> None:
+    """Every character of --sequence a one-letter token of the vocabulary (``token_id(ch)`` not None)."""
+    for i, aa in enumerate(sequence):
+        if token_id(aa) is None:
+            raise CliError(f"--sequence, position {i + 1} (1-based; a mutation's position is this + --offset-idx "
+                           f"- 1): {residue_problem(aa)}")
+
+
+def read_dms(path: str) -> tuple[list[str], list[list[str]], list[int]]:
+    """(header, data rows, the file line where each data row starts); blank lines are skipped."""
+    if os.path.isdir(path):
+        raise CliError(f"--dms-input {path!r} is a directory, not a CSV file")
     if not os.path.isfile(path):
         raise CliError(f"--dms-input {path!r}: no such file")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+    rows, lines = [], []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            start = 1
+            for r in reader:
+                rows.append(r)
+                lines.append(start)
+                start = reader.line_num + 1
+    except UnicodeDecodeError as e:
+        raise CliError(f"--dms-input {path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start} "
+                       "of a read block)") from None
+    except csv.Error as e:
+        raise CliError(f"--dms-input {path}: line {reader.line_num}: not valid CSV: {e}") from None
     if not rows:
         raise CliError(f"--dms-input {path}: empty file")
-    header, body = rows[0], [r for r in rows[1:] if r]
-    for i, r in enumerate(body):
+    header = rows[0]
+    body = [(r, ln) for r, ln in zip(rows[1:], lines[1:]) if r]
+    for r, ln in body:
         if len(r) != len(header):
-            raise CliError(f"--dms-input {path}: row {i} has {len(r)} fields, the header has {len(header)}")
-    return header, body
+            raise CliError(f"--dms-input {path}: line {ln} has {len(r)} fields, the header has {len(header)}")
+    return header, [r for r, _ in body], [ln for _, ln in body]
 
 
 def _fmt(x: float) -> str:
@@ -122,8 +154,9 @@ class Scorer:
         self.sequence = sequence
         self.toks_per_batch = toks_per_batch
         self.quiet = quiet
+        check_sequence(sequence, runner.token_id)
         enc = runner.tokenizer.encode_residues_np([sequence])[0]
-        if len(enc) != len(sequence):
+        if len(enc) != len(sequence):  # a residue letter the tokenizer still reads otherwise
             raise CliError("--sequence must be plain one-letter residues (it tokenises to "
                            f"{len(enc)} tokens for {len(sequence)} characters)")
         lim = runner.max_residues
@@ -206,13 +239,16 @@ def run(args: argparse.Namespace) -> int:
     sequence = args.sequence.strip()
     if not sequence:
         raise CliError("--sequence is empty")
-    header, rows = read_dms(args.dms_input)
+    from ..common.tokenizer import EsmTokenizer
+
+    check_sequence(sequence, EsmTokenizer().get_vocab().get)  # the ESM alphabet, before any model loads
+    header, rows, lines = read_dms(args.dms_input)
     if args.mutation_col not in header:
         raise CliError(f"--mutation-col {args.mutation_col!r} is not a column of {args.dms_input} "
                        f"(columns: {', '.join(header)})")
     col = header.index(args.mutation_col)
-    parsed = [parse_mutations(r[col], sequence, args.offset_idx, f"{args.dms_input} row {i} ({r[col]!r})")
-              for i, r in enumerate(rows)]
+    where = [f"{args.dms_input} line {ln} ({r[col]!r})" for r, ln in zip(rows, lines)]
+    parsed = [parse_mutations(r[col], sequence, args.offset_idx, w) for r, w in zip(rows, where)]
     if args.plot:
         from .plot import require_matplotlib
 
@@ -227,7 +263,6 @@ def run(args: argparse.Namespace) -> int:
             if "contact_head" not in msg:
                 warn(msg)
         sc = Scorer(runner, sequence, args.toks_per_batch, args.quiet)
-        where = [f"{args.dms_input} row {i} ({r[col]!r})" for i, r in enumerate(rows)]
         ids = [[(m, sc.tok(m.wt, w), sc.tok(m.mt, w)) for m in muts] for muts, w in zip(parsed, where)]
         vals = np.zeros(len(rows), dtype=np.float64)
         if args.scoring_strategy == "wt-marginals":

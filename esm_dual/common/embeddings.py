@@ -120,6 +120,8 @@ class EmbeddingWriter:
         self.identity.update(layers=self.layers, include=self.include, hidden_size=self.hidden_size)
         self.compression = None if compression in (None, "none") else compression
         self.repaired: int | None = None  # committed records kept when an interrupted store was rebuilt
+        if os.path.exists(self.path) and self._holds_nothing():
+            os.remove(self.path)  # a store that never committed a record pins no options (a failed first run)
         if os.path.exists(self.path):
             self._f = _open_h5(self.path, "r+")
             try:
@@ -139,6 +141,15 @@ class EmbeddingWriter:
         self._ids: set[str] | None = None
 
     # ---- creation / resumption -----------------------------------------------------------------
+    def _holds_nothing(self) -> bool:
+        """An esm-dual store of this format that has no committed record (else False, also for other files)."""
+        try:
+            with _h5py().File(self.path, "r") as f:
+                return (f.attrs.get("format") == FORMAT and int(f.attrs.get("version", 0)) <= VERSION
+                        and int(f.attrs.get("n_committed", -1)) == 0)
+        except Exception:  # not HDF5, unreadable: _open_h5 / _resume report it
+            return False
+
     def _dataset(self, name: str, shape_tail: tuple[int, ...], dtype, rows_per_chunk: int | None = None):
         elems = int(np.prod(shape_tail)) if shape_tail else 1
         rows = rows_per_chunk or _rows_per_chunk(elems)

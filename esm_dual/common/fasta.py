@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from typing import IO, Any, NamedTuple
 
@@ -55,6 +56,22 @@ def _lines(fh: Iterable[Any]) -> Iterator[str]:
         yield line
 
 
+def _unreadable(name: str, e: BaseException) -> FastaError:
+    """A decoding or decompression failure as a FastaError naming the file. (Text is decoded in blocks, so
+    the line is not known.)"""
+    if isinstance(e, UnicodeDecodeError):
+        return FastaError(f"{name}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r}); is this a FASTA file?")
+    return FastaError(f"{name}: the gzip data is damaged or cut short ({type(e).__name__}: {e})")
+
+
+_READ_ERRORS = (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def _check_path(path: str) -> None:
+    if os.path.isdir(path):
+        raise FastaError(f"{path} is a directory, not a FASTA file")
+
+
 def read_fasta(
     path_or_file: str | os.PathLike | IO[str] | IO[bytes],
     check_duplicates: bool = True,
@@ -67,12 +84,15 @@ def read_fasta(
     """
     name = _source_name(path_or_file)
     if isinstance(path_or_file, (str, os.PathLike)):
+        _check_path(os.fspath(path_or_file))
         fh: Any = _open_text(os.fspath(path_or_file))
         owned = True
     else:
         fh, owned = path_or_file, False
     try:
         yield from _parse(_lines(fh), name, check_duplicates, allow_empty)
+    except _READ_ERRORS as e:
+        raise _unreadable(name, e) from None
     finally:
         if owned:
             fh.close()
@@ -173,9 +193,13 @@ def count_fasta(path_or_file: str | os.PathLike | IO[bytes] | IO[str]) -> int:
     """Number of records (header lines) in a FASTA file, without parsing sequences. Gzip is detected."""
     if isinstance(path_or_file, (str, os.PathLike)):
         path = os.fspath(path_or_file)
+        _check_path(path)
         opener = gzip.open if _is_gzip(path) else open
-        with opener(path, "rb") as f:
-            return _count(f)
+        try:
+            with opener(path, "rb") as f:
+                return _count(f)
+        except _READ_ERRORS as e:
+            raise _unreadable(path, e) from None
     return _count(path_or_file)
 
 

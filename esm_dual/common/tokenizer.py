@@ -48,7 +48,15 @@ _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (
 
 
 class TokenizerError(ValueError):
-    """Input the tokenizer refuses (strict mode); the message names the record, position and character."""
+    """Input the tokenizer refuses (strict mode); the message names the record, position and character.
+
+    ``index`` (the sequence's index in the call), ``character`` and ``position`` (1-based) say the same for
+    programs, or are None."""
+
+    def __init__(self, message: str, index: int | None = None, character: str | None = None,
+                 position: int | None = None):
+        super().__init__(message)
+        self.index, self.character, self.position = index, character, position
 
 
 class BatchEncoding(dict):
@@ -338,7 +346,7 @@ class EsmTokenizer:
             for tok, pos, i in zip(tokens, starts, out):
                 if i == unk and tok != self.unk_token:
                     raise TokenizerError(f"{_label(index, ids)}: invalid character {text[pos]!r} "
-                                         f"at position {pos + 1}")
+                                         f"at position {pos + 1}", index, text[pos], pos + 1)
         return out
 
     # ---- fast batch encoding -------------------------------------------------------------------
@@ -381,15 +389,15 @@ class EsmTokenizer:
 
         # Characters outside the vocabulary: a run of them within a record is one <unk> (HF).
         unk_mask = codes == -1
-        first_error: tuple[int, str] | None = None
+        first_error: tuple[int, TokenizerError] | None = None
         if unk_mask.any():
             rows, pos = _ragged_positions(lengths)
             if strict:
                 p = int(np.flatnonzero(unk_mask)[0])
                 rec = int(fast_idx[rows[p]])
                 col = int(pos[p])
-                first_error = (rec, f"{_label(rec, ids)}: invalid character {seqs[rec][col]!r} "
-                                    f"at position {col + 1}")
+                first_error = (rec, TokenizerError(f"{_label(rec, ids)}: invalid character {seqs[rec][col]!r} "
+                                                   f"at position {col + 1}", rec, seqs[rec][col], col + 1))
             else:
                 drop = unk_mask.copy()
                 drop[1:] &= unk_mask[:-1]
@@ -404,21 +412,21 @@ class EsmTokenizer:
 
         if not slow_idx:
             if first_error is not None:
-                raise TokenizerError(first_error[1])
+                raise first_error[1]
             return codes, _offsets(lengths)
 
         # Merge general-path records (and pre-encoded ids) with the vectorised ones, in input order.
         slow_ids: dict[int, np.ndarray] = {}
         for i in slow_idx:
             if first_error is not None and i > first_error[0]:
-                raise TokenizerError(first_error[1])
+                raise first_error[1]
             s = seqs[i]
             if isinstance(s, str):
                 slow_ids[i] = np.asarray(self._encode_general(s, strict, i, ids), dtype=np.int64)
             else:
                 slow_ids[i] = _as_id_array(s, i)
         if first_error is not None:
-            raise TokenizerError(first_error[1])
+            raise first_error[1]
         all_len = np.zeros(B, dtype=np.int64)
         all_len[fast_idx] = lengths
         for i, a in slow_ids.items():

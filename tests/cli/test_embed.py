@@ -447,3 +447,60 @@ def test_cli_import_is_light_and_help_works():
     proc = subprocess.run([sys.executable, "-m", "esm_dual.cli.main", "embed", "--help"], capture_output=True,
                           text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
     assert proc.returncode == 0 and "--toks-per-batch" in proc.stdout and "--repr-layers" in proc.stdout
+
+
+def test_bad_residues_and_unreadable_files_are_named(tmp_path, capsys, models):
+    """Characters outside the vocabulary, empty/undecodable/damaged files and directories: one-line errors that
+    name the file and record, exit 2, nothing stored; never a silent <unk> that shifts later positions."""
+    import gzip
+
+    hub, _ = models["esm2"]
+    out = tmp_path / "o.h5"
+    cases = {
+        "lower.fa": (b">ok\nMKTAYIAK\n>soft soft-masked\nMKTayiAK\n", "record 'soft', residue 4: lower-case 'a'"),
+        "stop.fa": (b">s\nMKTA*\n", "record 's', residue 5: '*' (a stop codon?"),
+        "digit.fa": (b">d\nMK1TA\n", "record 'd', residue 3: '1', not a residue of the model's vocabulary"),
+        "empty.fa": (b"; only a comment\n\n", "no FASTA records"),
+        "latin.fa": (b">x\nMKT\xe9A\n", "latin.fa: not UTF-8 text"),
+    }
+    for name, (data, _) in cases.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "cut.fa.gz").write_bytes(gzip.compress(b">a\nMKTAYIAKQR\n" * 50)[:40])
+    cases["cut.fa.gz"] = (None, "cut.fa.gz: the gzip data is damaged or cut short")
+    (tmp_path / "dir.fa").mkdir()
+    cases["dir.fa"] = (None, "dir.fa is a directory")
+    for name, (_, msg) in cases.items():
+        rc, _, err = _run(capsys, "embed", tmp_path / name, out, "--model", hub, "-q")
+        assert rc == 2 and msg in err, (name, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (name, err)
+        if out.exists():  # a window is checked before the model runs on it: 'ok' was not written either
+            with EmbeddingStore(out) as store:
+                assert len(store) == 0, name
+
+
+def test_failed_first_run_does_not_pin_the_store(tmp_path, capsys, models, data_dir):
+    hub, _ = models["esm2"]
+    dup = tmp_path / "dup.fa"
+    dup.write_text(">a\nMKTAYIAK\n>a\nMKT\n")
+    out = tmp_path / "o.h5"
+    rc, _, err = _run(capsys, "embed", dup, out, "--model", hub, "-q")
+    assert rc == 2 and "duplicate record id 'a'" in err
+    few = os.path.join(data_dir, "few_proteins.fasta")
+    rc, _, err = _run(capsys, "embed", few, out, "--model", hub, "--include", "mean", "per_tok", "-q")
+    assert rc == 0, err  # the empty store of the failed run held no options
+    with EmbeddingStore(out) as store:
+        assert len(store) == 3 and "per_tok" in store.include
+    rc, _, err = _run(capsys, "embed", few, out, "--model", hub, "-q")  # a store with records still pins them
+    assert rc == 2 and "other options" in err
+
+
+def test_pt_format_refuses_headers_that_leave_the_output(tmp_path, capsys, models):
+    _, pt = models["esm2"]
+    fa = tmp_path / "x.fa"
+    fa.write_text(">ok/nested\nMKTAYIAK\n>x/../../escape\nMKTAYIAK\n")
+    rc, _, err = _run(capsys, "embed", fa, tmp_path / "out", "--model", pt, "--format", "pt", "-q")
+    assert rc == 2 and "record 'x/../../escape'" in err and "outside" in err, err
+    assert not (tmp_path / "escape.pt").exists() and not list((tmp_path / "out").rglob("*.pt"))
+    fa.write_text(">ok/nested\nMKTAYIAK\n")
+    assert _run(capsys, "embed", fa, tmp_path / "out", "--model", pt, "--format", "pt", "-q")[0] == 0
+    assert (tmp_path / "out" / "ok" / "nested.pt").exists()  # '/' inside the output: subdirectories, as fair-esm

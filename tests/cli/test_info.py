@@ -42,6 +42,20 @@ def test_info_hub_directory(tmp_path, capsys):
     assert f"{count_parameters(cfg):,} in the masked-LM model" in f["parameters"]
 
 
+def test_info_names_a_preset_only_when_the_config_matches(tmp_path, capsys):
+    cfg = tiny_config("esm2")
+    write_hub_checkpoint(str(tmp_path / "esm2_t33_650M_UR50D"), cfg, "mlm")  # a preset's name, a tiny model
+    rc, out, err = _run(capsys, "info", tmp_path / "esm2_t33_650M_UR50D")
+    assert rc == 0, err
+    assert _fields(out)["family"] == "ESM-2"
+    rc, out, _ = _run(capsys, "info", tmp_path / "esm2_t33_650M_UR50D", "--json")
+    assert "preset" not in json.loads(out)
+    preset = PRESETS["esm2_t6_8M_UR50D"]  # the preset's own shape under its name: named
+    write_hub_checkpoint(str(tmp_path / "esm2_t6_8M_UR50D"), preset.config, "mlm")
+    rc, out, _ = _run(capsys, "info", tmp_path / "esm2_t6_8M_UR50D")
+    assert _fields(out)["family"] == "ESM-2 (preset esm2_t6_8M_UR50D)"
+
+
 def test_info_fair_esm_file_json(tmp_path, capsys):
     cfg = tiny_config("esm1b", intermediate_size=72)
     tensors = write_hub_checkpoint(str(tmp_path / "hub"), cfg, "mlm")

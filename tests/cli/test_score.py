@@ -212,13 +212,37 @@ def test_wild_type_mismatch_names_the_row(tmp_path, capsys, models, dms):
     rc, _, err = _run(capsys, "score", "--model-location", hub, "--sequence", seq, "--dms-input", bad,
                       "--dms-output", out, "--offset-idx", 1)
     assert rc == 2
-    assert "row 2 ('W26A')" in err and "wild type 'W'" in err and "'E' at position 26" in err
+    assert "line 4 ('W26A')" in err and "wild type 'W'" in err and "'E' at position 26" in err  # file line
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
     # Forgetting the offset is caught the same way (position 20 is 'E' 0-based, not 'P').
     rc, _, err = _run(capsys, "score", "--model-location", hub, "--sequence", seq, "--dms-input", path,
                       "--dms-output", out)
-    assert rc == 2 and "row 0 ('P20P')" in err and "--offset-idx 0" in err
+    assert rc == 2 and "line 2 ('P20P')" in err and "--offset-idx 0" in err
+
+
+def test_bad_sequence_and_csv_are_named(tmp_path, capsys, models, dms):
+    hub, _ = models["esm2"]
+    seq, path, rows = dms
+    out = tmp_path / "o.csv"
+    base = ["score", "--model-location", hub, "--dms-input", path, "--dms-output", out, "--offset-idx", 1]
+    for bad, msg in ((seq[:20] + "*" + seq[21:], "'*' (a stop codon?"), (seq[:20] + "1" + seq[21:], "'1', not a"),
+                     (seq.lower(), "lower-case 'm'" if seq[0] == "M" else "lower-case")):
+        rc, _, err = _run(capsys, *base, "--sequence", bad)
+        assert rc == 2 and msg in err, err
+        assert ("position 21" if bad[:20] == seq[:20] else "position 1") in err and "Traceback" not in err
+    assert not out.exists()
+    # a CSV that is not UTF-8, a directory, blank lines counted in the line numbers
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"mutant,DMS_score\nP20A,1\xff\n")
+    rc, _, err = _run(capsys, *base[:4], latin, *base[5:], "--sequence", seq)
+    assert rc == 2 and "latin.csv: not UTF-8" in err and "Traceback" not in err
+    rc, _, err = _run(capsys, *base[:4], tmp_path, *base[5:], "--sequence", seq)
+    assert rc == 2 and "is a directory" in err
+    gaps = tmp_path / "gaps.csv"
+    gaps.write_text(f"mutant,DMS_score\n\n{rows[0]['mutant']},1\n\nW26A,1\n")
+    rc, _, err = _run(capsys, *base[:4], gaps, *base[5:], "--sequence", seq)
+    assert rc == 2 and "gaps.csv line 5 ('W26A')" in err, err
 
 
 def test_input_errors(tmp_path, capsys, models, dms):
