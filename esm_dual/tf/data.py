@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -94,25 +95,36 @@ def _standard_aa_ids(tokenizer: Any) -> tuple[int, ...]:
     return tuple(int(i) for i in ids)
 
 
-def _encode_residues(sequences: Sequence[str], tokenizer: Any) -> list[np.ndarray]:
-    """Residue ids (no BOS/EOS) of each sequence."""
+def _encode_residues(sequences: Sequence[str], tokenizer: Any, strict: bool = True,
+                     ids: Sequence[Any] | None = None) -> list[np.ndarray]:
+    """Residue ids (no BOS/EOS) of each sequence. ``strict``: a character outside the vocabulary is a
+    ``TokenizerError`` naming the record (``ids``), position and character, instead of ``<unk>``."""
     if hasattr(tokenizer, "encode_residues_np"):
-        return list(tokenizer.encode_residues_np(list(sequences)))
+        return list(tokenizer.encode_residues_np(list(sequences), strict=strict, ids=ids))
     enc = tokenizer(list(sequences), add_special_tokens=False)
     return [np.asarray(r, dtype=np.int64) for r in enc["input_ids"]]
 
 
 def encode_sequences(sequences: Sequence[str], tokenizer: EsmTokenizer | None = None,
-                     truncation_length: int | None = 1022) -> list[np.ndarray]:
+                     truncation_length: int | None = 1022, strict: bool = True) -> list[np.ndarray]:
     """Token ids (int32, ``<cls>`` + residues + ``<eos>``) of each sequence; at most ``truncation_length``
-    residues are kept (the first ones)."""
+    residues are kept (the first ones), with a warning naming the sequences cut. ``strict=False`` maps
+    characters outside the vocabulary to ``<unk>`` as HF's tokenizer does (a run of them to one)."""
     tok = tokenizer if tokenizer is not None else EsmTokenizer()
-    return _add_special(_encode_residues(sequences, tok), tok, truncation_length)
+    return _add_special(_encode_residues(sequences, tok, strict), tok, truncation_length)
 
 
-def _add_special(residues: list[np.ndarray], tok: Any, truncation_length: int | None) -> list[np.ndarray]:
+def _add_special(residues: list[np.ndarray], tok: Any, truncation_length: int | None,
+                 names: Sequence[Any] | None = None) -> list[np.ndarray]:
     if truncation_length is not None and truncation_length < 1:
         raise ValueError(f"truncation_length must be >= 1 or None, got {truncation_length}")
+    if truncation_length is not None:
+        cut = [i for i, r in enumerate(residues) if len(r) > truncation_length]
+        if cut:
+            shown = ", ".join(repr(names[i]) if names is not None else f"#{i}" for i in cut[:5])
+            more = f" and {len(cut) - 5} more" if len(cut) > 5 else ""
+            warnings.warn(f"{len(cut)} sequence(s) longer than {truncation_length} residues truncated to their "
+                          f"first {truncation_length} (truncation_length): {shown}{more}", stacklevel=3)
     cls = _token_id(tok, "cls_token_id", 0)
     eos = _token_id(tok, "eos_token_id", 2)
     out = []
@@ -261,6 +273,7 @@ def make_dataset(
     truncation_length: int | None = 1022,
     label_type: str = "sequence",
     drop_remainder: bool = False,
+    strict: bool = True,
 ) -> tf.data.Dataset:
     """Length-bucketed, per-batch padded batches for ESM models.
 
@@ -284,6 +297,9 @@ def make_dataset(
         truncation_length: keep at most this many residues per sequence (1022 for ESM; None: no limit).
         label_type: "sequence" or "token".
         drop_remainder: drop each bucket's last incomplete batch.
+        strict: a character outside the tokenizer's vocabulary (lower-case, ``*``, digits) raises a
+            ``TokenizerError`` naming the record, position and character; ``False`` maps it to ``<unk>`` as
+            HF's tokenizer does (a run of them becomes one token, so later positions shift).
 
     Returns:
         A ``tf.data.Dataset`` of ``({"input_ids": int32 [B, L], "attention_mask": int32 [B, L]},
@@ -308,8 +324,10 @@ def make_dataset(
         raise ValueError("no sequences")
     if callable(labels):
         labels = [labels(r) for r in records]
-    residues = _encode_residues(seqs, tok)
-    ids = _add_special(residues, tok, truncation_length)
+    names = [getattr(r, "id", None) or f"sequence {i}" for i, r in enumerate(records)] \
+        if records is not seqs else None
+    residues = _encode_residues(seqs, tok, strict, names)
+    ids = _add_special(residues, tok, truncation_length, names)
     lengths = np.fromiter((len(a) for a in ids), dtype=np.int64, count=len(ids))
 
     # Buckets: padded length and batch size of each.

@@ -162,19 +162,41 @@ def test_cardinality_is_known_and_exact(seqs, kwargs):
 
 def test_truncation(tok):
     seq = "".join(AA[np.arange(50) % 20])
-    (ids, mask, lab), = collect(make_dataset([seq], [1.5], truncation_length=10, batch_size=1))
+    with pytest.warns(UserWarning, match=r"1 sequence\(s\) longer than 10 residues truncated .*#0"):
+        (ids, mask, lab), = collect(make_dataset([seq], [1.5], truncation_length=10, batch_size=1))
     assert mask.sum() == 12
     expected = tok([seq[:10]], return_tensors="np")["input_ids"][0]
     np.testing.assert_array_equal(ids[0, :12], expected)
     assert ids[0, 11] == EOS
     # Token labels are truncated with their residues.
-    (ids, mask, lab), = collect(make_dataset([seq], [np.arange(50)], label_type="token",
-                                             truncation_length=10, batch_size=1))
+    with pytest.warns(UserWarning, match="truncated"):
+        (ids, mask, lab), = collect(make_dataset([seq], [np.arange(50)], label_type="token",
+                                                 truncation_length=10, batch_size=1))
     np.testing.assert_array_equal(lab[0, :12], [-100, *range(10), -100])
     assert (lab[0, 12:] == -100).all()
     # No truncation.
     (ids, mask, _), = collect(make_dataset([seq], truncation_length=None, batch_size=1))
     assert mask.sum() == 52
+
+
+def test_characters_outside_the_vocabulary(tmp_path):
+    from esm_dual.common.fasta import FastaRecord
+    from esm_dual.common.tokenizer import TokenizerError
+
+    fasta = tmp_path / "x.fa"
+    fasta.write_text(">good\nMKTAYIAK\n>bad_rec\nMKT1AYIAK\n")
+    with pytest.raises(TokenizerError, match=r"'bad_rec'.*'1' at position 4"):
+        make_dataset(str(fasta), batch_size=2)
+    with pytest.raises(TokenizerError, match=r"record 1: invalid character 'm' at position 1"):
+        make_dataset(["MKTA", "mkta"], batch_size=2)  # lower-case would collapse into one <unk>
+    with pytest.raises(TokenizerError, match="'r2'"):
+        make_dataset([FastaRecord("r1", "r1", "MKT"), FastaRecord("r2", "r2", "MK*")], batch_size=2)
+    with pytest.raises(TokenizerError):
+        encode_sequences(["MK*"])
+    # strict=False: HF's tokenizer behaviour (a run of unknown characters is one <unk>)
+    (ids, mask, _), = collect(make_dataset(["MKTA", "mkta"], batch_size=2, strict=False))
+    assert mask.sum(1).tolist() == [6, 3] and ids[1, 1] == 3  # <cls> <unk> <eos>
+    np.testing.assert_array_equal(encode_sequences(["AC*D"], strict=False)[0], [0, 5, 23, 3, 13, 2])
 
 
 def test_round_trip_matches_tokenizer(tok, seqs):
