@@ -53,8 +53,8 @@ import numpy as np
 
 from .common import checkpoint as _ck
 from .common.checkpoint import CheckpointError
-from .common.config import CONFIG_NAME, ConfigError, EsmConfig
-from .common.loading import canonical_tensor_name
+from .common.config import CONFIG_NAME, ConfigError, EsmConfig, with_recorded_dtype
+from .common.loading import LoadingError, canonical_tensor_name
 
 TARGETS = ("hf", "keras", "tf-h5", "fair-esm")
 SOURCES = ("hf", "fair-esm", "tf-h5", "keras", "keras-weights", "keras-hub")
@@ -596,13 +596,34 @@ def _check_source(s: _Source) -> None:
              "EsmForSequenceClassification": ["classifier.dense.weight", "classifier.dense.bias",
                                               "classifier.out_proj.weight", "classifier.out_proj.bias"],
              "EsmForTokenClassification": ["classifier.weight", "classifier.bias"]}
-    required += heads.get(arch, [])
+    untied = arch == "EsmForMaskedLM" and not c.tie_word_embeddings
+    required += heads.get(arch, []) + (["lm_head.decoder.weight"] if untied else [])
     have = set(names)
     missing = [n for n in required if n not in have]
     if missing:
         raise CheckpointError(f"{s.path}: missing tensor(s) of an ESM {arch}: {_ck._fmt_names(missing)}")
-    if arch != "EsmForMaskedLM" and any(n.startswith("lm_head.") for n in names):
-        raise CheckpointError(f"{s.path}: lm_head tensors in a checkpoint whose config says {arch}")
+    # Head tensors the architecture does not have (an MLM file carrying classifier.* tensors, a sequence
+    # classifier's tensors in a token-classification file, a pooler in a task model's file ...).
+    own_heads = set(heads.get(arch, [])) | {"lm_head.decoder.weight"}
+    if arch == "EsmModel":
+        own_heads |= {f"{prefix}pooler.dense.weight", f"{prefix}pooler.dense.bias"}
+    foreign = [n for n in names if n.startswith(("lm_head.", "classifier.", "pooler.", "esm.pooler."))
+               and n not in own_heads]
+    if foreign:
+        raise CheckpointError(f"{s.path}: head tensor(s) that an ESM {arch} does not have (the config's "
+                              f"architectures says {arch}): {_ck._fmt_names(foreign)}")
+    # Optional heads (contact regression, pooler) are all there or not at all.
+    optional = {"contact_head": [f"{prefix}contact_head.regression.weight", f"{prefix}contact_head.regression.bias"],
+                "pooler": [f"{prefix}pooler.dense.weight", f"{prefix}pooler.dense.bias"]}
+    for head, tensors in optional.items():
+        absent = [n for n in tensors if n not in have]
+        if absent and len(absent) < len(tensors):
+            raise CheckpointError(f"{s.path}: the {head} is incomplete: missing tensor(s) {', '.join(absent)}")
+    if arch == "EsmForMaskedLM" and c.tie_word_embeddings and "lm_head.decoder.weight" in have:
+        emb = f"{prefix}embeddings.word_embeddings.weight"
+        if not np.array_equal(s.get("lm_head.decoder.weight"), s.get(emb)):
+            raise CheckpointError(f"{s.path}: tensor 'lm_head.decoder.weight' differs from {emb!r}, but the config "
+                                  "ties them (tie_word_embeddings=True)")
 
 
 # ================================================================================================
@@ -844,6 +865,7 @@ def _keras_model_from_tensors(config: EsmConfig, tensors: dict[str, np.ndarray],
 
 class _Staging:
     def __init__(self, dst: str, overwrite: bool, extra: list[str] | None = None):
+        self.user_dst = dst  # as the caller wrote it, for messages
         self.dst = os.path.abspath(dst)
         self.overwrite = overwrite
         self.extra = extra or []  # files written beside dst (fair-esm contact regression)
@@ -869,6 +891,20 @@ class _Staging:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def renamed(self, e: Exception) -> Exception:
+        """``e`` with the staging paths in its message replaced by the user's destination: the staging
+        directory is gone once the error reaches the caller."""
+        msg = str(e)
+        if self.tmp not in msg:
+            return e
+        msg = msg.replace(self.path, self.user_dst)
+        msg = msg.replace(self.tmp + os.sep, os.path.join(os.path.dirname(self.user_dst), ""))
+        msg = msg.replace(self.tmp, os.path.dirname(self.user_dst) or ".")
+        try:
+            return type(e)(msg)
+        except Exception:  # pragma: no cover - an exception type with another constructor
+            return e
 
 
 # ================================================================================================
@@ -953,6 +989,9 @@ def convert(
         for e in extra:
             if os.path.lexists(e) and not overwrite:
                 raise CheckpointError(f"{e}: already exists; pass overwrite=True (--overwrite) to replace it")
+        if target_dtype is not None:
+            # The config written records the weights' new dtype, as transformers 5 records it ("dtype").
+            source.config = with_recorded_dtype(source.config, target_dtype.name)
         staging = _Staging(dst_s, overwrite, extra)
         try:
             get = _get_hook(source)
@@ -962,6 +1001,8 @@ def convert(
                 _write_hf(staging.path, source, names, get, target_dtype, max_shard_size)
             elif to == "tf-h5":
                 _write_tf_h5(staging.path, source, names, get, target_dtype)
+                # tf_model.h5 has no place for position_ids buffers (recomputed by every framework)
+                report.dropped.extend(n for n in names if n.endswith("position_ids"))
             elif to == "fair-esm":
                 _write_fair_esm(staging.path, source, names, get, target_dtype, report)
             else:
@@ -975,6 +1016,8 @@ def convert(
                                                log=say)
                 report.verify, report.tolerance = diffs, tol
             staging.commit()
+        except (CheckpointError, LoadingError, ConfigError) as e:
+            raise staging.renamed(e) from None
         finally:
             staging.cleanup()
     finally:
@@ -1018,7 +1061,7 @@ def _floats32(tensors: dict[str, np.ndarray], dtype: np.dtype | None) -> dict[st
 
 
 def _run_pt(config: EsmConfig, tensors: dict[str, np.ndarray], ids: np.ndarray, mask: np.ndarray,
-            contacts: bool) -> dict[str, np.ndarray]:
+            contacts: bool, source: str = "source") -> dict[str, np.ndarray]:
     import torch
 
     import esm_dual.pt as ept
@@ -1027,7 +1070,7 @@ def _run_pt(config: EsmConfig, tensors: dict[str, np.ndarray], ids: np.ndarray, 
     cls = getattr(ept, _architecture(config, list(tensors)))
     kwargs = {"add_pooling_layer": checkpoint_has_pooler(tensors)} if cls is ept.EsmModel else {}
     model = cls(config, **kwargs).eval()
-    _quiet(model.load_hub_tensors, tensors, "source")
+    _quiet(model.load_hub_tensors, tensors, source)
     t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
     out: dict[str, np.ndarray] = {}
     with torch.no_grad():
@@ -1075,7 +1118,7 @@ def _outputs(fmt: str, path: str, config: EsmConfig, tensors: dict[str, np.ndarr
     """Run a checkpoint in its own framework (float32)."""
     if fmt in ("hf", "fair-esm"):
         assert tensors is not None
-        return _run_pt(config, _floats32(tensors, dtype), ids, mask, contacts)
+        return _run_pt(config, _floats32(tensors, dtype), ids, mask, contacts, path)
     if fmt == "keras-hub":
         backbone = _load_keras_hub_backbone(path)
         import keras

@@ -250,35 +250,34 @@ class _SafetensorsFile:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and not (
+            isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+        ):
+            raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings")
+        self.metadata: dict[str, str] = metadata or {}
         self.data_start = 8 + n
         data_size = size - self.data_start
         self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
-            try:
-                tag, shape, (begin, end) = (
-                    info["dtype"],
-                    tuple(int(s) for s in info["shape"]),
-                    info["data_offsets"],
-                )
-            except (KeyError, TypeError, ValueError):
+            self.entries[name] = _parse_st_entry(path, name, info, data_size, size, self.data_start)
+        # As the reference library validates: the tensors' byte ranges tile the data buffer exactly,
+        # in offset order, with no gap and no overlap.
+        position = 0
+        for name in sorted(self.entries, key=lambda k: self.entries[k][2:]):
+            _, _, begin, end = self.entries[name]
+            if begin != position:
+                what = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
                 raise CheckpointError(
-                    f"{path}: corrupt safetensors header entry for tensor {name!r}"
-                ) from None
-            if tag not in _ST_ITEMSIZE:
-                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {tag!r}")
-            nbytes = math.prod(shape) * _ST_ITEMSIZE[tag]
-            if begin < 0 or end - begin != nbytes or any(s < 0 for s in shape):
-                raise CheckpointError(
-                    f"{path}: corrupt safetensors header: tensor {name!r} {tag}{list(shape)} needs {nbytes} "
-                    f"bytes but its data offsets are [{begin}, {end}]"
+                    f"{path}: corrupt safetensors header: tensor {name!r} data_offsets [{begin}, {end}] "
+                    f"{what} (expected to start at byte {position} of the data)"
                 )
-            if end > data_size:
-                raise CheckpointError(
-                    f"{path}: truncated safetensors file: tensor {name!r} ends at byte "
-                    f"{self.data_start + end} but the file has {size} bytes"
-                )
-            self.entries[name] = (tag, shape, begin, end)
+            position = end
+        if position != data_size:
+            raise CheckpointError(
+                f"{path}: corrupt safetensors file: the tensors cover {position} bytes of data but the file holds "
+                f"{data_size} after the header"
+            )
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -314,6 +313,46 @@ class _SafetensorsFile:
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in sorted(self.entries, key=lambda k: self.entries[k][2]):
             yield name, self.get(name)
+
+
+def _parse_st_entry(
+    path: str, name: str, info: Any, data_size: int, size: int, data_start: int
+) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype tag, shape, begin, end) of one safetensors header entry, validated as the reference library
+    does: ``dtype`` a known tag, ``shape`` a list of non-negative integers, ``data_offsets`` two
+    non-negative integers ``[begin, end]`` spanning exactly the tensor's bytes, inside the file."""
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r}: {what}")
+
+    def is_uint(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    if not isinstance(info, dict):
+        raise bad(f"expected an object with dtype, shape and data_offsets, got {info!r}")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+    if missing:
+        raise bad(f"no {', '.join(missing)}")
+    tag, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(tag, str) or tag not in _ST_ITEMSIZE:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {tag!r}")
+    if not isinstance(shape, list) or not all(is_uint(d) for d in shape):
+        raise bad(f"shape must be a list of non-negative integers, got {shape!r}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_uint(o) for o in offsets):
+        raise bad(f"data_offsets must be two non-negative integers [begin, end], got {offsets!r}")
+    begin, end = offsets
+    nbytes = math.prod(shape) * _ST_ITEMSIZE[tag]
+    if end < begin or end - begin != nbytes:
+        raise CheckpointError(
+            f"{path}: corrupt safetensors header: tensor {name!r} {tag}{list(shape)} needs {nbytes} "
+            f"bytes but its data offsets are [{begin}, {end}]"
+        )
+    if end > data_size:
+        raise CheckpointError(
+            f"{path}: truncated safetensors file: tensor {name!r} ends at byte "
+            f"{data_start + end} but the file has {size} bytes"
+        )
+    return tag, tuple(shape), begin, end
 
 
 def _write_safetensors(
@@ -599,6 +638,15 @@ def _sharded(directory: str, index_name: str, layout: str) -> tuple[str, list[st
     index_path = os.path.join(directory, index_name)
     weight_map = _read_index(index_path)
     shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        norm = os.path.normpath(shard)
+        if (not shard or os.path.isabs(shard) or os.path.splitdrive(shard)[0] or norm in (".", os.pardir)
+                or norm.startswith(os.pardir + os.sep) or "\\" in shard):
+            names = sorted(k for k, v in weight_map.items() if v == shard)
+            raise CheckpointError(
+                f"{index_path}: shard file name {shard!r} (for tensor {names[0]!r}) is absolute or leaves the "
+                "checkpoint directory; shard files must be inside it"
+            )
     missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
     if missing:
         raise CheckpointError(
@@ -1097,8 +1145,11 @@ def validate_shapes(config: EsmConfig, tensors: Mapping[str, Any], source: str) 
         got = tuple(np.shape(arr))
         if want is not None and got != want:
             errors.append(f"{name}: expected shape {list(want)} from the config, got {list(got)}")
+        dtype = getattr(arr, "dtype", None)
+        if (want is not None or name.endswith("inv_freq")) and dtype is not None and not _is_floating(dtype):
+            errors.append(f"{name}: stored as {np.dtype(dtype)}, but ESM weights are floating point")
     if errors:
-        raise CheckpointError(f"{source}: tensor shapes contradict the config:\n  " + "\n  ".join(errors))
+        raise CheckpointError(f"{source}: tensors contradict the config:\n  " + "\n  ".join(errors))
 
 
 # ================================================================================================
@@ -1195,6 +1246,20 @@ def _get(cfg: Mapping[str, Any], key: str, source: str, default: Any = ...) -> A
     raise CheckpointError(f"{source}: the fair-esm model config has no {key!r}")
 
 
+def _get_int(cfg: Mapping[str, Any], key: str, source: str) -> int:
+    """A positive integer field of a fair-esm model config; ``CheckpointError`` naming the field otherwise."""
+    value = _get(cfg, key, source)
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (number > 0 and number.is_integer()):
+        raise CheckpointError(
+            f"{source}: the fair-esm model config's {key!r} must be a positive integer, got {value!r}"
+        )
+    return int(number)
+
+
 def read_fair_esm(path: str | os.PathLike) -> Checkpoint:
     """Read a fair-esm ``.pt`` file (ESM-2, ESM-1b, ESM-1v) and ``<stem>-contact-regression.pt`` beside it.
 
@@ -1228,9 +1293,9 @@ def read_fair_esm(path: str | os.PathLike) -> Checkpoint:
             )
         version = 2
         state = {_strip_v2(k): v for k, v in state.items()}
-        n_layers = int(_get(model_cfg, "encoder_layers", path))
-        d = int(_get(model_cfg, "encoder_embed_dim", path))
-        heads = int(_get(model_cfg, "encoder_attention_heads", path))
+        n_layers = _get_int(model_cfg, "encoder_layers", path)
+        d = _get_int(model_cfg, "encoder_embed_dim", path)
+        heads = _get_int(model_cfg, "encoder_attention_heads", path)
         token_dropout = bool(_get(model_cfg, "token_dropout", path))
     elif isinstance(args, dict):
         version = 1
@@ -1242,9 +1307,9 @@ def read_fair_esm(path: str | os.PathLike) -> Checkpoint:
                 "have arch 'roberta_large'; ESM-1, MSA Transformer and ESM-IF are not read)"
             )
         state = {_strip_v1(k): v for k, v in state.items()}
-        n_layers = int(_get(model_args, "layers", path))
-        d = int(_get(model_args, "embed_dim", path))
-        heads = int(_get(model_args, "attention_heads", path))
+        n_layers = _get_int(model_args, "layers", path)
+        d = _get_int(model_args, "embed_dim", path)
+        heads = _get_int(model_args, "attention_heads", path)
         token_dropout = bool(model_args.get("token_dropout", False))
     else:
         raise CheckpointError(
@@ -1286,23 +1351,26 @@ def read_fair_esm(path: str | os.PathLike) -> Checkpoint:
         max_pos = int(pos.shape[0])
     else:
         max_pos = 1026
-    config = EsmConfig(
-        vocab_size=ESM_VOCAB_SIZE,
-        mask_token_id=ESM_MASK_IDX,
-        pad_token_id=ESM_PAD_IDX,
-        hidden_size=d,
-        num_hidden_layers=n_layers,
-        num_attention_heads=heads,
-        intermediate_size=ffn,
-        max_position_embeddings=max_pos,
-        layer_norm_eps=1e-5,  # PyTorch default used in fairseq
-        attention_probs_dropout_prob=0.0,
-        hidden_dropout_prob=0.0,
-        emb_layer_norm_before="esm.embeddings.layer_norm.weight" in tensors,
-        token_dropout=token_dropout,
-        position_embedding_type="rotary" if version == 2 else "absolute",
-        architectures=["EsmForMaskedLM"],
-    )
+    try:
+        config = EsmConfig(
+            vocab_size=ESM_VOCAB_SIZE,
+            mask_token_id=ESM_MASK_IDX,
+            pad_token_id=ESM_PAD_IDX,
+            hidden_size=d,
+            num_hidden_layers=n_layers,
+            num_attention_heads=heads,
+            intermediate_size=ffn,
+            max_position_embeddings=max_pos,
+            layer_norm_eps=1e-5,  # PyTorch default used in fairseq
+            attention_probs_dropout_prob=0.0,
+            hidden_dropout_prob=0.0,
+            emb_layer_norm_before="esm.embeddings.layer_norm.weight" in tensors,
+            token_dropout=token_dropout,
+            position_embedding_type="rotary" if version == 2 else "absolute",
+            architectures=["EsmForMaskedLM"],
+        )
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: the fair-esm model config does not make a valid ESM config ({e})") from None
     validate_shapes(config, tensors, path)
     return Checkpoint(config=config, tensors=tensors, source=path, layout=LAYOUT_FAIR_ESM)
 
@@ -1340,6 +1408,8 @@ def check_fair_esm_config(path: str, config: EsmConfig) -> None:
         problems.append("no emb_layer_norm_before (ESM2 has none)")
     if rotary and not math.isclose(config.rope_theta, 10000.0):
         problems.append("rope_theta 10000")
+    if not config.tie_word_embeddings:
+        problems.append("tie_word_embeddings=True (fair-esm ties lm_head.weight to embed_tokens)")
     if problems:
         raise CheckpointError(
             f"{path}: fair-esm cannot represent this config; it needs " + "; ".join(problems)
@@ -1464,6 +1534,8 @@ def save_fair_esm(path: str | os.PathLike, config: EsmConfig, tensors: Mapping[s
             os.replace(tmp_reg, reg_path)
             tmp_reg = None
         os.replace(tmp, path)
+        if not regression and os.path.lexists(reg_path):
+            os.remove(reg_path)  # a stale head of an earlier save would be read back with this file
     finally:
         for t in (tmp, tmp_reg):
             if t is not None and os.path.exists(t):

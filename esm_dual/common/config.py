@@ -542,3 +542,29 @@ class EsmConfig(_Config):
         with open(path, "w", encoding="utf-8") as f:
             f.write(self.to_json_string())
         return path
+
+
+# ================================================================================================
+# The weights' dtype recorded in config.json (transformers 5: "dtype"; older files: "torch_dtype")
+# ================================================================================================
+
+_RECORDED_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def recorded_dtype(config: EsmConfig) -> str | None:
+    """The weights' dtype that ``config.json`` records (``"dtype"``, else the older ``"torch_dtype"``), as
+    ``"float32"`` / ``"float16"`` / ``"bfloat16"`` / ``"float64"``; None when absent or not one of those."""
+    for key in ("dtype", "torch_dtype"):
+        value = config.extra.get(key)
+        if isinstance(value, str) and value.replace("torch.", "") in _RECORDED_DTYPES:
+            return value.replace("torch.", "")
+    return None
+
+
+def with_recorded_dtype(config: EsmConfig, dtype: str) -> EsmConfig:
+    """A copy of ``config`` that records ``dtype`` as transformers 5's ``save_pretrained`` does (key
+    ``"dtype"``; an older ``"torch_dtype"`` key is dropped so that the two cannot disagree)."""
+    out = config.copy()
+    out.extra.pop("torch_dtype", None)
+    out.extra["dtype"] = dtype
+    return out

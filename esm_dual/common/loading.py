@@ -2,9 +2,10 @@
 
 A checkpoint's names are the hub's (``esm.encoder.layer.0...`` for task models, no ``esm.`` prefix for
 files saved from ``EsmModel``). ``match_state`` turns them into exactly the names a model expects:
-it adds or strips the ``esm.`` prefix, drops a head the model does not have, reports a head the model
-has but the file lacks (initialised fresh), spreads a single model-level rotary table to every layer,
-drops known-benign extras, and raises an error naming every missing or unused encoder tensor.
+it adds or strips the ``esm.`` prefix, drops a head the model does not have (a classifier of the other
+layout included), reports a head the model has but the file lacks (initialised fresh) and unknown tensors
+inside a head it has (ignored), spreads a single model-level rotary table to every layer, drops known-benign
+extras, and raises an error naming every missing or unused encoder tensor and every integer weight.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ def _head_of(name: str) -> str | None:
         if name.startswith(prefixes):
             return head
     return None
+
+
+def _short(names: list[str], limit: int = 6) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
+
+
+def _is_floating(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" or dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
 
 
 def canonical_tensor_name(k: str) -> str:
@@ -119,7 +129,8 @@ def match_state(
         for k in [k for k in found if _ROTARY_LAYER.match(k)]:
             del found[k]
 
-    # Tied decoder: drop it when equal to the word embeddings; keep an untied one only if expected.
+    # Tied decoder: drop it when equal to the word embeddings; keep an untied one only if expected
+    # (a model built with tie_word_embeddings=False lists "lm_head.decoder.weight" among its tensors).
     dec = "lm_head.decoder.weight"
     if dec in found and dec not in want_task:
         emb = found.get(word_embeddings)
@@ -129,11 +140,21 @@ def match_state(
             pass  # dropped with the head below
         else:
             raise LoadingError(
-                f"{source}: lm_head.decoder.weight differs from the word embeddings, but ESM ties them")
+                f"{source}: tensor lm_head.decoder.weight differs from the word embeddings, but the config "
+                "ties them (tie_word_embeddings=True); load it with tie_word_embeddings=False")
 
-    # Heads: drop the ones the model lacks, initialise the ones the file lacks.
-    heads_found = {_head_of(k) for k in found} - {None}
+    # Heads: drop the ones the model lacks, initialise the ones the file lacks. A classifier of the
+    # other layout (sequence: classifier.dense/out_proj, token: classifier.weight/bias) is a head the
+    # model lacks: it is dropped and the model's own classifier initialised.
     heads_want = {_head_of(k) for k in want_task} - {None}
+    other = [k for k in found if _head_of(k) == "classifier"]
+    if "classifier" in heads_want and other and not any(k in want_task for k in other):
+        for k in other:
+            del found[k]
+        layout = "sequence" if any(k.startswith("classifier.out_proj.") for k in other) else "token"
+        messages.append(f"{source}: dropping the classifier ({len(other)} tensors, a {layout}-classification "
+                        "head) this model does not use")
+    heads_found = {_head_of(k) for k in found} - {None}
     for head in sorted(heads_found - heads_want):
         names = [k for k in found if _head_of(k) == head]
         for k in names:
@@ -145,12 +166,15 @@ def match_state(
         initialised.extend(names)
         messages.append(f"{source}: no {head} in the checkpoint; {len(names)} tensors newly initialised"
                         + (" (train it before use)" if head in ("classifier", "lm_head") else ""))
-    for head in heads_want & heads_found:
+    for head in sorted(heads_want & heads_found):
         missing = sorted(k for k in want_task if _head_of(k) == head and k not in found)
-        if head == "lm_head" and missing == [dec]:
-            continue  # tied
         if missing:
             raise LoadingError(f"{source}: the {head} is incomplete; missing tensors: {', '.join(missing)}")
+        unused = sorted(k for k in found if _head_of(k) == head and k not in want_task)
+        if unused:
+            for k in unused:
+                del found[k]
+            messages.append(f"{source}: ignoring {len(unused)} unknown tensor(s) in the {head}: {_short(unused)}")
 
     # Encoder tensors: exact match required.
     enc_want = {k for k in want_task if _head_of(k) is None and k not in initialised}
@@ -161,6 +185,10 @@ def match_state(
         raise LoadingError(f"{source} does not match the model: " + describe_mismatch(missing, unused))
 
     out = {k: v for k, v in found.items() if k in want_task}
+    not_float = sorted(k for k, v in out.items() if not _is_floating(np.asarray(v).dtype))
+    if not_float:
+        raise LoadingError(f"{source}: tensor(s) of an integer or boolean dtype where the model has floating "
+                           "weights: " + ", ".join(f"{k} ({np.asarray(out[k]).dtype})" for k in not_float[:12]))
     if base_model:
         out = {k[len(BASE_PREFIX):]: v for k, v in out.items()}
         initialised = [k[len(BASE_PREFIX):] if k.startswith(BASE_PREFIX) else k for k in initialised]

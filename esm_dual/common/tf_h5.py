@@ -262,6 +262,8 @@ class TFH5File:
         validate_shapes(self.config, {n: _Spec(self.shape(n)) for n in self._names}, file)
 
     def _drop_tied_decoder(self) -> None:
+        if not self.config.tie_word_embeddings:
+            return  # untied: the decoder is a weight of its own
         if _DECODER in self._names and _WORD_EMB in self._names:
             if np.array_equal(self.get(_DECODER), self.get(_WORD_EMB)):
                 del self._names[_DECODER]
@@ -367,7 +369,7 @@ def write_tf_h5(
 
         def put(layer: str, hub: str, arr: np.ndarray) -> None:
             wn, transposed = hub_to_tf_name(hub, model_name)
-            if layer == "lm_head" and hub == _DECODER:
+            if layer == "lm_head" and hub == _DECODER and config.tie_word_embeddings:
                 wn, transposed = hub_to_tf_name(_WORD_EMB, model_name)
             arr = np.asarray(arr)
             if arr.dtype.name == "bfloat16" or arr.dtype.kind not in "fiub":
@@ -405,9 +407,16 @@ def write_tf_h5(
             put("esm", "esm.embeddings.position_embeddings.weight", table)
             synthesized.append("esm.embeddings.position_embeddings.weight")
         if arch == "EsmForMaskedLM":
-            if decoder is None and word_emb is None:
-                raise CheckpointError(f"{path}: a masked-LM checkpoint needs {_WORD_EMB!r}")
-            put("lm_head", _DECODER, decoder if decoder is not None else word_emb)
+            if not config.tie_word_embeddings:
+                # Untied: transformers 4.x's TFEsmLMHead has its own Dense "decoder" (lm_head/decoder/kernel).
+                if decoder is None:
+                    raise CheckpointError(f"{path}: the config unties the decoder (tie_word_embeddings=False) "
+                                          f"but tensor {_DECODER!r} is missing")
+                put("lm_head", _DECODER, decoder)
+            else:
+                if decoder is None and word_emb is None:
+                    raise CheckpointError(f"{path}: a masked-LM checkpoint needs {_WORD_EMB!r}")
+                put("lm_head", _DECODER, decoder if decoder is not None else word_emb)
         for layer in layers:
             _write_attr_list(f.require_group(layer), "weight_names", weight_names[layer])
         _write_attr_list(f, "layer_names", list(layers))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ..common.config import EsmConfig
+from ..common.config import EsmConfig, recorded_dtype, with_recorded_dtype
 from ..common.loading import LoadingError, checkpoint_has_pooler, match_state
 from ..common.outputs import (
     BaseModelOutputWithPooling,
@@ -437,8 +437,10 @@ class EsmPreTrainedModel(nn.Module):
 
     # ---- names ----------------------------------------------------------------------------------
     def _hub_state(self) -> dict[str, torch.Tensor]:
-        """State dict in hub naming, tied decoder left out (as the hub files do)."""
-        return {k: v for k, v in self.state_dict().items() if k not in self._tied}
+        """State dict in hub naming, tied decoder left out (as the hub files do); an untied decoder
+        (``tie_word_embeddings=False``) is kept, as transformers saves it."""
+        tied = self._tied if self.config.tie_word_embeddings else ()
+        return {k: v for k, v in self.state_dict().items() if k not in tied}
 
     # ---- loading --------------------------------------------------------------------------------
     @classmethod
@@ -466,8 +468,7 @@ class EsmPreTrainedModel(nn.Module):
             cfg = EsmConfig.from_dict(cfg.to_dict(), **config_overrides)
         torch_dtype = torch_dtype if torch_dtype is not None else dtype
         if torch_dtype == "auto":
-            floats = [a.dtype for a in ckpt.tensors.values() if a.dtype.kind == "f" or a.dtype.name == "bfloat16"]
-            torch_dtype = _np_to_torch_dtype(floats[0]) if floats else None
+            torch_dtype = _auto_dtype(ckpt.config, ckpt.tensors)
         if isinstance(torch_dtype, str):
             torch_dtype = _str_to_torch_dtype(torch_dtype)
         kwargs = {"add_pooling_layer": checkpoint_has_pooler(ckpt.tensors)} if cls is EsmModel else {}
@@ -504,7 +505,8 @@ class EsmPreTrainedModel(nn.Module):
         fair-esm converters and ``esm_dual.tf``)."""
         from ..common.checkpoint import save_checkpoint
 
-        cfg = self.config.copy(architectures=[type(self).__name__])
+        cfg = with_recorded_dtype(self.config.copy(architectures=[type(self).__name__]),
+                                  str(self.dtype).split(".")[-1])
         tensors = {k: _torch_to_np(v) for k, v in self._hub_state().items()}
         save_checkpoint(directory, cfg, tensors, max_shard_size=max_shard_size)
 
@@ -562,13 +564,29 @@ def _torch_to_np(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def _auto_dtype(config: EsmConfig, tensors: dict[str, np.ndarray]) -> torch.dtype | None:
+    """``torch_dtype="auto"`` as transformers resolves it: the dtype the config records, else the dtype of
+    the first floating weight (rotary ``inv_freq`` tables, kept in float32 in every ESM-2 file, and
+    integer buffers do not count)."""
+    recorded = recorded_dtype(config)
+    if recorded is not None:
+        return _str_to_torch_dtype(recorded)
+    for name, a in tensors.items():
+        if name.endswith(("inv_freq", "position_ids")):
+            continue
+        if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
+            return _np_to_torch_dtype(a.dtype)
+    return None
+
+
 def _np_to_torch_dtype(dt) -> torch.dtype:
     return torch.bfloat16 if "bfloat16" in str(dt) else _np_to_torch(np.zeros(1, dtype=dt)).dtype
 
 
 def _str_to_torch_dtype(s: str) -> torch.dtype:
     table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float64": torch.float64}
     if s not in table:
         raise ValueError(f"unknown dtype {s!r}; use one of {sorted(table)}")
     return table[s]
@@ -682,7 +700,8 @@ class EsmModel(EsmPreTrainedModel):
 
 
 class EsmLMHead(nn.Module):
-    """dense -> GELU -> LayerNorm -> decoder (tied to the word embeddings) + bias."""
+    """dense -> GELU -> LayerNorm -> decoder (tied to the word embeddings unless the config says
+    ``tie_word_embeddings=False``, as in transformers) + bias."""
 
     def __init__(self, config: EsmConfig):
         super().__init__()

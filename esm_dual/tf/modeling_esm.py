@@ -30,7 +30,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from ..common.config import EsmConfig  # noqa: E402
+from ..common.config import EsmConfig, with_recorded_dtype  # noqa: E402
 from ..common.loading import LoadingError, checkpoint_has_pooler, match_state  # noqa: E402
 from ..common.outputs import (  # noqa: E402
     BaseModelOutputWithPooling,
@@ -735,6 +735,12 @@ class TFEsmPreTrainedModel(keras.Model):
         for name, (var, transposed) in self._hub_state().items():
             arr = keras.ops.convert_to_numpy(var)
             tensors[name] = np.ascontiguousarray(arr.T if transposed else arr)
+        # The weights' dtype, as transformers 5 records it: that of the first floating weight (rotary
+        # tables, always float32, aside).
+        floats = [a.dtype.name for n, a in tensors.items()
+                  if not n.endswith("inv_freq") and (a.dtype.kind == "f" or a.dtype.name == "bfloat16")]
+        if floats:
+            cfg = with_recorded_dtype(cfg, floats[0])
         save_checkpoint(directory, cfg, tensors, max_shard_size=max_shard_size)
 
     # ---- input checks ---------------------------------------------------------------------------
@@ -963,24 +969,34 @@ class TFEsmModel(TFEsmPreTrainedModel):
 
 @_serializable
 class TFEsmLMHead(keras.layers.Layer):
-    """dense -> GELU -> LayerNorm -> decoder (tied to the word embeddings) + bias."""
+    """dense -> GELU -> LayerNorm -> decoder (tied to the word embeddings unless the config says
+    ``tie_word_embeddings=False``, as in transformers) + bias."""
 
     def __init__(self, config: EsmConfig, word_embeddings: keras.layers.Embedding, **kwargs):
         super().__init__(**kwargs)
         self.config = config
         self.dense = _dense(config.hidden_size, config, "dense", self)
         self.layer_norm = _layer_norm(config, "layer_norm", self)
-        # Tied: the word-embedding layer itself, used transposed (its variable keeps its encoder name).
-        self.decoder = word_embeddings
+        if config.tie_word_embeddings:
+            # Tied: the word-embedding layer itself, used transposed (its variable keeps its encoder name).
+            self.decoder = word_embeddings
+        else:
+            # Untied (tie_word_embeddings=False): a Dense without bias, hub name lm_head.decoder.weight.
+            self.decoder = keras.layers.Dense(config.vocab_size, use_bias=False, kernel_initializer=_normal(config),
+                                              name="decoder", dtype=self.dtype_policy)
 
     def build(self, input_shape=None):
         self.dense.build([None, None, self.config.hidden_size])
         self.layer_norm.build([None, None, self.config.hidden_size])
+        if not self.config.tie_word_embeddings:
+            self.decoder.build([None, None, self.config.hidden_size])
         self.bias = self.add_weight(name="bias", shape=(self.config.vocab_size,), initializer="zeros")
 
     def call(self, features):
         x = self.layer_norm(gelu(self.dense(features)))
         x = tf.cast(x, self.compute_dtype)
+        if not self.config.tie_word_embeddings:
+            return self.decoder(x) + tf.cast(self.bias, self.compute_dtype)
         # [B, L, V]
         logits = tf.einsum("bld,vd->blv", x, tf.cast(self.decoder.embeddings, self.compute_dtype))
         return logits + tf.cast(self.bias, self.compute_dtype)

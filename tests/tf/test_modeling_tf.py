@@ -329,3 +329,74 @@ def test_summary_and_parameter_counts(mlm):
     n_hub = sum(int(np.prod(v.shape)) for v, _ in hub_variable_map(mlm).values())
     assert mlm.num_parameters() == n_hub  # the tied decoder is counted once
     assert mlm.num_parameters(only_trainable=True) == n_hub - 3 * 3  # inv_freq buffers (3 layers x K/2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Untied LM head, classifier layouts, unknown head tensors, recorded dtype
+# ------------------------------------------------------------------------------------------------
+
+
+def test_untied_lm_head_matches_transformers_and_round_trips(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    cfg = tiny_config("esm2", tie_word_embeddings=False, architectures=["EsmForMaskedLM"])
+    hf_cfg = transformers.EsmConfig(**{k: v for k, v in cfg.to_dict().items() if k != "model_type"})
+    torch.manual_seed(0)
+    ref = transformers.EsmForMaskedLM(hf_cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.2)
+    src = str(tmp_path / "hf")
+    ref.save_pretrained(src)
+    model = TFEsmForMaskedLM.from_pretrained(src)
+    assert "lm_head.decoder.weight" in model._hub_state()
+    ids, mask = make_batch()
+    with torch.no_grad():
+        want = ref(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    got = model(ids, mask).logits.numpy()
+    real = mask.astype(bool)
+    assert np.abs(got - want)[real].max() < 1e-4
+    out = str(tmp_path / "ours")
+    model.save_pretrained(out)
+    np.testing.assert_array_equal(load_file(out + "/model.safetensors")["lm_head.decoder.weight"],
+                                  ref.lm_head.decoder.weight.detach().numpy())
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    again = keras.saving.load_model(path)
+    np.testing.assert_array_equal(again(ids, mask).logits.numpy(), got)
+
+
+def test_untied_model_built_here_round_trips(tmp_path):
+    model = TFEsmForMaskedLM(tiny_config("esm2", tie_word_embeddings=False))
+    model.save_pretrained(str(tmp_path))
+    again = TFEsmForMaskedLM.from_pretrained(str(tmp_path))
+    ids, mask = make_batch()
+    np.testing.assert_array_equal(again(ids, mask).logits.numpy(), model(ids, mask).logits.numpy())
+
+
+@pytest.mark.parametrize("src_head,cls,new", [("seq", TFEsmForTokenClassification, 2),
+                                              ("tok", TFEsmForSequenceClassification, 4)])
+def test_classifier_of_the_other_layout_is_dropped_and_initialised(tmp_path, caplog, src_head, cls, new):
+    write_hub_checkpoint(str(tmp_path), tiny_config("esm2", num_labels=3), head=src_head)
+    with caplog.at_level("WARNING", logger="esm_dual"):
+        model = cls.from_pretrained(str(tmp_path), num_labels=3)
+    msgs = _warnings(caplog)
+    assert sum("dropping the classifier" in m and str(tmp_path) in m for m in msgs) == 1
+    assert sum(f"no classifier in the checkpoint; {new} tensors newly initialised" in m for m in msgs) == 1
+    ids, mask = make_batch()
+    assert model(ids, mask).logits.shape[-1] == 3
+
+
+def test_unknown_tensor_in_a_known_head_is_named(tmp_path, caplog):
+    tensors = write_hub_checkpoint(str(tmp_path), tiny_config("esm2"), head="mlm")
+    save_file({**tensors, "lm_head.extra.weight": np.zeros(3, np.float32)}, str(tmp_path / "model.safetensors"))
+    with caplog.at_level("WARNING", logger="esm_dual"):
+        TFEsmForMaskedLM.from_pretrained(str(tmp_path))
+    assert any("lm_head.extra.weight" in m and str(tmp_path) in m for m in _warnings(caplog))
+
+
+def test_save_pretrained_records_dtype(tmp_path, mlm_dir):
+    TFEsmForMaskedLM.from_pretrained(mlm_dir, dtype="bfloat16").save_pretrained(str(tmp_path))
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["dtype"] == "bfloat16"
