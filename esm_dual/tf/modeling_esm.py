@@ -744,8 +744,11 @@ class TFEsmPreTrainedModel(keras.Model):
         save_checkpoint(directory, cfg, tensors, max_shard_size=max_shard_size)
 
     # ---- input checks ---------------------------------------------------------------------------
-    def _check_inputs(self, input_ids, attention_mask, inputs_embeds) -> None:
-        """Static checks always; value checks (token ids in the vocabulary) when running eagerly."""
+    def _check_inputs(self, input_ids, attention_mask, inputs_embeds) -> list:
+        """Static checks always; value checks (token ids in the vocabulary, the length where it is not known
+        when traced) eagerly, or as assertions inside a tf.function, returned for the caller to make the
+        inputs depend on (so they fail before an out-of-range lookup would)."""
+        checks = []
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = input_ids if input_ids is not None else inputs_embeds
@@ -764,15 +767,23 @@ class TFEsmPreTrainedModel(keras.Model):
                 if bad.size:
                     raise ValueError(f"token id {bad[0]} is outside the vocabulary "
                                      f"(0..{self.config.vocab_size - 1})")
+            elif not keras.backend.is_keras_tensor(input_ids):  # in a tf.function (fit, evaluate, predict)
+                msg = f"a token id is outside the vocabulary (0..{self.config.vocab_size - 1})"
+                checks.append(tf.debugging.assert_non_negative(input_ids, message=msg))
+                checks.append(tf.debugging.assert_less(input_ids, tf.cast(self.config.vocab_size, input_ids.dtype),
+                                                       message=msg))
         if attention_mask is not None and attention_mask.shape.rank is not None:
             ms = tuple(attention_mask.shape)
             if len(ms) != 2 or any(a is not None and b is not None and a != b for a, b in zip(ms, (B, L))):
                 raise ValueError(f"attention_mask has shape {ms}, input_ids {(B, L)}")
         limit = self.config.max_sequence_positions
+        too_long = (f"this model uses learned positions and takes at most {limit} tokens ({limit - 2 if limit else 0} "
+                    "residues + BOS/EOS); got a longer batch. Truncate the sequences.")
         if limit is not None and L is not None and L > limit:
-            raise ValueError(
-                f"this model uses learned positions and takes at most {limit} tokens "
-                f"({limit - 2} residues + BOS/EOS); got a batch of length {L}. Truncate the sequences.")
+            raise ValueError(too_long.replace("a longer batch", f"a batch of length {L}"))
+        if limit is not None and L is None and not keras.backend.is_keras_tensor(x):  # length known at run time
+            checks.append(tf.debugging.assert_less_equal(tf.shape(x)[1], limit, message=too_long))
+        return [c for c in checks if c is not None]
 
     # ---- Keras training -------------------------------------------------------------------------
     def hf_compute_loss(self, labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
@@ -785,10 +796,18 @@ class TFEsmPreTrainedModel(keras.Model):
             return y_pred.logits if hasattr(y_pred, "logits") else y_pred.last_hidden_state
         return y_pred
 
+    def _keras_loss_compiled(self) -> bool:
+        """Whether the latest ``compile`` was given a loss. (Keras keeps ``self.loss`` from an earlier
+        ``compile`` when a later one has none; its recorded compile config says what the latest one had.)"""
+        cfg = getattr(self, "_compile_config", None)
+        if cfg is not None and isinstance(getattr(cfg, "config", None), dict):
+            return cfg.config.get("loss") is not None
+        return self.loss is not None
+
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """Compiled without a loss: the model's own loss (as in the PyTorch twin), labels from ``y`` or
         from a "labels" key of ``x``. Compiled with a Keras loss: that loss on the logits."""
-        if self.loss is not None:
+        if self._keras_loss_compiled():
             return super().compute_loss(x, _labels_from(x, y), self._prediction(y_pred), sample_weight,
                                         training)
         if sample_weight is not None:
@@ -806,18 +825,42 @@ class TFEsmPreTrainedModel(keras.Model):
         # Per-replica mean; gradients are summed over replicas.
         return loss / tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, loss.dtype)
 
+    # Heads whose labels mark positions without a target by -100 (token classification, MLM).
+    _labels_ignore_index = False
+
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        return super().compute_metrics(x, _labels_from(x, y), self._prediction(y_pred), sample_weight)
+        """Compiled metrics on the logits. For token classification and MLM, only the positions with a target
+        count (labels other than -100: not padding, BOS/EOS or unmasked residues), as in the model's own loss:
+        metrics see those positions' labels [N] and logits [N, C] (and sample weights, per sequence [B] or per
+        position [B, L], at those positions)."""
+        labels = _labels_from(x, y)
+        logits = self._prediction(y_pred)
+        if self._labels_ignore_index and labels is not None:
+            valid = tf.not_equal(labels, tf.cast(-100, labels.dtype))
+            if sample_weight is not None:
+                sw = tf.cast(sample_weight, "float32")
+                # [B] -> [B, 1] ... -> the labels' shape
+                sw = tf.reshape(sw, tf.concat([tf.shape(sw), tf.ones([tf.rank(labels) - tf.rank(sw)], tf.int32)], 0))
+                sample_weight = tf.boolean_mask(tf.broadcast_to(sw, tf.shape(labels)), valid)
+            labels, logits = tf.boolean_mask(labels, valid), tf.boolean_mask(logits, valid)
+        return super().compute_metrics(x, labels, logits, sample_weight)
 
     # ---- Keras serialization and export --------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
         base = super().get_config()
-        return {**base, "config": self.config.to_dict()}
+        out = {**base, "config": self.config.to_dict()}
+        if self.get_base_model() is not self and not self.get_base_model().trainable:
+            out["base_model_frozen"] = True  # freeze_base_model: .keras files keep it (and the optimizer's slots)
+        return out
 
     @classmethod
     def from_config(cls, config: dict[str, Any]):
         config = dict(config)
-        return cls(EsmConfig.from_dict(config.pop("config")), **config)
+        frozen = config.pop("base_model_frozen", False)
+        model = cls(EsmConfig.from_dict(config.pop("config")), **config)
+        if frozen:
+            model.freeze_base_model()
+        return model
 
     def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
         """A SavedModel for serving with endpoints ``serve(input_ids, attention_mask)`` -> dict of the
@@ -922,7 +965,13 @@ class TFEsmModel(TFEsmPreTrainedModel):
                                 inputs_embeds=inputs_embeds)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         position_ids, inputs_embeds = inputs["position_ids"], inputs["inputs_embeds"]
-        self._check_inputs(input_ids, attention_mask, inputs_embeds)
+        checks = self._check_inputs(input_ids, attention_mask, inputs_embeds)
+        if checks:  # inside a tf.function: the lookups wait for the checks
+            with tf.control_dependencies(checks):
+                if input_ids is not None:
+                    input_ids = tf.identity(input_ids)
+                else:
+                    inputs_embeds = tf.identity(inputs_embeds)
         x = input_ids if input_ids is not None else inputs_embeds
         B, L = _dims(x)[:2]
         if attention_mask is None:
@@ -1032,6 +1081,8 @@ def _squeeze_last(x: tf.Tensor) -> tf.Tensor:
 
 @_serializable
 class TFEsmForMaskedLM(TFEsmPreTrainedModel):
+    _labels_ignore_index = True
+
     def __init__(self, config: EsmConfig, **kwargs):
         super().__init__(config, **kwargs)
         self.esm = TFEsmModel(config, name="esm", dtype=self.dtype_policy)
@@ -1094,9 +1145,10 @@ def sequence_classification_loss(config: EsmConfig, logits: tf.Tensor, labels: t
         else:
             problem_type = "multi_label_classification"
     if problem_type == "regression":
-        if config.num_labels == 1:
-            return mse_loss(_squeeze_last(logits), _squeeze_last(labels))
-        return mse_loss(logits, labels)
+        # Labels take the logits' shape ([B] for one label, [B, k]), checked at run time: [B] against [B, 1]
+        # must not broadcast to [B, B] when Keras hands labels of unknown rank (a mismatch fails instead).
+        logits = _squeeze_last(logits) if config.num_labels == 1 else logits
+        return mse_loss(logits, tf.reshape(labels, tf.shape(logits)))
     if problem_type == "single_label_classification":
         return cross_entropy(tf.reshape(logits, (-1, config.num_labels)), tf.reshape(labels, (-1,)))
     return binary_cross_entropy_with_logits(logits, labels)
@@ -1134,6 +1186,8 @@ class TFEsmForSequenceClassification(TFEsmPreTrainedModel):
 
 @_serializable
 class TFEsmForTokenClassification(TFEsmPreTrainedModel):
+    _labels_ignore_index = True
+
     def __init__(self, config: EsmConfig, **kwargs):
         super().__init__(config, **kwargs)
         self.num_labels = config.num_labels

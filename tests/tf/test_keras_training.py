@@ -230,3 +230,87 @@ def test_fit_on_the_tf_data_pipeline():
     assert np.isfinite(hist["loss"]).all()
     after = _snapshot(model)
     assert not np.array_equal(before["lm_head.dense.weight"], after["lm_head.dense.weight"])
+
+
+def test_regression_labels_of_unknown_rank_do_not_broadcast():
+    """[B] logits against [B, 1] labels (or labels whose rank Keras only knows at run time) is the MSE of
+    the pairs, never the [B, B] broadcast."""
+    model = TFEsmForSequenceClassification(tiny_config("esm2", num_labels=1, problem_type="regression"))
+    x = _inputs()
+    y = np.random.default_rng(0).normal(size=len(x["input_ids"])).astype("float32")
+    model.compile(optimizer="sgd")
+    logits = model.predict(x, verbose=0).logits[:, 0]
+    want = float(np.mean((logits - y) ** 2))
+    assert model.evaluate(x, y, batch_size=8, verbose=0) == pytest.approx(want, rel=1e-5)
+    assert model.evaluate(x, y[:, None], batch_size=8, verbose=0) == pytest.approx(want, rel=1e-5)
+    spec = ({"input_ids": tf.TensorSpec([None, None], tf.int32), "attention_mask": tf.TensorSpec([None, None],
+                                                                                             tf.int32)},
+            tf.TensorSpec(None, tf.float32))  # the labels' rank unknown until run time
+    ds = tf.data.Dataset.from_generator(lambda: iter([({k: v.astype("int32") for k, v in x.items()}, y[:, None])]),
+                                        output_signature=spec)
+    assert model.evaluate(ds, verbose=0) == pytest.approx(want, rel=1e-5)
+
+
+def test_length_and_vocabulary_checked_inside_fit_and_predict():
+    model = TFEsmForSequenceClassification(tiny_config("esm1b", num_labels=1, max_position_embeddings=12))
+    model.compile(optimizer="sgd")
+    spec = {"input_ids": tf.TensorSpec([None, None], tf.int32), "attention_mask": tf.TensorSpec([None, None],
+                                                                                            tf.int32)}
+    ok = {"input_ids": np.full((2, 6), 5, "int32"), "attention_mask": np.ones((2, 6), "int32")}
+    model.predict(tf.data.Dataset.from_generator(lambda: iter([ok]), output_signature=spec), verbose=0)
+    # the traced predict function (length unknown when traced) meets a batch longer than the positions
+    long = {"input_ids": np.full((2, 14), 5, "int32"), "attention_mask": np.ones((2, 14), "int32")}
+    ds = tf.data.Dataset.from_generator(lambda: iter([long]), output_signature=spec)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="learned positions and takes at most 10 tokens"):
+        model.predict(ds, verbose=0)
+    bad = {"input_ids": np.full((2, 6), 40, "int32"), "attention_mask": np.ones((2, 6), "int32")}
+    ds = tf.data.Dataset.from_generator(lambda: iter([bad]), output_signature=spec)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="outside the vocabulary"):
+        model.predict(ds, verbose=0)
+
+
+def test_frozen_encoder_survives_keras_save(tmp_path):
+    model = TFEsmForSequenceClassification(tiny_config("esm2", num_labels=2))
+    model.freeze_base_model()
+    x = _inputs()
+    _fit(model, x, np.array([0, 1] * (len(x["input_ids"]) // 2)), epochs=1)
+    trainable = model.num_parameters(only_trainable=True)
+    assert trainable < model.num_parameters()
+    model.save(tmp_path / "f.keras")
+    loaded = keras.models.load_model(tmp_path / "f.keras")
+    assert loaded.num_parameters(only_trainable=True) == trainable and not loaded.esm.trainable
+    assert len(loaded.optimizer.variables) == len(model.optimizer.variables)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0).logits, model.predict(x, verbose=0).logits)
+
+
+def test_metrics_skip_positions_labelled_minus_100():
+    model = TFEsmForTokenClassification(tiny_config("esm2", num_labels=3))
+    x = _inputs()
+    rng = np.random.default_rng(1)
+    y = np.where(x["attention_mask"] == 1, rng.integers(0, 3, x["input_ids"].shape), -100)
+    y[:, 0] = -100
+    model.compile(optimizer="sgd", metrics=["accuracy"])
+    _, acc = model.evaluate(x, y, batch_size=8, verbose=0)
+    pred = model.predict(x, verbose=0).logits.argmax(-1)
+    valid = y != -100
+    assert acc == pytest.approx(float(np.mean(pred[valid] == y[valid])), abs=1e-6)
+    # per-position sample weights reach weighted metrics at the positions with a target
+    w = np.broadcast_to(np.linspace(0.5, 2.0, len(y)).astype("float32")[:, None], y.shape).copy()
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                                                   ignore_class=-100),
+                  weighted_metrics=["accuracy"])
+    _, wacc = model.evaluate(x, y, sample_weight=w, batch_size=8, verbose=0)
+    ww = w[valid]
+    assert wacc == pytest.approx(float(np.sum(ww * (pred[valid] == y[valid])) / np.sum(ww)), abs=1e-6)
+
+
+def test_compile_without_a_loss_returns_to_the_own_loss():
+    model = TFEsmForSequenceClassification(tiny_config("esm2", num_labels=2))
+    x = _inputs()
+    y = np.array([0, 1] * (len(x["input_ids"]) // 2))
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, class_weight={0: 1.0, 1: 2.0}, epochs=1, verbose=0)  # a Keras loss takes class weights
+    model.compile(optimizer="sgd")
+    assert not model._keras_loss_compiled()
+    with pytest.raises(ValueError, match="sample weights need a Keras loss"):
+        model.fit(x, y, class_weight={0: 1.0, 1: 2.0}, epochs=1, verbose=0)
