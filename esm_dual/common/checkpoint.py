@@ -696,7 +696,8 @@ def _read_config(directory: str) -> EsmConfig:
     try:
         return EsmConfig.from_json_file(path)
     except (ConfigError, FileNotFoundError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        msg = str(e)  # from_json_file's messages already start with the path
+        raise CheckpointError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
 
 
 def _iter_hub_dir(directory: str, weights: str | None = None) -> Iterator[tuple[str, np.ndarray]]:

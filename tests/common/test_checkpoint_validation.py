@@ -153,3 +153,13 @@ def test_save_fair_esm_without_contact_head_removes_a_stale_one(tmp_path):
         save_fair_esm(str(path), cfg, {k: v for k, v in tensors.items() if "contact_head" not in k})
     assert sorted(os.listdir(tmp_path)) == ["esm2_t3_tiny.pt"]
     assert not any("contact_head" in k for k in read_fair_esm(str(path)).tensors)
+
+
+def test_invalid_config_json_names_the_file_once(tmp_path):
+    d = tmp_path / "m"
+    write_hub_checkpoint(str(d), tiny_config("esm2"))
+    (d / "config.json").write_text('{"hidden_size": 18,')
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(str(d))
+    msg = str(e.value)
+    assert "not valid JSON" in msg and msg.count("config.json") == 1, msg
