@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import re
 import sys
@@ -25,6 +26,9 @@ SUMMARY = "summary.tsv"
 SUMMARY_FIELDS = ("id", "length", "mean_plddt", "ptm")
 _PROTEIN_CHARS = re.compile(r"^[A-Za-z:]+$")
 _NUCLEOTIDES = set("ACGTUN")
+_STANDARD = set("ACDEFGHIKLMNPQRSTVWY")
+_LINKER, _CHAIN_OFFSET = 25, 512  # ESMFold's multimer linker (poly-G) and residue-number jump per chain
+OPTIONS = "fold_options.json"  # what made the structures in a folder: a rerun with other options is refused
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,7 +103,38 @@ def check_sequence(record_id: str, seq: str) -> str:
         raise CliError(
             f"record {record_id!r}: looks like a nucleotide sequence (only {''.join(sorted(set(letters)))})"
         )
+    if not set(letters) & _STANDARD:
+        raise CliError(f"record {record_id!r}: no standard amino acid (only {''.join(sorted(set(letters)))}): "
+                       "nothing to fold")
+    chains = s.split(":")
+    # ESMFold numbers residues on through the poly-G linkers and jumps by 512 at each chain.
+    last = len(letters) + _LINKER * (len(chains) - 1) + _CHAIN_OFFSET * (len(chains) - 1)
+    if last > 9999:
+        raise CliError(f"record {record_id!r}: its residue numbers would reach {last} ({len(chains)} chains, "
+                       f"{len(letters)} residues; ESMFold offsets each chain by {_CHAIN_OFFSET}), beyond the PDB "
+                       "format's 9999")
     return s
+
+
+def _check_options(args: argparse.Namespace, path: str, has_results: bool) -> None:
+    """Record the options that change the structures in OUTDIR/fold_options.json; refuse a rerun into a folder
+    whose finished records were made with other ones."""
+    model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
+    esm = args.esm_checkpoint and (os.path.abspath(args.esm_checkpoint) if os.path.exists(args.esm_checkpoint)
+                                   else args.esm_checkpoint)
+    want = {"model": model, "esm_checkpoint": esm, "num_recycles": args.num_recycles,
+            "trunk_dtype": args.trunk_dtype, "esm_dtype": args.esm_dtype}
+    if has_results and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+        diffs = [f"{k}: stored {stored.get(k)!r}, this run {v!r}" for k, v in want.items() if stored.get(k) != v]
+        if diffs:
+            raise CliError(f"{os.path.dirname(path) or '.'} holds structures made with other options ("
+                           + "; ".join(diffs) + "). Write to another folder, or rerun with the stored options.")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(want, f, indent=1)
+    os.replace(tmp, path)
 
 
 def read_summary(path: str) -> dict[str, dict[str, str]]:
@@ -165,8 +200,11 @@ def _run(args: argparse.Namespace) -> int:
     os.makedirs(args.outdir, exist_ok=True)
     summary_path = os.path.join(args.outdir, SUMMARY)
     done = read_summary(summary_path)
+    _check_options(args, os.path.join(args.outdir, OPTIONS), bool(done))
+    wanted = (".pdb", ".cif") if args.mmcif else (".pdb",)
     todo = [
-        r for r in records if not (r[0] in done and os.path.isfile(os.path.join(args.outdir, r[1] + ".pdb")))
+        r for r in records
+        if not (r[0] in done and all(os.path.isfile(os.path.join(args.outdir, r[1] + ext)) for ext in wanted))
     ]
     if len(todo) < len(records):
         note(f"skipping {len(records) - len(todo)} record(s) already in {summary_path}", args.quiet)

@@ -400,6 +400,12 @@ class EmbeddingStore(Mapping):
         self._ids: list[str] | None = None
         self._index: dict[str, int] | None = None
 
+    @property
+    def _file(self):
+        if self._f is None:
+            raise EmbeddingStoreError(f"{self.path}: the store is closed (reopen it with EmbeddingStore(path))")
+        return self._f
+
     # ---- metadata ------------------------------------------------------------------------------
     @property
     def metadata(self) -> dict[str, Any]:
@@ -424,7 +430,7 @@ class EmbeddingStore(Mapping):
     @property
     def ids(self) -> list[str]:
         if self._ids is None:
-            self._ids = [_decode(x) for x in self._f["ids"][: self._n]]
+            self._ids = [_decode(x) for x in self._file["ids"][: self._n]]
         return self._ids
 
     def _idx(self, record_id: str) -> int:
@@ -433,7 +439,7 @@ class EmbeddingStore(Mapping):
         try:
             return self._index[record_id]
         except KeyError:
-            raise KeyError(record_id) from None
+            raise KeyError(f"no record {record_id!r} in {self.path}") from None
 
     def __len__(self) -> int:
         return self._n
@@ -448,7 +454,7 @@ class EmbeddingStore(Mapping):
 
     @property
     def lengths(self) -> np.ndarray:
-        return self._f["lengths"][: self._n].astype(np.int64)
+        return self._file["lengths"][: self._n].astype(np.int64)
 
     # ---- records -------------------------------------------------------------------------------
     def __getitem__(self, record_id: str) -> dict[str, Any]:
@@ -458,7 +464,7 @@ class EmbeddingStore(Mapping):
         """The i-th record in store order (see ``__getitem__``)."""
         if not 0 <= i < self._n:
             raise IndexError(f"record index {i} out of range (store has {self._n})")
-        f = self._f
+        f = self._file
         n = int(f["lengths"][i])
         out: dict[str, Any] = {"id": self.ids[i], "description": _decode(f["descriptions"][i]), "length": n}
         for kind in ("mean", "bos"):
@@ -477,7 +483,7 @@ class EmbeddingStore(Mapping):
             raise KeyError(f"{self.path} holds no {kind!r} embeddings (it has {self.include})")
         if layer not in self.layers:
             raise KeyError(f"{self.path} holds no layer {layer} (it has {self.layers})")
-        return self._f[f"{kind}/{layer}"][: self._n]
+        return self._file[f"{kind}/{layer}"][: self._n]
 
     def mean(self, layer: int) -> np.ndarray:
         """Mean embeddings of every record, [n, D], in store order."""

@@ -98,6 +98,10 @@ def _res3(aatype: int) -> str:
 
 def to_pdb(prot: Protein) -> str:
     """PDB text: ATOM records per chain, TER after each chain, pLDDT in the B-factor column."""
+    numbers = np.asarray(prot.residue_index)
+    if numbers.size and (int(numbers.max()) > 9999 or int(numbers.min()) < -999):
+        raise ValueError(f"residue numbers {int(numbers.min())}..{int(numbers.max())} do not fit the PDB format's "
+                         "4 columns (-999..9999); write mmCIF instead (to_mmcif, `esm-dual fold --mmcif`)")
     lines: list[str] = []
     atom_index = 1
     n = prot.aatype.shape[0]

@@ -35,7 +35,7 @@ def _summary(outdir):
         return list(csv.DictReader(f, delimiter="\t"))
 
 
-def test_fold_end_to_end_and_resume(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+def test_fold_end_to_end_and_resume(tmp_path, tiny_model_dir, data_dir, monkeypatch, capsys):
     from esm_dual.cli import fold
     from esm_dual.pt import EsmForProteinFolding
 
@@ -81,9 +81,19 @@ def test_fold_end_to_end_and_resume(tmp_path, tiny_model_dir, data_dir, monkeypa
         raise AssertionError("model loaded although every record is done")
 
     monkeypatch.setattr(EsmForProteinFolding, "from_pretrained", classmethod(boom))
-    assert fold.run(_args(fasta, out, tiny_model_dir)) == 0
+    assert fold.run(_args(fasta, out, tiny_model_dir, "--num-recycles", "1")) == 0
     assert len(_summary(out)) == len(records)
     monkeypatch.undo()
+
+    # Other options than those that made the folder's structures: refused, nothing changed.
+    capsys.readouterr()
+    assert fold.run(_args(fasta, out, tiny_model_dir, "--num-recycles", "2")) == 2
+    assert "num_recycles: stored 1, this run 2" in capsys.readouterr().err
+
+    # A record missing a file that is asked for (--mmcif) is folded again.
+    os.remove(out / f"{records[0].id}.cif")
+    assert fold.run(_args(fasta, out, tiny_model_dir, "--num-recycles", "1", "--mmcif")) == 0
+    assert (out / f"{records[0].id}.cif").is_file()
 
     # A record whose PDB was deleted is folded again; the others are skipped.
     os.remove(out / f"{records[1].id}.pdb")
@@ -131,6 +141,8 @@ def test_out_of_memory_record_is_reported_and_others_continue(
         (">ok\nMKV\n>empty_chain\nMKV::GG\n", "empty_chain"),
         (">dna\nACGTACGTACGTACGTACGTACGTAGCTAGCTAGCAT\n", "nucleotide"),
         (">ok\nMKV\n>nothing\n\n>x\nMK\n", "nothing"),
+        (">xs\nXXXXBZ\n", "no standard amino acid"),
+        (">big\n" + ":".join(["MKTAYIAKQR" * 30] * 20) + "\n", "beyond the PDB format's 9999"),
     ],
 )
 def test_bad_sequences_are_refused_before_loading(tmp_path, content, message, capsys, monkeypatch):
@@ -168,7 +180,7 @@ def test_unknown_residues_fold_as_x_and_main_entry(tmp_path, tiny_model_dir):
         ]
     )
     assert rc == 0
-    assert sorted(os.listdir(out)) == ["dimer.pdb", "summary.tsv", "weird_id_1.pdb"]
+    assert sorted(os.listdir(out)) == ["dimer.pdb", "fold_options.json", "summary.tsv", "weird_id_1.pdb"]
     atoms = read_pdb_atoms((out / "weird_id_1.pdb").read_text())
     assert {a["res_name"] for a in atoms} == {"MET", "LYS"}  # X residues have no atoms
     dimer = read_pdb_atoms((out / "dimer.pdb").read_text())

@@ -70,10 +70,15 @@ def test_round_trip_and_mapping_api(tmp_path):
         assert set(store["a"]["mean"]) == {0, 3}
         np.testing.assert_array_equal(store.mean(3), np.concatenate([b1["mean"][3], b2["mean"][3]]))
         np.testing.assert_array_equal(store.lengths, [4, 1, 7, 2, 9])
-        with pytest.raises(KeyError):
+        with pytest.raises(KeyError, match="no record 'nope' in .*"):
             store["nope"]
+        assert store.get("nope") is None
         with pytest.raises(KeyError, match="layer 1"):
             store.mean(1)
+    with pytest.raises(EmbeddingStoreError, match="the store is closed"):
+        store["a"]
+    with pytest.raises(EmbeddingStoreError, match="the store is closed"):
+        store.mean(3)
     # The layout is columnar: one concatenated per_tok dataset per layer, flattened contacts.
     with h5py.File(path, "r") as f:
         assert f["per_tok/3"].shape == (23, D)

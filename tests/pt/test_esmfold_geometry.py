@@ -156,6 +156,15 @@ def test_pdb_text_matches_openfold_writer(chains):
     assert P.to_pdb(prot) == ref
 
 
+def test_pdb_refuses_residue_numbers_beyond_its_columns():
+    g = np.random.default_rng(5)
+    prot = _random_protein(g, n=3)
+    prot.residue_index = np.array([9998, 9999, 10000])
+    with pytest.raises(ValueError, match=r"9998..10000 do not fit the PDB format"):
+        P.to_pdb(prot)
+    assert "10000" in P.to_mmcif(prot, "big")  # mmCIF has no such limit
+
+
 def test_mmcif_round_trip():
     g = np.random.default_rng(4)
     prot = _random_protein(g, n=9, chains=[0] * 4 + [1] * 5)
