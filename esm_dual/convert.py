@@ -54,7 +54,7 @@ import numpy as np
 from .common import checkpoint as _ck
 from .common.checkpoint import CheckpointError
 from .common.config import CONFIG_NAME, ConfigError, EsmConfig, with_recorded_dtype
-from .common.loading import LoadingError, canonical_tensor_name
+from .common.loading import LoadingError, canonical_tensor_name, is_floating
 
 TARGETS = ("hf", "keras", "tf-h5", "fair-esm")
 SOURCES = ("hf", "fair-esm", "tf-h5", "keras", "keras-weights", "keras-hub")
@@ -632,13 +632,13 @@ def _check_source(s: _Source) -> None:
 
 
 def _cast(name: str, arr: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
-    if dtype is None or not _ck._is_floating(arr.dtype) or arr.dtype == dtype or name.endswith("inv_freq"):
+    if dtype is None or not is_floating(arr.dtype) or arr.dtype == dtype or name.endswith("inv_freq"):
         return arr
     return arr.astype(dtype)
 
 
 def _out_dtype(name: str, dtype: np.dtype, target: np.dtype | None) -> np.dtype:
-    if target is None or not _ck._is_floating(dtype) or name.endswith("inv_freq"):
+    if target is None or not is_floating(dtype) or name.endswith("inv_freq"):
         return np.dtype(dtype)
     return target
 
@@ -803,7 +803,7 @@ def _write_tf_h5(out_dir: str, s: _Source, names: list[str], get: Callable[[str]
 
 
 def _keras_policy(tensors: dict[str, np.ndarray]) -> str:
-    floats = {a.dtype.name for n, a in tensors.items() if _ck._is_floating(a.dtype) and not n.endswith("inv_freq")}
+    floats = {a.dtype.name for n, a in tensors.items() if is_floating(a.dtype) and not n.endswith("inv_freq")}
     if len(floats) > 1:
         raise CheckpointError(f"a .keras model holds one float dtype; the checkpoint mixes {sorted(floats)} "
                               "(convert with a dtype)")
@@ -1056,7 +1056,7 @@ def _floats32(tensors: dict[str, np.ndarray], dtype: np.dtype | None) -> dict[st
     out = {}
     for n, a in tensors.items():
         a = _cast(n, a, dtype)
-        out[n] = a.astype(np.float32) if _ck._is_floating(a.dtype) else a
+        out[n] = a.astype(np.float32) if is_floating(a.dtype) else a
     return out
 
 

@@ -72,3 +72,13 @@ def batch():
 def data_dir() -> str:
     assert os.path.isdir(DATA_DIR), f"shared data not found at {DATA_DIR}"
     return DATA_DIR
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test: tiny models gain nothing from more on a busy 2-core box."""
+    torch = pytest.importorskip("torch")
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

@@ -90,3 +90,14 @@ def hf_model(directory: str, head: str = "mlm", attn: str = "eager"):
     }[head]
     model = cls.from_pretrained(directory, attn_implementation=attn)
     return model.eval()
+
+
+def load_benchmark(name: str):
+    """A script of ``benchmarks/`` (``"encoder_gpu"``) imported as a module, for its CPU smoke tests."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -389,9 +389,7 @@ def run(args: argparse.Namespace) -> int:
         if args.format == "h5" and os.path.isdir(args.output):
             raise CliError(f"--format h5 writes a file, but {args.output} is a directory (use --format pt?)")
         return _spawn(args)
-    if os.path.isdir(args.fasta):
-        raise CliError(f"{args.fasta} is a directory, not a FASTA file")
-    if not os.path.isfile(args.fasta):
+    if not os.path.exists(args.fasta):
         raise CliError(f"FASTA file {args.fasta!r} not found")
     total = count_fasta(args.fasta)  # before the model loads: a wrong file fails at once
     if total == 0:

@@ -181,9 +181,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.num_recycles is not None and args.num_recycles < 0:
         raise CliError(f"--num-recycles must be >= 0, got {args.num_recycles}")
-    if os.path.isdir(args.fasta):
-        raise CliError(f"{args.fasta} is a directory, not a FASTA file")
-    if not os.path.isfile(args.fasta):
+    if not os.path.exists(args.fasta):  # a directory: read_fasta says so
         raise CliError(f"{args.fasta}: no such file")
     records: list[tuple[str, str, str]] = []  # (id, file stem, sequence)
     stems: dict[str, str] = {}

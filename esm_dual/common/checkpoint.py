@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from .config import CONFIG_NAME, ConfigError, EsmConfig
+from .loading import is_floating
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -173,11 +174,6 @@ def _st_tag(dtype: np.dtype) -> str:
     return tags[key]
 
 
-def _is_floating(dtype: np.dtype) -> bool:
-    dtype = np.dtype(dtype)
-    return dtype.kind == "f" or dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
-
-
 def _resolve_dtype(dtype: Any) -> np.dtype:
     if isinstance(dtype, str):
         name = dtype.lower().replace("torch.", "")
@@ -203,7 +199,7 @@ def _resolve_dtype(dtype: Any) -> np.dtype:
         out = np.dtype(dtype)
     except TypeError:
         raise CheckpointError(f"unsupported dtype {dtype!r}") from None
-    if not _is_floating(out):
+    if not is_floating(out):
         raise CheckpointError(f"dtype must be a floating type, got {out}")
     return out
 
@@ -214,7 +210,7 @@ def cast_tensors(tensors: Mapping[str, np.ndarray], dtype: Any) -> dict[str, np.
     target = _resolve_dtype(dtype)
     out = {}
     for name, arr in tensors.items():
-        if _is_floating(arr.dtype) and arr.dtype != target and not name.endswith("inv_freq"):
+        if is_floating(arr.dtype) and arr.dtype != target and not name.endswith("inv_freq"):
             arr = arr.astype(target)
         out[name] = arr
     return out
@@ -1147,7 +1143,7 @@ def validate_shapes(config: EsmConfig, tensors: Mapping[str, Any], source: str) 
         if want is not None and got != want:
             errors.append(f"{name}: expected shape {list(want)} from the config, got {list(got)}")
         dtype = getattr(arr, "dtype", None)
-        if (want is not None or name.endswith("inv_freq")) and dtype is not None and not _is_floating(dtype):
+        if (want is not None or name.endswith("inv_freq")) and dtype is not None and not is_floating(dtype):
             errors.append(f"{name}: stored as {np.dtype(dtype)}, but ESM weights are floating point")
     if errors:
         raise CheckpointError(f"{source}: tensors contradict the config:\n  " + "\n  ".join(errors))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -50,8 +51,19 @@ def _short(names: list[str], limit: int = 6) -> str:
     return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
 
 
-def _is_floating(dtype: np.dtype) -> bool:
+def is_floating(dtype: Any) -> bool:
+    """A floating dtype (numpy's, or ml_dtypes' bfloat16 / float8)."""
+    dtype = np.dtype(dtype)
     return dtype.kind == "f" or dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
+def weights_dtype(tensors: dict[str, Any]) -> str | None:
+    """The dtype name of a checkpoint's weights, as transformers takes it: that of the first floating tensor,
+    rotary ``inv_freq`` tables (float32 in every ESM-2 file, whatever the weights) and buffers aside."""
+    for name, a in tensors.items():
+        if not name.endswith(("inv_freq", "position_ids")) and is_floating(a.dtype):
+            return np.dtype(a.dtype).name
+    return None
 
 
 def canonical_tensor_name(k: str) -> str:
@@ -185,7 +197,7 @@ def match_state(
         raise LoadingError(f"{source} does not match the model: " + describe_mismatch(missing, unused))
 
     out = {k: v for k, v in found.items() if k in want_task}
-    not_float = sorted(k for k, v in out.items() if not _is_floating(np.asarray(v).dtype))
+    not_float = sorted(k for k, v in out.items() if not is_floating(np.asarray(v).dtype))
     if not_float:
         raise LoadingError(f"{source}: tensor(s) of an integer or boolean dtype where the model has floating "
                            "weights: " + ", ".join(f"{k} ({np.asarray(out[k]).dtype})" for k in not_float[:12]))

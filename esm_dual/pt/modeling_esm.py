@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..common.config import EsmConfig, recorded_dtype, with_recorded_dtype
-from ..common.loading import LoadingError, checkpoint_has_pooler, match_state
+from ..common.loading import LoadingError, checkpoint_has_pooler, match_state, weights_dtype
 from ..common.outputs import (
     BaseModelOutputWithPooling,
     MaskedLMOutput,
@@ -568,19 +568,8 @@ def _auto_dtype(config: EsmConfig, tensors: dict[str, np.ndarray]) -> torch.dtyp
     """``torch_dtype="auto"`` as transformers resolves it: the dtype the config records, else the dtype of
     the first floating weight (rotary ``inv_freq`` tables, kept in float32 in every ESM-2 file, and
     integer buffers do not count)."""
-    recorded = recorded_dtype(config)
-    if recorded is not None:
-        return _str_to_torch_dtype(recorded)
-    for name, a in tensors.items():
-        if name.endswith(("inv_freq", "position_ids")):
-            continue
-        if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
-            return _np_to_torch_dtype(a.dtype)
-    return None
-
-
-def _np_to_torch_dtype(dt) -> torch.dtype:
-    return torch.bfloat16 if "bfloat16" in str(dt) else _np_to_torch(np.zeros(1, dtype=dt)).dtype
+    name = recorded_dtype(config) or weights_dtype(tensors)
+    return _str_to_torch_dtype(name) if name is not None else None
 
 
 def _str_to_torch_dtype(s: str) -> torch.dtype:

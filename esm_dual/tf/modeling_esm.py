@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from ..common.config import EsmConfig, with_recorded_dtype  # noqa: E402
-from ..common.loading import LoadingError, checkpoint_has_pooler, match_state  # noqa: E402
+from ..common.loading import LoadingError, checkpoint_has_pooler, match_state, weights_dtype  # noqa: E402
 from ..common.outputs import (  # noqa: E402
     BaseModelOutputWithPooling,
     MaskedLMOutput,
@@ -735,12 +735,9 @@ class TFEsmPreTrainedModel(keras.Model):
         for name, (var, transposed) in self._hub_state().items():
             arr = keras.ops.convert_to_numpy(var)
             tensors[name] = np.ascontiguousarray(arr.T if transposed else arr)
-        # The weights' dtype, as transformers 5 records it: that of the first floating weight (rotary
-        # tables, always float32, aside).
-        floats = [a.dtype.name for n, a in tensors.items()
-                  if not n.endswith("inv_freq") and (a.dtype.kind == "f" or a.dtype.name == "bfloat16")]
-        if floats:
-            cfg = with_recorded_dtype(cfg, floats[0])
+        dtype = weights_dtype(tensors)  # recorded as transformers 5 records it
+        if dtype is not None:
+            cfg = with_recorded_dtype(cfg, dtype)
         save_checkpoint(directory, cfg, tensors, max_shard_size=max_shard_size)
 
     # ---- input checks ---------------------------------------------------------------------------
@@ -835,7 +832,7 @@ class TFEsmPreTrainedModel(keras.Model):
         position [B, L], at those positions)."""
         labels = _labels_from(x, y)
         logits = self._prediction(y_pred)
-        if self._labels_ignore_index and labels is not None:
+        if self._labels_ignore_index and labels is not None and getattr(self, "_compile_metrics", None) is not None:
             valid = tf.not_equal(labels, tf.cast(-100, labels.dtype))
             if sample_weight is not None:
                 sw = tf.cast(sample_weight, "float32")

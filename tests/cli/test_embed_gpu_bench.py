@@ -3,39 +3,21 @@ the same mean embeddings (esm-dual vs fair-esm's extract steps vs HF transformer
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import pytest
 
 from tests.conftest import DATA_DIR
+from tests.utils import load_benchmark
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("esm")  # fair-esm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "benchmarks", "embed_gpu.py")
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("_embed_gpu_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture
-def _one_torch_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model gains nothing from more threads on a busy small box
-    yield
-    torch.set_num_threads(prev)
-
-
-def test_cpu_smoke(tmp_path, _one_torch_thread):
-    bench = _load_script()
+def test_cpu_smoke(tmp_path, one_torch_thread):
+    bench = load_benchmark("embed_gpu")
     fasta = os.path.join(DATA_DIR, "few_proteins.fasta")
     argv = ["--device", "cpu", "--shape", "tiny", "--lognormal", "20", "--work-dir", str(tmp_path),
             "--out", str(tmp_path / "r.json")]

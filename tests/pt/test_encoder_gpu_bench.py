@@ -3,7 +3,6 @@ bounds (parts of the inference loop taken out), and the library unchanged afterw
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -13,29 +12,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from esm_dual.pt.attention import triton_available  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "benchmarks", "encoder_gpu.py")
+from tests.utils import load_benchmark  # noqa: E402
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("_encoder_gpu_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture
-def _one_torch_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
-def test_cpu_smoke_with_bounds(tmp_path, _one_torch_thread, capsys, monkeypatch):
+def test_cpu_smoke_with_bounds(tmp_path, one_torch_thread, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # interpreted kernels on 16k tokens would take minutes
-    bench = _load_script()
+    bench = load_benchmark("encoder_gpu")
     out = tmp_path / "r.json"
     assert bench.main(["--device", "cpu", "--shapes", "tiny", "--modes", "inference,training", "--bounds",
                        "--reps", "1", "--variants", "", "--hf-budgets", "2048,4096", "--budget", "4096",
@@ -64,7 +46,7 @@ def test_cpu_smoke_with_bounds(tmp_path, _one_torch_thread, capsys, monkeypatch)
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
                     or not triton_available(), reason="needs CUDA or TRITON_INTERPRET=1")
 def test_bound_patch_changes_the_loop_and_restores_it():
-    bench = _load_script()
+    bench = load_benchmark("encoder_gpu")
     from esm_dual.common.config import EsmConfig
     from esm_dual.pt import EsmModel, modeling_esm, packing
     from esm_dual.pt.packing import pack_sequences
