@@ -27,6 +27,7 @@ _LAZY = {
     "convert": "esm_dual.convert",
     "pt": "esm_dual.pt",
     "tf": "esm_dual.tf",
+    "keras": "esm_dual.keras",
 }
 
 
