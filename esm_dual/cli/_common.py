@@ -418,18 +418,10 @@ class TFRunner(Runner):
 
 def _tf_from_checkpoint(cls, ckpt, config, source, policy=None):
     """Build a TF model and load the already-read checkpoint tensors (read once, not twice)."""
-    import contextlib
+    import dataclasses
 
-    from ..tf import modeling_esm as tfm
-
-    no_init = getattr(tfm, "_no_init", None)
-    kwargs: dict[str, Any] = {"add_pooling_layer": False} if cls is tfm.TFEsmModel else {}
-    if policy is not None:
-        kwargs["dtype"] = policy  # a Keras mixed-precision policy: fp32 variables, fp16/bf16 compute
-    with no_init() if no_init is not None else contextlib.nullcontext():
-        model = cls(config, **kwargs)
-    model.load_hub_tensors(ckpt.tensors, source=source)
-    return model
+    # A Keras mixed-precision policy: fp32 variables, fp16/bf16 compute.
+    return cls.from_checkpoint(dataclasses.replace(ckpt, config=config, source=source), dtype=policy)
 
 
 def load_runner(location: str, *, backend: str = "pt", head: str = "base", device: str = "auto",

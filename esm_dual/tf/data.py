@@ -1,4 +1,5 @@
-"""tf.data input pipelines for ESM models: length-bucketed batches and dynamic MLM masking.
+"""tf.data input pipelines for ESM models: length-bucketed batches and dynamic MLM masking (TensorFlow only;
+``esm_dual.tf.pydataset.make_pydataset`` is the same pipeline as a ``keras.utils.PyDataset`` for any backend).
 
 ``make_dataset`` turns amino-acid strings (or a FASTA file) into batches of
 ``({"input_ids": int32 [B, L], "attention_mask": int32 [B, L]}, labels)`` that Keras ``fit`` takes
@@ -12,9 +13,7 @@ draws new masks for every batch of every epoch, reproducibly for a given ``seed`
 
 from __future__ import annotations
 
-import math
 import os
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -22,139 +21,18 @@ import numpy as np
 import tensorflow as tf
 
 from ..common.tokenizer import EsmTokenizer
+from .batching import (
+    DEFAULT_BUCKET_BOUNDARIES,
+    ESM_MASK_ID,
+    ESM_SPECIAL_IDS,
+    ESM_STANDARD_AA_IDS,
+    IGNORE_INDEX,
+    bucket_lengths,
+    encode_sequences,
+    prepare,
+)
 
 __all__ = ["DEFAULT_BUCKET_BOUNDARIES", "bucket_lengths", "encode_sequences", "make_dataset", "mlm_mask"]
-
-IGNORE_INDEX = -100
-# Token lengths (BOS/EOS included) of the default buckets; the top bucket is capped at the data's
-# longest sequence (rounded up to a multiple of 8), so short-only data never pads to 1024.
-DEFAULT_BUCKET_BOUNDARIES = (16, 32, 64, 128, 192, 256, 320, 384, 512, 640, 768, 1024)
-
-# ESM vocabulary (all ESM-1b/1v/2 checkpoints): <cls>=0 <pad>=1 <eos>=2 <unk>=3, the 20 standard
-# amino acids at 4..23 (L A G V S E R T I D P K Q N F Y M H W C), <mask>=32.
-_ESM_SPECIAL_IDS = (0, 1, 2, 3, 32)
-_ESM_STANDARD_AA_IDS = tuple(range(4, 24))
-_ESM_MASK_ID = 32
-_ESM_PAD_ID = 1
-_STANDARD_AA = "LAGVSERTIDPKQNFYMHWC"
-
-
-# ================================================================================================
-# Shapes
-# ================================================================================================
-
-
-def _round_length(n: int) -> int:
-    """Round a token length up: to a multiple of 8 up to 64, of 64 above."""
-    step = 8 if n <= 64 else 64
-    return int(math.ceil(n / step) * step)
-
-
-def bucket_lengths(max_length: int, boundaries: Sequence[int] | None = None) -> list[int]:
-    """Padded lengths of the buckets for data whose longest tokenized sequence has ``max_length`` tokens.
-
-    ``boundaries`` (token lengths, BOS/EOS included) are rounded up (multiples of 8 up to 64, of 64
-    above), sorted and de-duplicated; those at or above the data's maximum are replaced by one top
-    bucket of ``max_length`` rounded up to a multiple of 8.
-    """
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
-    bounds = DEFAULT_BUCKET_BOUNDARIES if boundaries is None else boundaries
-    bounds = sorted({_round_length(int(b)) for b in bounds})
-    if bounds and bounds[0] < 1:
-        raise ValueError(f"bucket boundaries must be positive, got {list(boundaries or [])}")
-    top = int(math.ceil(max_length / 8) * 8)
-    out = [b for b in bounds if b < top]
-    # The top bucket: the first boundary that holds the longest sequence, if it is not wastefully large.
-    above = [b for b in bounds if b >= top]
-    out.append(above[0] if above and above[0] - top < 8 else top)
-    return out
-
-
-# ================================================================================================
-# Tokenizing
-# ================================================================================================
-
-
-def _special_ids(tokenizer: Any) -> tuple[int, ...]:
-    ids = getattr(tokenizer, "all_special_ids", None)
-    return tuple(int(i) for i in ids) if ids else _ESM_SPECIAL_IDS
-
-
-def _token_id(tokenizer: Any, attr: str, default: int) -> int:
-    v = getattr(tokenizer, attr, None)
-    return int(v) if v is not None else default
-
-
-def _standard_aa_ids(tokenizer: Any) -> tuple[int, ...]:
-    """Ids of the 20 standard amino acids (the replacement pool of MLM masking)."""
-    conv = getattr(tokenizer, "convert_tokens_to_ids", None)
-    if conv is None:
-        return _ESM_STANDARD_AA_IDS
-    ids = conv(list(_STANDARD_AA))
-    return tuple(int(i) for i in ids)
-
-
-def _encode_residues(sequences: Sequence[str], tokenizer: Any, strict: bool = True,
-                     ids: Sequence[Any] | None = None) -> list[np.ndarray]:
-    """Residue ids (no BOS/EOS) of each sequence. ``strict``: a character outside the vocabulary is a
-    ``TokenizerError`` naming the record (``ids``), position and character, instead of ``<unk>``."""
-    if hasattr(tokenizer, "encode_residues_np"):
-        return list(tokenizer.encode_residues_np(list(sequences), strict=strict, ids=ids))
-    enc = tokenizer(list(sequences), add_special_tokens=False)
-    return [np.asarray(r, dtype=np.int64) for r in enc["input_ids"]]
-
-
-def encode_sequences(sequences: Sequence[str], tokenizer: EsmTokenizer | None = None,
-                     truncation_length: int | None = 1022, strict: bool = True) -> list[np.ndarray]:
-    """Token ids (int32, ``<cls>`` + residues + ``<eos>``) of each sequence; at most ``truncation_length``
-    residues are kept (the first ones), with a warning naming the sequences cut. ``strict=False`` maps
-    characters outside the vocabulary to ``<unk>`` as HF's tokenizer does (a run of them to one)."""
-    tok = tokenizer if tokenizer is not None else EsmTokenizer()
-    return _add_special(_encode_residues(sequences, tok, strict), tok, truncation_length)
-
-
-def _add_special(residues: list[np.ndarray], tok: Any, truncation_length: int | None,
-                 names: Sequence[Any] | None = None) -> list[np.ndarray]:
-    if truncation_length is not None and truncation_length < 1:
-        raise ValueError(f"truncation_length must be >= 1 or None, got {truncation_length}")
-    if truncation_length is not None:
-        cut = [i for i, r in enumerate(residues) if len(r) > truncation_length]
-        if cut:
-            shown = ", ".join(repr(names[i]) if names is not None else f"#{i}" for i in cut[:5])
-            more = f" and {len(cut) - 5} more" if len(cut) > 5 else ""
-            warnings.warn(f"{len(cut)} sequence(s) longer than {truncation_length} residues truncated to their "
-                          f"first {truncation_length} (truncation_length): {shown}{more}", stacklevel=3)
-    cls = _token_id(tok, "cls_token_id", 0)
-    eos = _token_id(tok, "eos_token_id", 2)
-    out = []
-    for r in residues:
-        row = np.empty(min(len(r), truncation_length or len(r)) + 2, dtype=np.int32)
-        row[0], row[-1] = cls, eos
-        row[1:-1] = r[: len(row) - 2]
-        out.append(row)
-    return out
-
-
-def _read_sequences(sequences: Any) -> tuple[list[str], list[Any]]:
-    """(sequences, records) from a FASTA path, FASTA records or strings."""
-    if isinstance(sequences, (str, os.PathLike)):
-        path = os.fspath(sequences)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"no FASTA file at {path!r} (make_dataset takes a FASTA path or a list of sequences)")
-        from ..common.fasta import read_fasta
-
-        records = list(read_fasta(path))
-        return [r.sequence for r in records], records
-    items = list(sequences)
-    if items and not isinstance(items[0], str) and hasattr(items[0], "sequence"):
-        return [r.sequence for r in items], items
-    for i, s in enumerate(items):
-        if not isinstance(s, str):
-            raise TypeError(f"sequence {i} is a {type(s).__name__}, expected an amino-acid string")
-    return items, items
-
 
 # ================================================================================================
 # MLM masking
@@ -168,9 +46,9 @@ def mlm_mask(
     *,
     generator: tf.random.Generator | None = None,
     mlm_probability: float = 0.15,
-    mask_token_id: int = _ESM_MASK_ID,
-    special_ids: Sequence[int] = _ESM_SPECIAL_IDS,
-    replacement_ids: Sequence[int] = _ESM_STANDARD_AA_IDS,
+    mask_token_id: int = ESM_MASK_ID,
+    special_ids: Sequence[int] = ESM_SPECIAL_IDS,
+    replacement_ids: Sequence[int] = ESM_STANDARD_AA_IDS,
     mask_fraction: float = 0.8,
     random_fraction: float = 0.1,
 ) -> tuple[tf.Tensor, tf.Tensor]:
@@ -222,42 +100,6 @@ def mlm_mask(
     return masked, labels
 
 
-# ================================================================================================
-# Dataset
-# ================================================================================================
-
-
-def _label_array(labels: Any, n: int) -> np.ndarray:
-    arr = np.asarray(labels)
-    if arr.shape[:1] != (n,):
-        raise ValueError(f"got {arr.shape[0] if arr.ndim else 'scalar'} labels for {n} sequences")
-    if arr.dtype.kind in "iub":
-        return arr.astype(np.int32)
-    if arr.dtype.kind == "f":
-        return arr.astype(np.float32)
-    raise TypeError(f"labels must be numbers, got dtype {arr.dtype}")
-
-
-def _token_labels(labels: Sequence[Any], residues: Sequence[np.ndarray], truncation_length: int | None
-                  ) -> list[np.ndarray]:
-    """Per-residue labels -> per-token labels (-100 at BOS/EOS), truncated as the sequences are."""
-    if len(labels) != len(residues):
-        raise ValueError(f"got {len(labels)} label arrays for {len(residues)} sequences")
-    out = []
-    is_float = False
-    for i, (lab, res) in enumerate(zip(labels, residues)):
-        a = np.asarray(lab)
-        if a.ndim != 1 or a.shape[0] != len(res):
-            raise ValueError(f"token labels of sequence {i} have shape {a.shape}; "
-                             f"expected one label per residue token ({len(res)})")
-        is_float = is_float or a.dtype.kind == "f"
-        if truncation_length is not None:
-            a = a[:truncation_length]
-        out.append(np.concatenate([[IGNORE_INDEX], a, [IGNORE_INDEX]]))
-    dtype = np.float32 if is_float else np.int32
-    return [a.astype(dtype) for a in out]
-
-
 def make_dataset(
     sequences: Iterable[str] | str | os.PathLike,
     labels: Any = None,
@@ -305,54 +147,27 @@ def make_dataset(
         A ``tf.data.Dataset`` of ``({"input_ids": int32 [B, L], "attention_mask": int32 [B, L]},
         labels)``; labels are [B] / [B, k] (sequence) or [B, L] (token, MLM).
     """
-    if label_type not in ("sequence", "token"):
-        raise ValueError(f"label_type must be 'sequence' or 'token', got {label_type!r}")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    if not 0.0 < mlm_probability < 1.0:
-        raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
-    if mlm and labels is not None:
-        raise ValueError("mlm=True makes its own labels; pass labels=None")
-    if batch_size is None and max_tokens is None:
-        batch_size = 8
-
-    tok = tokenizer if tokenizer is not None else EsmTokenizer()
-    seqs, records = _read_sequences(sequences)
-    if not seqs:
-        raise ValueError("no sequences")
-    if callable(labels):
-        labels = [labels(r) for r in records]
-    names = [getattr(r, "id", None) or f"sequence {i}" for i, r in enumerate(records)] \
-        if records is not seqs else None
-    residues = _encode_residues(seqs, tok, strict, names)
-    ids = _add_special(residues, tok, truncation_length, names)
-    lengths = np.fromiter((len(a) for a in ids), dtype=np.int64, count=len(ids))
-
-    # Buckets: padded length and batch size of each.
-    bounds = bucket_lengths(int(lengths.max()), bucket_boundaries)
-    sizes = []
-    for b in bounds:
-        n = max(1, max_tokens // b) if max_tokens is not None else batch_size
-        sizes.append(min(n, batch_size) if batch_size is not None else n)
+    prep = prepare(sequences, labels, tokenizer=tokenizer, batch_size=batch_size, max_tokens=max_tokens,
+                   bucket_boundaries=bucket_boundaries, mlm=mlm, mlm_probability=mlm_probability,
+                   truncation_length=truncation_length, label_type=label_type, strict=strict)
+    ids, lengths, bounds, sizes = prep.ids, prep.lengths, prep.bounds, prep.sizes
 
     # Elements: (ids [l], mask [l][, labels]), sliced from flat constants by sequence index.
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     flat_ids = tf.constant(np.concatenate(ids), dtype=tf.int32)
     offsets_t = tf.constant(offsets)
-    pad_values: list[Any] = [np.int32(_token_id(tok, "pad_token_id", _ESM_PAD_ID)), np.int32(0)]
+    pad_values: list[Any] = [np.int32(prep.pad_id), np.int32(0)]
     label_shape: tf.TensorShape | None = None
     flat_labels = seq_labels = None
-    has_labels = labels is not None
+    has_labels = prep.labels is not None
     if has_labels:
         if label_type == "token":
-            flat = np.concatenate(_token_labels(labels, residues, truncation_length))
+            flat = np.concatenate(prep.labels)
             flat_labels = tf.constant(flat)
             pad_values.append(np.asarray(IGNORE_INDEX, dtype=flat.dtype))
         else:
-            arr = _label_array(labels, len(seqs))
+            arr = prep.labels
             seq_labels = tf.constant(arr)
             label_shape = tf.TensorShape(arr.shape[1:])
             pad_values.append(np.asarray(0, dtype=arr.dtype))
@@ -367,9 +182,9 @@ def make_dataset(
             out += (seq_labels[i],)
         return out
 
-    ds = tf.data.Dataset.range(len(seqs))
+    ds = tf.data.Dataset.range(len(ids))
     if shuffle:
-        ds = ds.shuffle(len(seqs), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(len(ids), seed=seed, reshuffle_each_iteration=True)
     ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     bounds_t = tf.constant(bounds, dtype=tf.int64)
@@ -396,16 +211,11 @@ def make_dataset(
     n_batches = int(sum(rounding(int(n), s) for n, s in zip(per_bucket, sizes)))
     ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
     if shuffle:
-        ds = ds.shuffle(max(1, min(1024, len(seqs) // max(1, min(sizes)) + len(bounds))), seed=seed + 1,
+        ds = ds.shuffle(max(1, min(1024, len(ids) // max(1, min(sizes)) + len(bounds))), seed=seed + 1,
                         reshuffle_each_iteration=True)
 
     if mlm:
-        mask_kwargs = dict(
-            mlm_probability=mlm_probability,
-            mask_token_id=_token_id(tok, "mask_token_id", _ESM_MASK_ID),
-            special_ids=_special_ids(tok),
-            replacement_ids=_standard_aa_ids(tok),
-        )
+        mask_kwargs = prep.mask_kwargs
         # One stateless seed per batch; a new sequence of seeds every epoch (reproducible from seed).
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
 

@@ -14,7 +14,7 @@ from keras import ops
 
 from ..common.config import EsmConfig
 from ..common.outputs import ModelOutput
-from .ops import as_tensor, backend, concrete_numpy, id_error
+from .ops import as_tensor, backend, concrete_numpy, id_error, mask_error
 
 IGNORE_INDEX = -100
 
@@ -42,12 +42,13 @@ def labels_from(x: Any, y: Any) -> Any:
     return x.get("labels") if isinstance(x, Mapping) else None
 
 
-def _input_ids_of(x: Any) -> Any:
+def _input_of(x: Any, key: str) -> Any:
+    """``input_ids`` or ``attention_mask`` of fit/predict data: a dict, a tuple (x, y, ...) or the ids alone."""
     if isinstance(x, Mapping):
-        return x.get("input_ids")
+        return x.get(key)
     if isinstance(x, (tuple, list)):
-        return _input_ids_of(x[0]) if x else None
-    return x
+        return _input_of(x[0], key) if x else None
+    return x if key == "input_ids" else None
 
 
 class KerasModelMixin:
@@ -132,7 +133,8 @@ class KerasModelMixin:
     # ---- value checks before XLA steps (TensorFlow) ---------------------------------------------
     def _checked_data(self, x: Any) -> Any:
         """Under TensorFlow XLA (``compile(jit_compile=True)``) assertions inside the step are dropped: token ids
-        are checked before the step instead (numpy inputs at once, ``tf.data`` in the pipeline)."""
+        and attention masks are checked before the step instead (numpy inputs at once, ``tf.data`` in the
+        pipeline)."""
         if backend() != "tensorflow" or not self.jit_compile or self.run_eagerly:
             return x
         import tensorflow as tf
@@ -142,20 +144,27 @@ class KerasModelMixin:
             msg = f"a token id is outside the vocabulary (0..{vocab - 1})"
 
             def check(*elem):
-                ids = _input_ids_of(elem[0] if len(elem) == 1 else elem)
+                data = elem[0] if len(elem) == 1 else elem
+                ids, mask = _input_of(data, "input_ids"), _input_of(data, "attention_mask")
+                checks = []
                 if ids is not None and ids.dtype.is_integer:
-                    with tf.control_dependencies([
-                            tf.debugging.assert_non_negative(ids, message=msg),
-                            tf.debugging.assert_less(ids, tf.cast(vocab, ids.dtype), message=msg)]):
-                        return tf.nest.map_structure(tf.identity, elem[0] if len(elem) == 1 else elem)
-                return elem[0] if len(elem) == 1 else elem
+                    checks += [tf.debugging.assert_non_negative(ids, message=msg),
+                               tf.debugging.assert_less(ids, tf.cast(vocab, ids.dtype), message=msg)]
+                if mask is not None:
+                    checks.append(tf.debugging.Assert(
+                        tf.reduce_all(tf.reduce_any(tf.cast(mask, tf.bool), -1)),
+                        ["attention_mask has a row with no attended token (all zeros)"]))
+                with tf.control_dependencies(checks):
+                    return tf.nest.map_structure(tf.identity, data)
 
             return x.map(check)
-        ids = concrete_numpy(_input_ids_of(x)) if not isinstance(x, keras.utils.PyDataset) else None
-        if ids is not None and ids.dtype.kind in "iu":
-            err = id_error(ids, vocab)
-            if err:
-                raise ValueError(err)
+        if isinstance(x, keras.utils.PyDataset):
+            return x
+        ids, mask = concrete_numpy(_input_of(x, "input_ids")), concrete_numpy(_input_of(x, "attention_mask"))
+        err = (id_error(ids, vocab) if ids is not None and ids.dtype.kind in "iu" else None) or \
+            (mask_error(mask) if mask is not None else None)
+        if err:
+            raise ValueError(err)
         return x
 
     def fit(self, x=None, *args, **kwargs):

@@ -602,7 +602,8 @@ class TFEsmPreTrainedModel(KerasModelMixin, keras.Model):
         if B == 0 or L == 0:
             raise ValueError(f"empty batch: input shape {shape}")
         if input_ids is not None and not is_integer(input_ids):
-            raise TypeError(f"input_ids must be integer token ids, got {keras.backend.standardize_dtype(input_ids.dtype)}")
+            dtype = keras.backend.standardize_dtype(input_ids.dtype)
+            raise TypeError(f"input_ids must be integer token ids, got {dtype}")
         if attention_mask is not None:
             ms = tuple(attention_mask.shape)
             if len(ms) != 2 or any(a is not None and b is not None and a != b for a, b in zip(ms, (B, L))):
