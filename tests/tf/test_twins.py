@@ -13,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PT_FILE = os.path.join(ROOT, "esm_dual", "pt", "modeling_esm.py")
 TF_FILE = os.path.join(ROOT, "esm_dual", "tf", "modeling_esm.py")
 
-KERAS_BUILD = "build"  # Keras layers create their variables in build(); torch modules in __init__
+# Keras layers create their variables in build(), torch modules in __init__: any TF class may have it.
+KERAS_BUILD = "build"
 
 # Methods only one side has, by PyTorch class name, with the reason.
 PT_ONLY_METHODS = {
@@ -29,15 +30,16 @@ PT_ONLY_METHODS = {
 }
 TF_ONLY_METHODS = {
     # Keras serialization of layers whose constructor takes more than an EsmConfig.
-    "EsmRotaryEmbedding": {KERAS_BUILD, "get_config"},
-    "EsmContactPredictionHead": {KERAS_BUILD, "get_config"},
+    "EsmRotaryEmbedding": {"get_config"},
+    "EsmContactPredictionHead": {"get_config"},
     "EsmModel": {"get_config"},
-    # get_base_model: see base_model above.
-    "EsmPreTrainedModel": {KERAS_BUILD, "get_base_model"},
+    # get_base_model: see base_model above. from_checkpoint: the model-from-checkpoint factory (the PyTorch
+    # twin gets its own in the checkpoint-layout work; then this entry goes).
+    "EsmPreTrainedModel": {"get_base_model", "from_checkpoint"},
     # Keras fit computes the task loss from the logits (compute_loss): the torch forward inlines it.
     "EsmForMaskedLM": {"hf_compute_loss"},
     "EsmForSequenceClassification": {"hf_compute_loss"},
-    "EsmForTokenClassification": {KERAS_BUILD, "hf_compute_loss"},
+    "EsmForTokenClassification": {"hf_compute_loss"},
 }
 # Attributes (self.x = ..., class-level names) only one side has.
 PT_ONLY_ATTRS = {
@@ -109,7 +111,7 @@ def test_same_methods_and_attributes_or_a_listed_reason():
         tm, ta = tf[name]
         diffs = {
             "PT_ONLY_METHODS": (set(pm) - set(tm), PT_ONLY_METHODS.get(name, set())),
-            "TF_ONLY_METHODS": (set(tm) - set(pm), TF_ONLY_METHODS.get(name, set())),
+            "TF_ONLY_METHODS": (set(tm) - set(pm) - {KERAS_BUILD}, TF_ONLY_METHODS.get(name, set())),
             "PT_ONLY_ATTRS": (pa - ta, PT_ONLY_ATTRS.get(name, set())),
             "TF_ONLY_ATTRS": (ta - pa, TF_ONLY_ATTRS.get(name, set())),
         }
