@@ -108,7 +108,7 @@ def encode_sequences(sequences: Sequence[str], tokenizer: EsmTokenizer | None = 
 
 
 def add_special(residues: list[np.ndarray], tok: Any, truncation_length: int | None,
-                 names: Sequence[Any] | None = None) -> list[np.ndarray]:
+                 names: Sequence[Any] | None = None, stacklevel: int = 3) -> list[np.ndarray]:
     if truncation_length is not None and truncation_length < 1:
         raise ValueError(f"truncation_length must be >= 1 or None, got {truncation_length}")
     if truncation_length is not None:
@@ -117,7 +117,7 @@ def add_special(residues: list[np.ndarray], tok: Any, truncation_length: int | N
             shown = ", ".join(repr(names[i]) if names is not None else f"#{i}" for i in cut[:5])
             more = f" and {len(cut) - 5} more" if len(cut) > 5 else ""
             warnings.warn(f"{len(cut)} sequence(s) longer than {truncation_length} residues truncated to their "
-                          f"first {truncation_length} (truncation_length): {shown}{more}", stacklevel=3)
+                          f"first {truncation_length} (truncation_length): {shown}{more}", stacklevel=stacklevel)
     cls = token_id(tok, "cls_token_id", 0)
     eos = token_id(tok, "eos_token_id", 2)
     out = []
@@ -225,7 +225,7 @@ def prepare(sequences: Any, labels: Any, *, tokenizer: Any, batch_size: int | No
     names = [getattr(r, "id", None) or f"sequence {i}" for i, r in enumerate(records)] \
         if records is not seqs else None
     residues = encode_residues(seqs, tok, strict, names)
-    ids = add_special(residues, tok, truncation_length, names)
+    ids = add_special(residues, tok, truncation_length, names, stacklevel=4)  # user -> make_* -> prepare
     lengths = np.fromiter((len(a) for a in ids), dtype=np.int64, count=len(ids))
 
     # Buckets: padded length and batch size of each.

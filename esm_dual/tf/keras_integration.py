@@ -6,6 +6,7 @@ PyTorch model and nothing of this.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,6 +50,10 @@ def _input_of(x: Any, key: str) -> Any:
     if isinstance(x, (tuple, list)):
         return _input_of(x[0], key) if x else None
     return x if key == "input_ids" else None
+
+
+class _BadBatch(Exception):
+    """A batch that failed the host-side checks (JAX), raised as ValueError once the weights are back."""
 
 
 class KerasModelMixin:
@@ -167,8 +172,66 @@ class KerasModelMixin:
             raise ValueError(err)
         return x
 
+    # JAX: Keras' train/test/predict functions take a Python iterator of batches into a jitted step that owns
+    # (donates) the model's variables; an error raised inside the step would leave the model without weights.
+    # The batches are checked on the host before they enter the step instead.
+    def _check_batch(self, data: Any) -> Any:
+        ids, mask = _input_of(data, "input_ids"), _input_of(data, "attention_mask")
+        ids = None if ids is None else ops.convert_to_numpy(ids)
+        mask = None if mask is None else ops.convert_to_numpy(mask)
+        err = (id_error(ids, self.config.vocab_size) if ids is not None and ids.dtype.kind in "iu" else None) or \
+            (mask_error(mask) if mask is not None else None)
+        if err:
+            raise _BadBatch(err)
+        return data
+
+    def _checked_step(self, name: str) -> None:
+        fn = getattr(self, name, None)
+        if backend() != "jax" or fn is None or getattr(fn, "checks_batches", False):
+            return
+
+        keys = {"train_function": ("trainable_variables", "non_trainable_variables", "optimizer_variables",
+                                   "metrics_variables"),
+                "test_function": ("trainable_variables", "non_trainable_variables", "metrics_variables"),
+                "predict_function": ("trainable_variables", "non_trainable_variables")}[name]
+
+        def step(state, iterator):
+            try:
+                return fn(state, (self._check_batch(data) for data in iterator))
+            except _BadBatch as e:
+                # Raised before the step ran: ``state`` still holds the weights Keras took off the variables.
+                self._jax_state = dict(zip(keys, state))
+                self._jax_state_synced = False
+                self.jax_state_sync()
+                raise ValueError(str(e)) from None
+
+        step.checks_batches = True
+        setattr(self, name, step)
+
+    def make_train_function(self, force=False):
+        out = super().make_train_function(force)
+        self._checked_step("train_function")
+        return out
+
+    def make_test_function(self, force=False):
+        out = super().make_test_function(force)
+        self._checked_step("test_function")
+        return out
+
+    def make_predict_function(self, force=False):
+        out = super().make_predict_function(force)
+        self._checked_step("predict_function")
+        return out
+
     def fit(self, x=None, *args, **kwargs):
-        return super().fit(self._checked_data(x), *args, **kwargs)
+        # No task loss reaches the contact head (as in PyTorch, where its .grad stays None); Keras would warn
+        # about exactly these two variables on every fit. Other variables without gradients are still reported.
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", category=UserWarning,
+                message=r"Gradients do not exist for variables \['[^']*contact_head/regression/kernel', "
+                        r"'[^']*contact_head/regression/bias'\] ")
+            return super().fit(self._checked_data(x), *args, **kwargs)
 
     def evaluate(self, x=None, *args, **kwargs):
         return super().evaluate(self._checked_data(x), *args, **kwargs)

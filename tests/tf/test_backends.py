@@ -346,9 +346,9 @@ def test_bad_values_raise_eagerly(hub_dir, case):
 
 @pytest.mark.parametrize("case", [c[0] for c in _bad_batches()])
 def test_bad_values_raise_or_poison_under_xla(hub_dir, case):
-    """jit on JAX raises (host callback); TensorFlow XLA cannot raise inside the step: ``predict``/``fit``
-    check before it, and a direct ``tf.function(jit_compile=True)`` call gives NaN for the bad row (never
-    finite numbers); PyTorch runs eagerly."""
+    """``fit``/``predict`` check the batches before the compiled step (JAX, TensorFlow XLA); inside ``jax.jit``
+    a host callback raises; TensorFlow XLA cannot raise inside a step: a direct ``tf.function(jit_compile=True)``
+    call gives NaN for the bad row (never finite numbers); PyTorch runs eagerly."""
     model = T.TFEsmForMaskedLM.from_pretrained(hub_dir("esm2", "mlm"))
     _, ids, mask, message = next(c for c in _bad_batches() if c[0] == case)
     x = {"input_ids": ids, "attention_mask": mask}
@@ -362,8 +362,14 @@ def test_bad_values_raise_or_poison_under_xla(hub_dir, case):
     if BACKEND == "jax":
         import jax
 
-        with pytest.raises(Exception, match=message):
-            np_(model.predict(x, batch_size=4, verbose=0).logits)
+        good_ids, good_mask = make_batch(seed=12)
+        before = np_(model(good_ids, attention_mask=good_mask).logits)
+        # Batches are checked on the host before Keras' jitted step, which owns the weights while it runs.
+        with pytest.raises(ValueError, match=message):
+            model.predict(x, batch_size=4, verbose=0)
+        with pytest.raises(ValueError, match=message):
+            model.fit(x, np.where(mask == 1, ids, -100), batch_size=4, verbose=0)
+        assert maxdiff(before, model(good_ids, attention_mask=good_mask).logits) == 0.0  # the model is intact
 
         @jax.jit
         def run(tv, ntv, ids, mask):
