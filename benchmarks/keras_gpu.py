@@ -230,7 +230,8 @@ def jax_sections(args, cfg, tensors, batches, train_batches) -> dict:
     diff = max(float(jnp.max(jnp.abs(fo(i, m).astype(jnp.float32) - fk(i, m).astype(jnp.float32))))
                for i, m in singles)
     res["numerics"] = {"max_abs_diff_last_hidden_single_sequences": diff, "dtype": args.dtype}
-    res["inference"] = {"keras_hub": time_passes(fk, batches, args.reps), "esm_dual": time_passes(fo, batches, args.reps)}
+    res["inference"] = {"keras_hub": time_passes(fk, batches, args.reps),
+                        "esm_dual": time_passes(fo, batches, args.reps)}
     res["inference"]["speedup_vs_keras_hub"] = round(
         res["inference"]["esm_dual"]["tokens_per_s"] / res["inference"]["keras_hub"]["tokens_per_s"], 3)
     del fo, fk
@@ -284,7 +285,8 @@ def torch_section(args, cfg, tensors, batches, train_batches) -> dict:
 
     @torch.inference_mode()
     def infer(ids, mask):
-        return infer_model(torch.from_numpy(ids).to(dev), attention_mask=torch.from_numpy(mask).to(dev)).last_hidden_state
+        out = infer_model(torch.from_numpy(ids).to(dev), attention_mask=torch.from_numpy(mask).to(dev))
+        return out.last_hidden_state
 
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
 

@@ -437,6 +437,9 @@ def load_runner(location: str, *, backend: str = "pt", head: str = "base", devic
             import torch  # noqa: F401
         else:
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+            # --backend tf runs the Keras models on TensorFlow (tf.device placement, tf tensors), whatever
+            # KERAS_BACKEND a user set for their own Keras work.
+            os.environ["KERAS_BACKEND"] = "tensorflow"
             import tensorflow  # noqa: F401
     except ImportError:
         extra = "torch" if backend == "pt" else "tf"

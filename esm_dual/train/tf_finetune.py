@@ -79,6 +79,12 @@ def make_strategy(name: str, cpu_devices: int = 0):
 
 
 def train(args) -> int:
+    # tf.distribute strategies: the Keras TensorFlow backend, whatever KERAS_BACKEND says (unless Keras is
+    # already imported in this process with another backend: then say so).
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+    if "keras" in sys.modules and sys.modules["keras"].backend.backend() != "tensorflow":
+        raise SystemExit("tf_finetune needs the Keras TensorFlow backend; Keras was imported with "
+                         f"{sys.modules['keras'].backend.backend()!r}")
     strategy = make_strategy(args.strategy, args.cpu_devices)  # before any other TF op
 
     import keras
