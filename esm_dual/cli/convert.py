@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import esm_dual.convert as conv
+    import esm_dual.conversion as conv
 
     def log(msg: str) -> None:
         if not args.quiet:
