@@ -13,24 +13,24 @@ import textwrap
 import numpy as np
 import pytest
 
-from esm_dual.common.checkpoint import (
-    BENIGN_ALWAYS,
-    DEFAULT_BENIGN,
-    Checkpoint,
-    CheckpointError,
-    benign_tensor_patterns,
-    check_tensor_names,
+from esm_dual.common.config import EsmConfig
+from esm_dual.io.base import Checkpoint, CheckpointError
+from esm_dual.io.fair_esm import read_fair_esm, save_fair_esm
+from esm_dual.io.hub import (
     iter_checkpoint_tensors,
     load_checkpoint,
     parse_size,
     read_checkpoint_config,
-    read_fair_esm,
-    resolve_checkpoint,
     save_checkpoint,
-    save_fair_esm,
+)
+from esm_dual.io.resolve import resolve_checkpoint
+from esm_dual.io.schema import (
+    BENIGN_ALWAYS,
+    DEFAULT_BENIGN,
+    benign_tensor_patterns,
+    check_tensor_names,
     validate_shapes,
 )
-from esm_dual.common.config import EsmConfig
 from tests.conftest import make_batch, tiny_config
 from tests.utils import hf_model, random_hub_tensors, write_hub_checkpoint
 
@@ -133,12 +133,12 @@ def test_low_precision_roundtrip_and_interop_with_safetensors(tmp_path, dtype):
 
 
 def test_bfloat16_without_ml_dtypes_reads_exact_float32(tmp_path, monkeypatch):
-    import esm_dual.common.checkpoint as ckmod
+    import esm_dual.io.safetensors as ckmod
 
     cfg = tiny_config("esm2")
     tensors = {k: v.astype(BF16) for k, v in random_hub_tensors(cfg).items()}
     save_checkpoint(str(tmp_path / "d"), cfg, tensors)
-    monkeypatch.setattr(ckmod, "_bfloat16", lambda: None)
+    monkeypatch.setattr(ckmod, "bfloat16", lambda: None)
     monkeypatch.setitem(ckmod._ST_NUMPY, "BF16", lambda: None)
     with pytest.warns(UserWarning, match="ml_dtypes is not installed"):
         ck = load_checkpoint(str(tmp_path / "d"))
@@ -506,7 +506,7 @@ def test_without_huggingface_hub(monkeypatch, tmp_path):
 
 
 def test_import_does_not_pull_torch_or_tensorflow():
-    code = ("import sys, esm_dual.common.checkpoint, esm_dual.common.presets; "
+    code = ("import sys, esm_dual.io.hub, esm_dual.common.presets; "
             "bad = [m for m in ('torch', 'tensorflow', 'huggingface_hub') if m in sys.modules]; "
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

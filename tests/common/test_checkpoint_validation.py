@@ -12,7 +12,9 @@ import struct
 import numpy as np
 import pytest
 
-from esm_dual.common.checkpoint import CheckpointError, load_checkpoint, read_fair_esm, save_checkpoint, save_fair_esm
+from esm_dual.io.base import CheckpointError
+from esm_dual.io.fair_esm import read_fair_esm, save_fair_esm
+from esm_dual.io.hub import load_checkpoint, save_checkpoint
 from tests.conftest import tiny_config
 from tests.utils import random_hub_tensors, write_hub_checkpoint
 

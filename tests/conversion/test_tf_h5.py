@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import esm_dual
-from esm_dual.common.checkpoint import CheckpointError
-from esm_dual.common.tf_h5 import (
+from esm_dual.io.base import CheckpointError
+from esm_dual.io.tf_h5 import (
     HDF5_OBJECT_HEADER_LIMIT,
     TFH5File,
     _read_attr_list,
@@ -124,7 +124,7 @@ def test_chunked_attributes_and_synthesized_table(tmp_path):
     src = str(tmp_path / "src")
     tensors = make_hub(src, "esm2", "mlm")
     tensors.pop("esm.embeddings.position_embeddings.weight")
-    from esm_dual.common.checkpoint import load_checkpoint
+    from esm_dual.io.hub import load_checkpoint
 
     config = load_checkpoint(src).config
     h5 = str(tmp_path / "tf_model.h5")
@@ -176,7 +176,7 @@ def test_hub_to_tf_h5_round_trip_keeps_rotary_tables(tmp_path):
     """ESM-2's stored (fp16-rounded in real files) inv_freq tables survive: transformers 4.x TF stores them too."""
     src = str(tmp_path / "src")
     tensors = make_hub(src, "esm2", "mlm")
-    from esm_dual.common.checkpoint import load_checkpoint, save_checkpoint
+    from esm_dual.io.hub import load_checkpoint, save_checkpoint
 
     config = load_checkpoint(src).config
     for k in tensors:
