@@ -59,33 +59,53 @@ _REFERENCE_FORWARDS = {cls: cls.forward for cls in (
 def is_reference(module: nn.Module | None, cls: type) -> bool:
     """module is exactly a ``cls`` (not a subclass, not an adapter), its forward is the one this package
     (or torch) defines (replaced neither on the class nor on the instance), and no hook would see a call."""
-    return (type(module) is cls and cls.forward is _REFERENCE_FORWARDS[cls] and "forward" not in vars(module)
-            and not module._forward_hooks and not module._forward_pre_hooks
-            and not _torch_module._global_forward_hooks and not _torch_module._global_forward_pre_hooks)
+    return _no_global_hooks() and _own_reference(module, cls)
+
+
+def _no_global_hooks() -> bool:
+    return not _torch_module._global_forward_hooks and not _torch_module._global_forward_pre_hooks
+
+
+def _own_reference(module, cls) -> bool:
+    """:func:`is_reference` without the global hooks."""
+    if type(module) is not cls or cls.forward is not _REFERENCE_FORWARDS[cls]:
+        return False
+    d = module.__dict__
+    return "forward" not in d and not d["_forward_hooks"] and not d["_forward_pre_hooks"]
+
+
+# What the inference loop skips in each layer: (name, attribute path, the reference class).
+_LAYER_BYPASSED = tuple((name, tuple(name.split(".")) if name else (), cls) for name, cls in (
+    ("", EsmLayer),
+    ("attention", EsmAttention),
+    ("attention.LayerNorm", nn.LayerNorm),
+    ("attention.output", EsmSelfOutput),
+    ("attention.output.dropout", nn.Dropout),
+    ("intermediate", EsmIntermediate),
+    ("LayerNorm", nn.LayerNorm),
+    ("output", EsmOutput),
+    ("output.dropout", nn.Dropout),
+))
 
 
 def bypassed_module(encoder: nn.Module) -> str | None:
     """The first module whose forward the inference loop would skip and that is not the reference
-    (see :func:`is_reference`), by name (``"layer.3.output"``); None if there is none."""
-    if not is_reference(encoder, EsmEncoder):
+    (see :func:`is_reference`), by name (``"layer.3.output"``); None if there is none.
+
+    (Walks the encoder's module dicts directly: this runs once per forward.)"""
+    if not _no_global_hooks():
+        return "global module hooks"
+    if not _own_reference(encoder, EsmEncoder):
         return "encoder"
-    if not is_reference(encoder.emb_layer_norm_after, nn.LayerNorm):
+    modules = encoder._modules
+    if not _own_reference(modules.get("emb_layer_norm_after"), nn.LayerNorm):
         return "emb_layer_norm_after"
-    for i, layer in enumerate(encoder.layer):
-        attention = getattr(layer, "attention", None)
-        expected = (
-            ("", layer, EsmLayer),
-            ("attention", attention, EsmAttention),
-            ("attention.LayerNorm", getattr(attention, "LayerNorm", None), nn.LayerNorm),
-            ("attention.output", getattr(attention, "output", None), EsmSelfOutput),
-            ("attention.output.dropout", getattr(getattr(attention, "output", None), "dropout", None), nn.Dropout),
-            ("intermediate", getattr(layer, "intermediate", None), EsmIntermediate),
-            ("LayerNorm", getattr(layer, "LayerNorm", None), nn.LayerNorm),
-            ("output", getattr(layer, "output", None), EsmOutput),
-            ("output.dropout", getattr(getattr(layer, "output", None), "dropout", None), nn.Dropout),
-        )
-        for name, module, cls in expected:
-            if not is_reference(module, cls):
+    for i, layer in enumerate(modules["layer"]._modules.values()):
+        for name, parts, cls in _LAYER_BYPASSED:
+            module = layer
+            for part in parts:
+                module = module._modules.get(part) if isinstance(module, nn.Module) else None
+            if not _own_reference(module, cls):
                 return f"layer.{i}" + (f".{name}" if name else "")
     return None
 
@@ -222,7 +242,7 @@ def use_fused_inference(encoder, x: torch.Tensor, options: FastPathOptions | Non
 
 
 def packed_encoder_inference(encoder, hidden_states: torch.Tensor, info: VarlenInfo, positions: torch.Tensor,
-                             output_hidden_states: bool = False):
+                             output_hidden_states: bool = False, checked: bool = False):
     """``EsmEncoder.forward`` on a pack for inference: the same arithmetic as the layer modules in eval
     mode (dropout off), in fewer passes over memory. hidden_states [T, D] -> (last_hidden_state [T, D],
     hidden_states tuple of layers + 1 [T, D] or None).
@@ -235,9 +255,10 @@ def packed_encoder_inference(encoder, hidden_states: torch.Tensor, info: VarlenI
     - Otherwise each residual add is fused into the LayerNorm that follows it (the next layer's first
       LayerNorm, or ``emb_layer_norm_after`` after the last).
 
-    Where a module it would bypass is not the reference (:func:`bypassed_module`), the encoder module runs.
+    Where a module it would bypass is not the reference (:func:`bypassed_module`; ``checked``: the caller
+    has just found none), the encoder module runs.
     """
-    if bypassed_module(encoder) is not None:
+    if not checked and bypassed_module(encoder) is not None:
         sequence_output, hidden, _ = encoder(hidden_states, info, positions, output_hidden_states, False)
         return sequence_output, hidden
     options = info.options or default_options()
@@ -265,9 +286,9 @@ def packed_encoder_inference(encoder, hidden_states: torch.Tensor, info: VarlenI
 
 
 def _run_encoder(encoder, x: torch.Tensor, info: VarlenInfo, positions: torch.Tensor, output_hidden_states: bool,
-                 options: FastPathOptions):
+                 options: FastPathOptions, checked: bool = False):
     if use_fused_inference(encoder, x, options):
-        return packed_encoder_inference(encoder, x, info, positions, output_hidden_states)
+        return packed_encoder_inference(encoder, x, info, positions, output_hidden_states, checked)
     sequence_output, hidden_states, _ = encoder(x, info, positions, output_hidden_states, False)
     return sequence_output, hidden_states
 
@@ -343,7 +364,8 @@ def _autocast_takes_device() -> bool:
 
 
 def padded_forward_via_packed(model, input_ids, attention_mask, position_ids, positions, inputs_embeds,
-                              output_hidden_states: bool, options: FastPathOptions | None = None):
+                              output_hidden_states: bool, options: FastPathOptions | None = None,
+                              checked: bool = False):
     """``EsmModel.forward`` through the packed encoder: the embeddings module on the padded batch, then
     its real tokens through the packed encoder, re-padded (zeros at padding).
 
@@ -360,7 +382,8 @@ def padded_forward_via_packed(model, input_ids, attention_mask, position_ids, po
         # [L] -> [B, L]
         positions = positions.expand(B, L)
     info = VarlenInfo(u.cu_seqlens, u.max_seqlen, "auto", options)
-    seq, hidden = _run_encoder(model.encoder, x, info, gather_tokens(positions, u), output_hidden_states, options)
+    seq, hidden = _run_encoder(model.encoder, x, info, gather_tokens(positions, u), output_hidden_states, options,
+                               checked)
     seq = repad(seq, u)
     if hidden is not None:
         hidden = tuple(repad(h, u) for h in hidden)
@@ -376,7 +399,8 @@ def forward_padded(model, input_ids, attention_mask, position_ids, positions, in
     x = input_ids if input_ids is not None else inputs_embeds
     if not use_packed_path(model, x, output_attentions, options):
         return None
-    if use_fused_inference(model.encoder, x, options) and bypassed_module(model.encoder) is not None:
+    checked = use_fused_inference(model.encoder, x, options)
+    if checked and bypassed_module(model.encoder) is not None:
         return None
     return padded_forward_via_packed(model, input_ids, attention_mask, position_ids, positions, inputs_embeds,
-                                     output_hidden_states, options)
+                                     output_hidden_states, options, checked)
