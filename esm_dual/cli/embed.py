@@ -167,9 +167,10 @@ class _DirLock:
         self.outdir = outdir
         self.run = _run_id()
         self.path = os.path.join(outdir, f"{_LOCK_PREFIX}{os.getpid()}.lock")
+        self.rank, self.world = _env_world()
         self._check()
         with open(self.path, "w") as f:
-            f.write(self.run)
+            json.dump({"run": self.run, "rank": self.rank, "world_size": self.world}, f)
         try:
             self._check()  # two runs that started at the same moment: both see each other, both stop
         except CliError:
@@ -186,16 +187,19 @@ class _DirLock:
             path = os.path.join(self.outdir, name)
             try:
                 with open(path) as f:
-                    run = f.read().strip()
-            except OSError:
-                continue
+                    other = json.load(f)
+            except (OSError, ValueError):
+                other = {}
+            run = other.get("run") if isinstance(other, dict) else None
             if not _pid_alive(int(pid_s)):
                 try:
                     os.remove(path)  # a run that was killed
                 except OSError:
                     pass
                 continue
-            if run != self.run:
+            # The ranks of one sharded job (torchrun, or a cluster array's RANK/WORLD_SIZE) share the directory.
+            sibling = self.world > 1 and other.get("world_size") == self.world and other.get("rank") != self.rank
+            if run != self.run and not sibling:
                 raise CliError(f"{self.outdir}: another embed run (pid {pid_s}) is writing into this directory; "
                                "wait for it to finish or write to another directory")
 

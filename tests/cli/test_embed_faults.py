@@ -127,7 +127,7 @@ def test_concurrent_pt_runs_into_one_directory_are_refused(tmp_path, capsys, hub
     out.mkdir()
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (out / f".esm-dual-embed.{other.pid}.lock").write_text("pid-another-run")
+        (out / f".esm-dual-embed.{other.pid}.lock").write_text('{"run": "another", "rank": 0, "world_size": 1}')
         rc, _, err = _run(capsys, "embed", fa, out, "-m", hub[0], "--format", "pt", "-q")
         assert rc == 2 and f"another embed run (pid {other.pid})" in err, err
     finally:
