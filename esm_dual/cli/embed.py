@@ -178,6 +178,7 @@ class _DirLock:
             raise
 
     def _check(self) -> None:
+        self.siblings = 0  # live locks of other ranks of this job
         for name in os.listdir(self.outdir):
             if not (name.startswith(_LOCK_PREFIX) and name.endswith(".lock")):
                 continue
@@ -199,9 +200,11 @@ class _DirLock:
                 continue
             # The ranks of one sharded job (torchrun, or a cluster array's RANK/WORLD_SIZE) share the directory.
             sibling = self.world > 1 and other.get("world_size") == self.world and other.get("rank") != self.rank
-            if run != self.run and not sibling:
-                raise CliError(f"{self.outdir}: another embed run (pid {pid_s}) is writing into this directory; "
-                               "wait for it to finish or write to another directory")
+            if run == self.run or sibling:
+                self.siblings += 1
+                continue
+            raise CliError(f"{self.outdir}: another embed run (pid {pid_s}) is writing into this directory; "
+                           "wait for it to finish or write to another directory")
 
     def release(self) -> None:
         try:
@@ -223,6 +226,8 @@ class _PtSink:
         self.redo = set(redo)  # labels to embed again (--overwrite-changed)
         self.lock = _DirLock(outdir)
         try:
+            if not self.lock.siblings:
+                _remove_stale_pt_tmp(outdir)
             _check_pt_options(outdir, options)
             self.hash_log = open(os.path.join(outdir, PT_HASHES), "a", encoding="utf-8")
         except BaseException:
@@ -275,6 +280,14 @@ class _PtSink:
     def close(self) -> None:
         self.hash_log.close()
         self.lock.release()
+
+
+def _remove_stale_pt_tmp(outdir: str) -> None:
+    """``<label>.pt.tmp`` files a killed run left (only ours; the directory lock says no run writes now)."""
+    for root, _, names in os.walk(outdir):
+        for name in names:
+            if name.endswith(".pt.tmp") or name == PT_OPTIONS + ".tmp":
+                os.remove(os.path.join(root, name))
 
 
 def _tsv_field(label: str) -> str:

@@ -162,7 +162,10 @@ class EmbeddingWriter:
         if os.path.exists(self.path) and self._holds_nothing():
             os.remove(self.path)  # a store that never committed a record pins no options (a failed first run)
         if os.path.exists(self.path):
-            self._f = _open_h5(self.path, "r+")
+            self._f = _open_h5(self.path, "r+")  # HDF5's file lock: this is the only writer now
+            for stale in (self.path + ".rebuild.tmp", self.path + ".drop.tmp"):  # of a run killed mid-rebuild
+                if os.path.isfile(stale):
+                    os.remove(stale)
             try:
                 self._resume()
             except BaseException:

@@ -133,10 +133,14 @@ def test_concurrent_pt_runs_into_one_directory_are_refused(tmp_path, capsys, hub
     finally:
         other.kill()
         other.wait()
+    (out / "sub").mkdir()
+    for name in ("a.pt.tmp", "sub/x.pt.tmp", "notes.tmp"):  # a killed run's partial files, and a user's file
+        (out / name).write_bytes(b"partial")
     rc, _, err = _run(capsys, "embed", fa, out, "-m", hub[0], "--format", "pt", "-q")
     assert rc == 0, err  # the dead process's lock is removed
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".lock")) == []
     assert (out / "a.pt").exists()
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.tmp")) == ["notes.tmp"]  # only ours removed
 
 
 # ---- resume: changed sequences and new weights ------------------------------------------------------------------
