@@ -90,6 +90,20 @@ def test_convert_onto_a_full_disk_is_one_clear_error(hub, tmp_path, to, name):
         assert os.listdir(disk) == []
 
 
+@pytest.mark.parametrize("size", ["300k", "400k"])  # the disk fills in the middle of the file (h5py crashed)
+def test_tf_h5_on_a_disk_that_fills_during_the_write_raises(hub, tmp_path, size):
+    """The library call (no room check) onto a full disk: an OSError, no segfault, nothing left behind."""
+    with _small_disk(tmp_path, size) as disk:
+        code = ("import esm_dual.convert as c\n"
+                "try:\n"
+                f"    c.convert({hub!r}, {str(disk / 'out')!r}, to='tf-h5')\n"
+                "except OSError as e:\n"
+                "    print('raised', e.errno)\n")
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0 and "raised 28" in p.stdout, (p.returncode, p.stderr[-2000:])
+        assert os.listdir(disk) == []
+
+
 def test_disk_filling_during_the_write_is_one_clear_error(hub, tmp_path, capsys, monkeypatch):
     """The room check passes but the disk fills while writing (another process): one line naming DST and the
     full disk; the staging directory is removed."""
