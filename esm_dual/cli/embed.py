@@ -642,10 +642,7 @@ def _stored_hashes(args: argparse.Namespace, rank: int, world: int) -> dict[str,
             continue
         try:
             with EmbeddingStore(path) as store:
-                if "seq_hash" in store._file:
-                    n = len(store)
-                    ids = store._row_ids
-                    out.update(zip(ids, (h.decode() for h in store._file["seq_hash"][:n])))
+                out.update(store.sequence_hashes)
         except (EmbeddingStoreError, OSError, KeyError):
             pass  # the writer reports what is wrong with the file
     return out
@@ -847,6 +844,7 @@ def run(args: argparse.Namespace) -> int:
         sink.write(*a)
         written[0] += len(a[0])
 
+    finished = False
     try:
         records = ((i, r) for i, r in enumerate(read_fasta(args.fasta)) if i in mine)
         for window in _windows(records, args.sort_window):
@@ -895,11 +893,12 @@ def run(args: argparse.Namespace) -> int:
                 bar.set_postfix_str(f"{n_res / dt:.0f} res/s", refresh=False)
                 hook.after_batch()
         writer.wait()
+        finished = True
     finally:
         writer.close()
         bar.close()
         sink.close()
-        if args.format == "h5":
+        if args.format == "h5" and not finished:
             _remove_if_empty(sink.writer.path)  # a failed first run leaves no empty store behind
     dt = time.perf_counter() - t0
     skipped_note = f" (skipped {n_skipped} already there)" if n_skipped else ""

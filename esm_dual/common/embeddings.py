@@ -610,6 +610,14 @@ class EmbeddingStore(Mapping):
             self._ids = [rows[j] for j in self._order]
         return self._ids
 
+    @property
+    def sequence_hashes(self) -> dict[str, str]:
+        """id -> :func:`sequence_hash` of the sequence embedded ("" where not recorded; {} for stores older than
+        version 2)."""
+        if "seq_hash" not in self._file:
+            return {}
+        return dict(zip(self._row_ids, (_decode(h) for h in self._file["seq_hash"][: self._n])))
+
     def _idx(self, record_id: str) -> int:
         if self._index is None:
             self._index = {r: i for i, r in enumerate(self.ids)}

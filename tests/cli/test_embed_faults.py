@@ -340,3 +340,14 @@ def test_devices_workers_exit_when_the_parent_is_killed(tmp_path, hub):
     assert p.returncode == 0, p.stderr
     with EmbeddingStore(out) as s:
         assert s.ids == list(seqs)
+
+
+def test_a_rank_with_no_records_still_finishes_its_shard(tmp_path, capsys, monkeypatch, hub):
+    fa = _fasta(tmp_path / "x.fa", {"only": "MKTAYIAK"})
+    out = tmp_path / "o.h5"
+    for rank in (1, 0):  # rank 1's share of one record is empty
+        _world(monkeypatch, rank, 2)
+        rc, _, err = _run(capsys, "embed", fa, out, "-m", hub[0], "-q")
+        assert rc == 0, err
+    with EmbeddingStore(out) as s:
+        assert s.ids == ["only"]
