@@ -17,13 +17,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..common.config import EsmConfig, recorded_dtype, with_recorded_dtype
-from ..common.loading import LoadingError, checkpoint_has_pooler, match_state, weights_dtype
 from ..common.outputs import (
     BaseModelOutputWithPooling,
     MaskedLMOutput,
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
+from ..io.dtypes import numpy_to_torch, torch_to_numpy, weights_dtype
+from ..io.schema import LoadingError, check_finite, checkpoint_has_pooler, match_state, rotary_inv_freq
 
 logger = logging.getLogger("esm_dual")
 
@@ -153,7 +154,7 @@ class EsmRotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, base: float = 10000.0):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        inv_freq = torch.from_numpy(rotary_inv_freq(dim, base))
         self.register_buffer("inv_freq", inv_freq)
 
     def _apply(self, fn, recurse=True):
@@ -495,26 +496,58 @@ class EsmPreTrainedModel(nn.Module):
         lacks is initialised fresh; both are said in one log line. Config fields may be overridden
         (``num_labels=3``, ``problem_type="regression"``, dropout probabilities ...).
         """
-        from ..common.checkpoint import load_checkpoint
+        from ..io.hub import load_checkpoint
 
         ckpt = load_checkpoint(pretrained)
+        return cls.from_checkpoint(ckpt, dtype=torch_dtype if torch_dtype is not None else dtype, device=device,
+                                   config=config, **config_overrides)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        ckpt: Any,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        config: EsmConfig | None = None,
+        **overrides: Any,
+    ):
+        """Build this model from a loaded checkpoint (``esm_dual.io.base.Checkpoint``: config + hub-named numpy
+        tensors): the one place a PyTorch model is made from tensors (``from_pretrained``, the CLI, conversion's
+        verification and ESMFold call it).
+
+        ``dtype``: a torch dtype, ``"float32"``/``"fp16"``/``"bf16"``/..., or ``"auto"`` (the dtype the config
+        records, else that of the weights); ``device``: where the weights are allocated (built on the meta
+        device first: nothing is initialised twice); ``config`` replaces the checkpoint's; ``overrides`` are
+        config fields (``num_labels=3`` ...) and, for ``EsmModel``, ``add_pooling_layer`` (default: whether the
+        checkpoint has a pooler). NaN or infinite weights are refused by name.
+        """
+        add_pooling_layer = overrides.pop("add_pooling_layer", None)
         cfg = config if config is not None else ckpt.config
-        if config_overrides:
-            cfg = EsmConfig.from_dict(cfg.to_dict(), **config_overrides)
-        torch_dtype = torch_dtype if torch_dtype is not None else dtype
-        if torch_dtype == "auto":
-            torch_dtype = _auto_dtype(ckpt.config, ckpt.tensors)
-        if isinstance(torch_dtype, str):
-            torch_dtype = _str_to_torch_dtype(torch_dtype)
-        kwargs = {"add_pooling_layer": checkpoint_has_pooler(ckpt.tensors)} if cls is EsmModel else {}
+        if overrides:
+            cfg = EsmConfig.from_dict(cfg.to_dict(), **overrides)
+        check_finite(ckpt.tensors, str(ckpt.source))
+        if dtype == "auto":
+            dtype = _auto_dtype(ckpt.config, ckpt.tensors)
+        if isinstance(dtype, str):
+            dtype = _str_to_torch_dtype(dtype)
+        kwargs = {}
+        if cls is EsmModel:
+            kwargs["add_pooling_layer"] = (checkpoint_has_pooler(ckpt.tensors) if add_pooling_layer is None
+                                           else add_pooling_layer)
         # Build without allocating or initialising: every tensor is then either loaded or initialised.
         with torch.device("meta"):
             model = cls(cfg, **kwargs)
         model = model.to_empty(device=device or "cpu")
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
+        if dtype is not None:
+            model = model.to(dtype)
+        model._before_loading(torch.device(device or "cpu"))
         model.load_hub_tensors(ckpt.tensors, source=str(ckpt.source))
         return model.eval()
+
+    def _before_loading(self, device: torch.device) -> None:
+        """Called by ``from_checkpoint`` between allocation and the tensor copy (ESMFold sets its stem's
+        precision here)."""
 
     def load_hub_tensors(self, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> list[str]:
         """Copy hub-named numpy tensors into this model (names matched by ``match_state``)."""
@@ -528,7 +561,8 @@ class EsmPreTrainedModel(nn.Module):
             for module_name in sorted({n.rsplit(".", 1)[0] for n in result.initialised}):
                 module = self.get_submodule(module_name)
                 if isinstance(module, EsmRotaryEmbedding):
-                    module.inv_freq.copy_(EsmRotaryEmbedding(self.config.head_dim, self.config.rope_theta).inv_freq)
+                    inv_freq = rotary_inv_freq(self.config.head_dim, self.config.rope_theta)
+                    module.inv_freq.copy_(torch.from_numpy(inv_freq))
                 else:
                     self._init_weights(module)
         self.tie_weights()
@@ -538,11 +572,11 @@ class EsmPreTrainedModel(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int | str | None = None) -> None:
         """Write ``config.json`` + ``model.safetensors`` in the hub layout (readable by transformers,
         fair-esm converters and ``esm_dual.tf``)."""
-        from ..common.checkpoint import save_checkpoint
+        from ..io.hub import save_checkpoint
 
         cfg = with_recorded_dtype(self.config.copy(architectures=[type(self).__name__]),
                                   str(self.dtype).split(".")[-1])
-        tensors = {k: _torch_to_np(v) for k, v in self._hub_state().items()}
+        tensors = {k: torch_to_numpy(v) for k, v in self._hub_state().items()}
         save_checkpoint(directory, cfg, tensors, max_shard_size=max_shard_size)
 
     # ---- input checks ---------------------------------------------------------------------------
@@ -581,22 +615,7 @@ def copy_numpy_into(own: dict[str, torch.Tensor], tensors: dict[str, np.ndarray]
             if tuple(arr.shape) != tuple(target.shape):
                 raise LoadingError(f"{source}: tensor {name} has shape {tuple(arr.shape)}, "
                                    f"the model expects {tuple(target.shape)}")
-            target.copy_(_np_to_torch(np.asarray(arr)).to(target.dtype))
-
-
-def _np_to_torch(a: np.ndarray) -> torch.Tensor:
-    if a.dtype.name == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.uint16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
-
-
-def _torch_to_np(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
+            target.copy_(numpy_to_torch(np.asarray(arr)).to(target.dtype))
 
 
 def _auto_dtype(config: EsmConfig, tensors: dict[str, np.ndarray]) -> torch.dtype | None:
