@@ -104,6 +104,20 @@ def test_tf_h5_on_a_disk_that_fills_during_the_write_raises(hub, tmp_path, size)
         assert os.listdir(disk) == []
 
 
+def test_fair_esm_on_a_disk_that_fills_during_the_write(hub, tmp_path, capsys, monkeypatch):
+    """Past the room check (another process fills the disk): torch's zip writer fails with an 'enforce fail'
+    message; the command says the disk is full, in one line naming DST, and leaves nothing behind."""
+    from esm_dual.cli import convert as cli_convert
+
+    monkeypatch.setattr(cli_convert, "_check_room", lambda *a: None)
+    with _small_disk(tmp_path, "200k") as disk:
+        dst = disk / "esm2_t3_x.pt"
+        rc, _, err = _run(capsys, "convert", hub, dst, "--to", "fair-esm")
+        assert rc == 2 and "the disk is full" in err and str(dst) in err, err
+        assert "internal error" not in err and "Traceback" not in err
+        assert os.listdir(disk) == []
+
+
 def test_disk_filling_during_the_write_is_one_clear_error(hub, tmp_path, capsys, monkeypatch):
     """The room check passes but the disk fills while writing (another process): one line naming DST and the
     full disk; the staging directory is removed."""
