@@ -956,6 +956,14 @@ class EsmTokenizer:
             f.write("\n")
         return (cfg_path, map_path) + self.save_vocabulary(d)
 
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token: str | bool | None = None, revision: str | None = None, create_pr: bool = False) -> Any:
+        """Upload the tokenizer files (``save_pretrained``'s) to the HF hub through ``huggingface_hub``."""
+        from .hf_hub import push_folder_to_hub
+
+        return push_folder_to_hub(self.save_pretrained, repo_id, commit_message=commit_message, private=private,
+                                  token=token, revision=revision, create_pr=create_pr, what="tokenizer")
+
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> EsmTokenizer:
         """Load from a directory holding ``vocab.txt``, a ``vocab.txt`` file, or a preset name / hub id."""
