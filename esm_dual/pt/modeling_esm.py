@@ -426,7 +426,9 @@ class EsmPreTrainedModel(nn.Module):
     _supports_sdpa = True
 
     def __init__(self, config: EsmConfig):
-        super().__init__()
+        # nn.Module's __init__ by name: esm_dual.pt.hf puts transformers.PreTrainedModel after this class in the
+        # MRO, and its __init__ (which wants a transformers config) must not run.
+        nn.Module.__init__(self)
         if not isinstance(config, EsmConfig):
             raise TypeError(f"{type(self).__name__} takes an EsmConfig, got {type(config).__name__}")
         if config.vocab_size is None:
