@@ -60,7 +60,7 @@ def test_outputs_behave_like_hf_model_output():
     with pytest.raises(KeyError):
         out["hidden_states"]
     with pytest.raises(AttributeError):
-        out.nothing
+        getattr(out, "nothing")  # noqa: B009
 
 
 def test_outputs_are_pytree_nodes():
@@ -358,8 +358,8 @@ def test_unknown_from_pretrained_argument_is_named(ckpt):
         EsmForMaskedLM.from_pretrained(ckpt["mlm"], output_loading_info=True)
     with pytest.raises(LoadingArgumentError, match="'hidden_dropout'"):
         EsmForMaskedLM.from_pretrained(ckpt["mlm"], hidden_dropout=0.3)
-    model = EsmForSequenceClassification.from_pretrained(ckpt["seq"], problem_type="regression", hidden_dropout_prob=0.2,
-                                                         trust_remote_code=True)
+    model = EsmForSequenceClassification.from_pretrained(ckpt["seq"], problem_type="regression",
+                                                         hidden_dropout_prob=0.2, trust_remote_code=True)
     assert model.config.problem_type == "regression" and model.config.hidden_dropout_prob == 0.2
     assert "trust_remote_code" not in model.config.to_json_string()
 
