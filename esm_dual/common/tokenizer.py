@@ -584,6 +584,8 @@ class EsmTokenizer:
         ``strict``/``ids``: see the class; ``ids`` names the records in error messages.
         """
         pad, trunc, max_length = self._strategies(padding, truncation, max_length, pad_to_multiple_of)
+        if padding_side is not None and padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         batched = isinstance(text, (list, tuple)) and (
             not text or isinstance(text[0], (str, list, tuple, np.ndarray)))
         if batched:
@@ -966,12 +968,22 @@ class EsmTokenizer:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> EsmTokenizer:
-        """Load from a directory holding ``vocab.txt``, a ``vocab.txt`` file, or a preset name / hub id."""
+        """Load from a directory holding ``vocab.txt``, a ``vocab.txt`` file, or a preset name / hub id.
+
+        transformers' hub arguments (``revision``, ``cache_dir``, ``token``, ``local_files_only``,
+        ``force_download``, ``subfolder``, ``proxies``) are passed to huggingface_hub; other keyword arguments
+        are the constructor's (``strict``, ``model_max_length``, special tokens ...)."""
+        from .hf_hub import HUB_ARGS, NO_OP_ARGS
+
+        hub = {k: kwargs.pop(k) for k in HUB_ARGS if k in kwargs}
+        hub = {k: v for k, v in hub.items() if v is not None}
+        for k in NO_OP_ARGS:
+            kwargs.pop(k, None)
         path = os.fspath(name_or_path)
-        if not os.path.exists(path):
+        if not os.path.exists(path) or hub.get("subfolder"):
             from .checkpoint import resolve_checkpoint
 
-            path = os.fspath(resolve_checkpoint(path))
+            path = os.fspath(resolve_checkpoint(path, **hub))
         if os.path.isfile(path):
             return cls(path, **kwargs)
         vocab = os.path.join(path, VOCAB_FILE_NAME)

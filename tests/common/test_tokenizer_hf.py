@@ -186,3 +186,25 @@ def test_hf_collators_on_datasets_rows_match_hf(hf, tok, collator):
         assert torch.equal(ours[k], ref[k]), k
     if collator == "mlm":
         assert (ours["labels"] != -100).any()
+
+
+def test_from_pretrained_hub_arguments(tmp_path, monkeypatch, tok):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    import json
+
+    snap = tmp_path / "snap"
+    tok.save_pretrained(snap / "tokenizer")
+    (snap / "tokenizer" / "config.json").write_text(json.dumps({"model_type": "esm"}))
+    seen = []
+
+    def snapshot_download(repo_id, **kwargs):
+        seen.append(kwargs)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    back = EsmTokenizer.from_pretrained("someone/esm", revision="r1", token="hf_SECRET", subfolder="tokenizer")
+    assert seen[0]["revision"] == "r1" and seen[0]["token"] == "hf_SECRET"
+    assert back(SEQS)["input_ids"] == tok(SEQS)["input_ids"]
+    with pytest.raises(ValueError, match="padding_side"):
+        tok(SEQS, padding=True, padding_side="middle")
