@@ -863,6 +863,36 @@ def _keras_model_from_tensors(config: EsmConfig, tensors: dict[str, np.ndarray],
 # ================================================================================================
 
 
+_OWNER = ".owner"  # inside a staging directory: the pid of the process writing it
+
+
+def remove_stale_staging(dst: str) -> list[str]:
+    """Remove the staging directories ``.<name>.tmp-XXXXXXXX`` beside ``dst`` that earlier runs left (killed,
+    segfaulted, out of disk): only directories of exactly that name whose writer (``.owner`` pid) is gone."""
+    dst = os.path.abspath(dst)
+    parent, base = os.path.dirname(dst), os.path.basename(dst)
+    pattern = re.compile(re.escape(f".{base}.tmp-") + r"[a-z0-9_]{8}")
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(parent, name)
+        if not pattern.fullmatch(name) or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        try:
+            with open(os.path.join(path, _OWNER)) as f:
+                pid = int(f.read().strip())
+            os.kill(pid, 0)
+            continue  # a conversion running now
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 class _Staging:
     def __init__(self, dst: str, overwrite: bool, extra: list[str] | None = None):
         self.user_dst = dst  # as the caller wrote it, for messages
@@ -872,7 +902,10 @@ class _Staging:
         parent = os.path.dirname(self.dst)
         if not os.path.isdir(parent):
             raise CheckpointError(f"{dst}: the parent directory {parent} does not exist")
+        remove_stale_staging(self.dst)
         self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.dst)}.tmp-", dir=parent)
+        with open(os.path.join(self.tmp, _OWNER), "w") as f:
+            f.write(str(os.getpid()))
         self.path = os.path.join(self.tmp, os.path.basename(self.dst))
 
     def commit(self) -> None:

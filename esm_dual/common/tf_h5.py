@@ -363,7 +363,9 @@ def write_tf_h5(
     word_emb: np.ndarray | None = None
     decoder: np.ndarray | None = None
     synthesized: list[str] = []
-    with h5py.File(path, "w") as f:
+    # Through a Python file object: a full disk is then an OSError from write(), where HDF5's own driver
+    # crashes the process (issue 19.1).
+    with open(path, "wb") as fo, h5py.File(fo, "w") as f:
         f.attrs["backend"] = b"tensorflow"
         f.attrs["keras_version"] = keras_version.encode()
 

@@ -25,8 +25,6 @@ from ..common.outputs import (
     TokenClassifierOutput,
 )
 from . import pytree  # noqa: F401  (registers the output dataclasses as torch pytree nodes)
-from .attention import VarlenInfo, packed_self_attention
-from .packing import packed_model_forward, padded_forward_via_packed, use_packed_path
 
 logger = logging.getLogger("esm_dual")
 
@@ -247,11 +245,13 @@ class EsmSelfAttention(nn.Module):
     ):
         """hidden_states [B, L, D]; attention_bias [B, 1, 1, L] additive (0 or -inf-like).
 
-        Packed back end (attention.py): attention_bias is a ``VarlenInfo`` (cu_seqlens, max_seqlen),
+        Packed back end (``fast``): attention_bias is a ``fast.VarlenInfo`` (cu_seqlens, max_seqlen),
         hidden_states [T, D] and positions [T]; returns context [T, D] and no probabilities.
         """
-        if isinstance(attention_bias, VarlenInfo):
-            return packed_self_attention(self, hidden_states, positions, attention_bias), None
+        if not isinstance(attention_bias, torch.Tensor):
+            from . import fast
+
+            return fast.packed_self_attention(self, hidden_states, positions, attention_bias), None
         # The query is scaled by K^-0.5 before rotary, as in the original ESM code (with rotary the
         # scale is folded into the query's cos/sin tables: the same product, one pass fewer).
         scale = self.attention_head_size**-0.5
@@ -630,6 +630,41 @@ class EsmPreTrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    # ---- the GPU fast path (esm_dual.pt.fast) ---------------------------------------------------
+    @property
+    def fast_path_options(self):
+        """The base model's ``FastPathOptions``: its own (``set_fast_path``), else the process default read
+        from the ``ESM_DUAL_*`` environment."""
+        from .fast.options import default_options
+
+        own = self.base_model.__dict__.get("_fast_path")
+        return own if own is not None else default_options()
+
+    @fast_path_options.setter
+    def fast_path_options(self, options) -> None:
+        from .fast.options import FastPathOptions
+
+        if options is not None and not isinstance(options, FastPathOptions):
+            raise TypeError(f"fast_path_options takes FastPathOptions or None, got {type(options).__name__}")
+        self.base_model._fast_path = options
+
+    def set_fast_path(self, **changes):
+        """The base model's fast-path options with ``changes`` (``attn_implementation="sdpa"``,
+        ``fused_loop="on"``, ...; see ``FastPathOptions``); returns them."""
+        options = self.fast_path_options.replace(**changes)
+        self.base_model._fast_path = options
+        return options
+
+    @property
+    def attn_implementation(self) -> str:
+        """"auto": packed varlen attention on CUDA in fp16/bf16, padded SDPA otherwise; "sdpa": always
+        padded; "packed": always packed. Short for ``fast_path_options.attn_implementation``."""
+        return self.fast_path_options.attn_implementation
+
+    @attn_implementation.setter
+    def attn_implementation(self, value: str) -> None:
+        self.set_fast_path(attn_implementation=value)
+
     # ---- names ----------------------------------------------------------------------------------
     def _hub_state(self) -> dict[str, torch.Tensor]:
         """State dict in hub naming, tied decoder left out (as the hub files do); an untied decoder
@@ -928,9 +963,7 @@ class EsmModel(EsmPreTrainedModel):
         self.pooler = EsmPooler(config) if add_pooling_layer else None
         self.contact_head = EsmContactPredictionHead(
             config.num_hidden_layers * config.num_attention_heads, eos_idx=config.eos_token_id or 2)
-        # "auto": packed varlen attention on CUDA in fp16/bf16, padded SDPA otherwise; "sdpa": always
-        # padded; "packed": always packed (off CUDA with block-diagonal SDPA). See packing.py.
-        self.attn_implementation = "auto"
+        self._fast_path = None  # this model's FastPathOptions (None: the process default); see set_fast_path
         self.post_init()
 
     def forward(
@@ -971,10 +1004,13 @@ class EsmModel(EsmPreTrainedModel):
             positions = torch.arange(L, device=x.device)
         else:
             positions = position_ids
-        if use_packed_path(self, x, output_attentions):
-            # Fast path: unpad, run the packed encoder, re-pad (zeros at padded positions).
-            sequence_output, hidden_states = padded_forward_via_packed(
-                self, input_ids, attention_mask, position_ids, positions, inputs_embeds, output_hidden_states)
+        from . import fast
+
+        # Fast path (None where the padded path runs): unpad, run the packed encoder, re-pad (zeros at padding).
+        packed = fast.forward_padded(self, input_ids, attention_mask, position_ids, positions, inputs_embeds,
+                                     output_hidden_states, output_attentions)
+        if packed is not None:
+            sequence_output, hidden_states = packed
             pooled = self.pooler(sequence_output) if self.pooler is not None else None
             out = BaseModelOutputWithPooling(sequence_output, pooled, hidden_states, None)
             return out if return_dict else out.to_tuple()
@@ -1003,7 +1039,9 @@ class EsmModel(EsmPreTrainedModel):
         longest (int; computed with a device sync if None) -> last_hidden_state [T, D]; pooler_output [B, D]."""
         if cu_seqlens is None:
             raise ValueError("forward_packed needs cu_seqlens")
-        sequence_output, hidden_states = packed_model_forward(
+        from . import fast
+
+        sequence_output, hidden_states = fast.packed_model_forward(
             self, input_ids, cu_seqlens, max_seqlen, position_ids, inputs_embeds, output_hidden_states)
         pooled = None
         if self.pooler is not None:
