@@ -26,7 +26,7 @@ loading, reading and tokenising the FASTA, batching, the forward passes and the 
 
 Weights: a seeded random HF ``EsmForMaskedLM`` of the shape (LayerNorms perturbed), saved before any clock
 starts as a hub-layout directory (config.json + model.safetensors + vocab.txt) and as a fair-esm ``.pt``
-(``esm_dual.common.checkpoint.save_fair_esm``). Every tool first runs once, untimed, on a small warm-up FASTA.
+(``esm_dual.io.fair_esm.save_fair_esm``). Every tool first runs once, untimed, on a small warm-up FASTA.
 
 Datasets (``--fasta``, repeatable; default ``some_proteins.fasta`` and ``P62593.fasta`` from ``--data-dir``,
 else ``$ESM_DUAL_SHARED_DATA``, else ``../shared/data``; missing files are skipped with a note) plus
@@ -137,9 +137,10 @@ def build_weights(shape: str, workdir: str, device: str, seed: int) -> tuple[str
     import torch
     import transformers
 
-    from esm_dual.common.checkpoint import save_checkpoint, save_fair_esm
     from esm_dual.common.config import EsmConfig
     from esm_dual.common.tokenizer import EsmTokenizer
+    from esm_dual.io.fair_esm import save_fair_esm
+    from esm_dual.io.hub import save_checkpoint
 
     cfg = shape_config(shape)
     torch.manual_seed(seed)

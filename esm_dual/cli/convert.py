@@ -102,7 +102,7 @@ def _disk_full(e: BaseException) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    import esm_dual.convert as conv
+    import esm_dual.conversion as conv
 
     dst = args.dst
     if os.path.isdir(dst) and args.overwrite and not args.overwrite_dir:

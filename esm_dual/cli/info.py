@@ -48,8 +48,8 @@ def heads_present(tensors: dict[str, Any]) -> list[str]:
 
 
 def describe(location: str) -> dict[str, Any]:
-    from ..common.checkpoint import load_checkpoint
     from ..common.presets import count_parameters, get_preset
+    from ..io.hub import load_checkpoint
 
     if os.path.sep in location or location.startswith((".", "~")):
         location = os.path.expanduser(location)

@@ -981,7 +981,7 @@ class EsmTokenizer:
             kwargs.pop(k, None)
         path = os.fspath(name_or_path)
         if not os.path.exists(path) or hub.get("subfolder"):
-            from .checkpoint import resolve_checkpoint
+            from ..io.resolve import resolve_checkpoint
 
             path = os.fspath(resolve_checkpoint(path, **hub))
         if os.path.isfile(path):

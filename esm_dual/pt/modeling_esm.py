@@ -17,13 +17,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..common.config import EsmConfig, recorded_dtype, with_recorded_dtype
-from ..common.loading import LoadingError, checkpoint_has_pooler, match_state, weights_dtype
 from ..common.outputs import (
     BaseModelOutputWithPooling,
     MaskedLMOutput,
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
+from ..io.dtypes import numpy_to_torch, torch_to_numpy, weights_dtype
+from ..io.schema import LoadingError, check_finite, checkpoint_has_pooler, match_state, rotary_inv_freq
 from . import pytree  # noqa: F401  (registers the output dataclasses as torch pytree nodes)
 
 logger = logging.getLogger("esm_dual")
@@ -188,7 +189,7 @@ class EsmRotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, base: float = 10000.0):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        inv_freq = torch.from_numpy(rotary_inv_freq(dim, base))
         self.register_buffer("inv_freq", inv_freq)
 
     def _apply(self, fn, recurse=True):
@@ -696,8 +697,9 @@ class EsmPreTrainedModel(nn.Module):
         ("sdpa"/"eager": padded attention; "flash_attention_2"/"packed": the packed varlen path; "auto").
         Any other argument that is not a config field is an error naming it; none is written into the config.
         """
-        from ..common.checkpoint import load_checkpoint, resolve_checkpoint
         from ..common.hf_hub import split_pretrained_kwargs
+        from ..io.hub import load_checkpoint
+        from ..io.resolve import resolve_checkpoint
 
         where = f"{cls.__name__}.from_pretrained"
         if model_args:
@@ -709,26 +711,59 @@ class EsmPreTrainedModel(nn.Module):
                 raise ValueError(f"{where}: pass device= or device_map=, not both")
             device = _device_from_map(framework["device_map"])
         ckpt = load_checkpoint(resolve_checkpoint(pretrained, **hub_kwargs))
+        model = cls.from_checkpoint(ckpt, dtype=torch_dtype if torch_dtype is not None else dtype, device=device,
+                                    config=config, **config_overrides)
+        model.name_or_path = os.fspath(pretrained)
+        if attn is not None:
+            model.base_model.attn_implementation = attn
+        return model
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        ckpt: Any,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        config: EsmConfig | None = None,
+        **overrides: Any,
+    ):
+        """Build this model from a loaded checkpoint (``esm_dual.io.base.Checkpoint``: config + hub-named numpy
+        tensors): the one place a PyTorch model is made from tensors (``from_pretrained``, the CLI, conversion's
+        verification and ESMFold call it).
+
+        ``dtype``: a torch dtype, ``"float32"``/``"fp16"``/``"bf16"``/..., or ``"auto"`` (the dtype the config
+        records, else that of the weights); ``device``: where the weights are allocated (built on the meta
+        device first: nothing is initialised twice); ``config`` replaces the checkpoint's; ``overrides`` are
+        config fields (``num_labels=3`` ...) and, for ``EsmModel``, ``add_pooling_layer`` (default: whether the
+        checkpoint has a pooler). NaN or infinite weights are refused by name.
+        """
+        add_pooling_layer = overrides.pop("add_pooling_layer", None)
         cfg = config if config is not None else ckpt.config
-        if config_overrides:
-            cfg = EsmConfig.from_dict(cfg.to_dict(), **config_overrides)
-        torch_dtype = torch_dtype if torch_dtype is not None else dtype
-        if torch_dtype == "auto":
-            torch_dtype = _auto_dtype(ckpt.config, ckpt.tensors)
-        if isinstance(torch_dtype, str):
-            torch_dtype = _str_to_torch_dtype(torch_dtype)
-        kwargs = {"add_pooling_layer": checkpoint_has_pooler(ckpt.tensors)} if cls is EsmModel else {}
+        if overrides:
+            cfg = EsmConfig.from_dict(cfg.to_dict(), **overrides)
+        check_finite(ckpt.tensors, str(ckpt.source))
+        if dtype == "auto":
+            dtype = _auto_dtype(ckpt.config, ckpt.tensors)
+        if isinstance(dtype, str):
+            dtype = _str_to_torch_dtype(dtype)
+        kwargs = {}
+        if cls is EsmModel:
+            kwargs["add_pooling_layer"] = (checkpoint_has_pooler(ckpt.tensors) if add_pooling_layer is None
+                                           else add_pooling_layer)
         # Build without allocating or initialising: every tensor is then either loaded or initialised.
         with torch.device("meta"):
             model = cls(cfg, **kwargs)
         model = model.to_empty(device=device or "cpu")
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
+        if dtype is not None:
+            model = model.to(dtype)
+        model._before_loading(torch.device(device or "cpu"))
         model.load_hub_tensors(ckpt.tensors, source=str(ckpt.source))
-        model.name_or_path = os.fspath(pretrained)
-        if attn is not None:
-            model.base_model.attn_implementation = attn
         return model.eval()
+
+    def _before_loading(self, device: torch.device) -> None:
+        """Called by ``from_checkpoint`` between allocation and the tensor copy (ESMFold sets its stem's
+        precision here)."""
 
     def load_hub_tensors(self, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> list[str]:
         """Copy hub-named numpy tensors into this model (names matched by ``match_state``)."""
@@ -742,7 +777,8 @@ class EsmPreTrainedModel(nn.Module):
             for module_name in sorted({n.rsplit(".", 1)[0] for n in result.initialised}):
                 module = self.get_submodule(module_name)
                 if isinstance(module, EsmRotaryEmbedding):
-                    module.inv_freq.copy_(EsmRotaryEmbedding(self.config.head_dim, self.config.rope_theta).inv_freq)
+                    inv_freq = rotary_inv_freq(self.config.head_dim, self.config.rope_theta)
+                    module.inv_freq.copy_(torch.from_numpy(inv_freq))
                 else:
                     self._init_weights(module)
         self.tie_weights()
@@ -768,7 +804,7 @@ class EsmPreTrainedModel(nn.Module):
         gathered or merged one; module names), ``max_shard_size`` (sharded files + index),
         ``safe_serialization=False`` (``pytorch_model.bin``), ``push_to_hub`` (then ``repo_id``,
         ``commit_message``, ``private``, ``token``, ``revision``, ``create_pr`` as for ``push_to_hub``)."""
-        from ..common.checkpoint import save_checkpoint
+        from ..io.hub import save_checkpoint
 
         push_args = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "revision", "create_pr")
                      if k in kwargs}
@@ -790,7 +826,8 @@ class EsmPreTrainedModel(nn.Module):
             tied = set(self._tied_keys())
             state = {k: v for k, v in state_dict.items() if k not in tied}
         # Shared storage (a tied tensor passed in state_dict) is written once per name, as its own copy.
-        tensors = {k: _torch_to_np(v).copy() if state_dict is not None else _torch_to_np(v) for k, v in state.items()}
+        tensors = {k: torch_to_numpy(v).copy() if state_dict is not None else torch_to_numpy(v)
+                   for k, v in state.items()}
         if safe_serialization:
             save_checkpoint(save_directory, cfg, tensors, max_shard_size=max_shard_size)
         else:
@@ -877,22 +914,7 @@ def copy_numpy_into(own: dict[str, torch.Tensor], tensors: dict[str, np.ndarray]
             if tuple(arr.shape) != tuple(target.shape):
                 raise LoadingError(f"{source}: tensor {name} has shape {tuple(arr.shape)}, "
                                    f"the model expects {tuple(target.shape)}")
-            target.copy_(_np_to_torch(np.asarray(arr)).to(target.dtype))
-
-
-def _np_to_torch(a: np.ndarray) -> torch.Tensor:
-    if a.dtype.name == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.uint16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
-
-
-def _torch_to_np(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
+            target.copy_(numpy_to_torch(np.asarray(arr)).to(target.dtype))
 
 
 def _auto_dtype(config: EsmConfig, tensors: dict[str, np.ndarray]) -> torch.dtype | None:

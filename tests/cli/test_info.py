@@ -6,8 +6,9 @@ import json
 
 from esm_dual.cli import main as cli_main
 from esm_dual.cli.main import main
-from esm_dual.common.checkpoint import save_checkpoint, save_fair_esm
 from esm_dual.common.presets import PRESETS, count_parameters
+from esm_dual.io.fair_esm import save_fair_esm
+from esm_dual.io.hub import save_checkpoint
 from tests.conftest import tiny_config
 from tests.utils import write_hub_checkpoint
 

@@ -94,7 +94,7 @@ def test_convert_onto_a_full_disk_is_one_clear_error(hub, tmp_path, to, name):
 def test_tf_h5_on_a_disk_that_fills_during_the_write_raises(hub, tmp_path, size):
     """The library call (no room check) onto a full disk: an OSError, no segfault, nothing left behind."""
     with _small_disk(tmp_path, size) as disk:
-        code = ("import esm_dual.convert as c\n"
+        code = ("import esm_dual.conversion as c\n"
                 "try:\n"
                 f"    c.convert({hub!r}, {str(disk / 'out')!r}, to='tf-h5')\n"
                 "except OSError as e:\n"
@@ -107,7 +107,7 @@ def test_tf_h5_on_a_disk_that_fills_during_the_write_raises(hub, tmp_path, size)
 def test_disk_filling_during_the_write_is_one_clear_error(hub, tmp_path, capsys, monkeypatch):
     """The room check passes but the disk fills while writing (another process): one line naming DST and the
     full disk; the staging directory is removed."""
-    import esm_dual.convert as conv
+    import esm_dual.conversion as conv
 
     real = conv._get_hook
 

@@ -78,7 +78,7 @@ def hub_tensors(hf) -> dict[str, np.ndarray]:
 
 def write_tiny_esmfold(directory: str, seed: int = 0, **fold_changes):
     """Write config.json + model.safetensors (facebook/esmfold_v1 layout); returns the HF reference."""
-    from esm_dual.common.checkpoint import save_checkpoint
+    from esm_dual.io.hub import save_checkpoint
 
     hf = hf_reference(seed, **fold_changes)
     cfg = EsmConfig.from_dict(
@@ -154,13 +154,13 @@ def test_hub_names_load_one_to_one(checkpoint, model, caplog):
 
 
 def test_unknown_or_missing_tensor_is_named(tmp_path, checkpoint):
-    from esm_dual.common.checkpoint import load_checkpoint, save_checkpoint
-    from esm_dual.common.loading import LoadingError
+    from esm_dual.io.hub import load_checkpoint, save_checkpoint
+    from esm_dual.io.schema import LoadingError
     from esm_dual.pt import EsmForProteinFolding
 
     ckpt_dir, _ = checkpoint
     cfg = EsmConfig.from_json_file(os.path.join(ckpt_dir, "config.json"))
-    from esm_dual.common.checkpoint import iter_checkpoint_tensors
+    from esm_dual.io.hub import iter_checkpoint_tensors
 
     tensors = dict(iter_checkpoint_tensors(ckpt_dir))
     tensors.pop("trunk.blocks.1.tri_att_end.linear.weight")
@@ -754,7 +754,8 @@ def _fair_esmfold_cfg(cfg: EsmConfig) -> dict:
 def test_fair_esm_checkpoint(tmp_path):
     """fair-esm's layout: an esmfold .pt with the folding head only (+ cfg) and the ESM-2 stem in its own
     fair-esm .pt file; or the stem inside the esmfold file under fair-esm ESM-2 names."""
-    from esm_dual.common import checkpoint as ck
+    from esm_dual.io import fair_esm as ck
+    from esm_dual.io.base import CheckpointError
     from esm_dual.pt import EsmForProteinFolding
 
     stem_changes = {"intermediate_size": 72}  # fair-esm's ESM-2 hard-codes 4 * hidden
@@ -790,7 +791,7 @@ def test_fair_esm_checkpoint(tmp_path):
     # The stem inside the esmfold file, fair-esm ESM-2 names under "esm.".
     inside = dict(head)
     for k, v in stem.items():
-        fair = ck._hf_name_to_fair(k)
+        fair = ck.hf_name_to_fair(k)
         if fair is not None:
             inside["esm." + fair] = torch.from_numpy(v.copy())
     pt2 = tmp_path / "esmfold_full.pt"
@@ -825,7 +826,7 @@ def test_fair_esm_checkpoint(tmp_path):
     # Without a stem beside it (or in torch's hub cache), the error says what to pass.
     os.environ["TORCH_HOME"] = str(tmp_path / "no_cache")
     try:
-        with pytest.raises(ck.CheckpointError, match="esm_checkpoint"):
+        with pytest.raises(CheckpointError, match="esm_checkpoint"):
             EsmForProteinFolding.from_pretrained(str(pt))
     finally:
         del os.environ["TORCH_HOME"]

@@ -14,10 +14,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from esm_dual.common.checkpoint import CheckpointError  # noqa: E402
 from esm_dual.common.hf_hub import LoadingArgumentError  # noqa: E402
 from esm_dual.common.outputs import MaskedLMOutput  # noqa: E402
 from esm_dual.common.tokenizer import EsmTokenizer  # noqa: E402
+from esm_dual.io.base import CheckpointError  # noqa: E402
 from esm_dual.pt import (  # noqa: E402
     EsmForMaskedLM,
     EsmForSequenceClassification,

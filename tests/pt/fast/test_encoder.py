@@ -600,3 +600,26 @@ def test_embeddings_override_in_forward_packed(tmp_path):
         plain = model(ids, attention_mask=mask).last_hidden_state[m]
     assert maxdiff(ref, plain) > 1e-3
     assert maxdiff(out, ref) < TOL and maxdiff(packed, ref) < TOL
+
+
+def test_rotary_override_is_called_by_the_packed_attention(tmp_path):
+    """The rotary kernels stand in for EsmRotaryEmbedding only where it is the reference; a subclass is
+    called (its result comes out of the packed path, the loop forced on)."""
+    from esm_dual.pt import modeling_esm as M
+
+    class SlowerRotary(M.EsmRotaryEmbedding):
+        def forward(self, q, k, positions, q_scale=1.0):
+            return super().forward(q, k, positions * 0.5, q_scale)
+
+    model = tiny_model(tmp_path, "esm2", head="base")
+    ids, mask = (torch.tensor(x) for x in make_batch(seed=18))
+    m = mask.bool()
+    with torch.no_grad():
+        plain = padded_sdpa(model)(ids, attention_mask=mask).last_hidden_state[m]
+        for layer in model.encoder.layer:
+            layer.attention.self.rotary_embeddings.__class__ = SlowerRotary
+        ref = model(ids, attention_mask=mask).last_hidden_state[m]
+        model.set_fast_path(**FUSED)
+        out = model(ids, attention_mask=mask).last_hidden_state[m]
+    assert maxdiff(ref, plain) > 1e-3
+    assert maxdiff(out, ref) < TOL
