@@ -704,7 +704,9 @@ class EsmPreTrainedModel(nn.Module):
         where = f"{cls.__name__}.from_pretrained"
         if model_args:
             raise TypeError(f"{where}: unexpected positional arguments {model_args!r}; pass config fields by name")
-        hub_kwargs, framework, config_overrides = split_pretrained_kwargs(kwargs, EsmConfig._field_names(), where)
+        # add_pooling_layer (the encoder alone) is from_checkpoint's, as in transformers' EsmModel.
+        fields = EsmConfig._field_names() + (["add_pooling_layer"] if issubclass(cls, EsmModel) else [])
+        hub_kwargs, framework, config_overrides = split_pretrained_kwargs(kwargs, fields, where)
         attn = _attn_implementation(framework.get("attn_implementation"))
         if "device_map" in framework:
             if device is not None:

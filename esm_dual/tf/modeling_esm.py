@@ -704,7 +704,9 @@ class TFEsmPreTrainedModel(keras.Model):
         from ..io.resolve import resolve_checkpoint
 
         where = f"{cls.__name__}.from_pretrained"
-        hub_kwargs, framework, config_overrides = split_pretrained_kwargs(kwargs, EsmConfig._field_names(), where)
+        # add_pooling_layer (the encoder alone) is from_checkpoint's, as in transformers' EsmModel.
+        fields = EsmConfig._field_names() + (["add_pooling_layer"] if issubclass(cls, TFEsmModel) else [])
+        hub_kwargs, framework, config_overrides = split_pretrained_kwargs(kwargs, fields, where)
         attn = framework.get("attn_implementation")
         if attn is not None and attn not in ("auto", "sdpa", "eager"):
             raise ValueError(f"attn_implementation={attn!r} is not supported by the Keras models; choose one of "

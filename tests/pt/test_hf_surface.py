@@ -369,6 +369,9 @@ def test_unknown_from_pretrained_argument_is_named(ckpt):
         EsmForMaskedLM.from_pretrained(ckpt["mlm"], output_loading_info=True)
     with pytest.raises(LoadingArgumentError, match="'hidden_dropout'"):
         EsmForMaskedLM.from_pretrained(ckpt["mlm"], hidden_dropout=0.3)
+    with pytest.raises(LoadingArgumentError, match="'add_pooling_layer'"):
+        EsmForMaskedLM.from_pretrained(ckpt["mlm"], add_pooling_layer=False)
+    assert EsmModel.from_pretrained(ckpt["base"], add_pooling_layer=False).pooler is None
     model = EsmForSequenceClassification.from_pretrained(ckpt["seq"], problem_type="regression",
                                                          hidden_dropout_prob=0.2, trust_remote_code=True)
     assert model.config.problem_type == "regression" and model.config.hidden_dropout_prob == 0.2
