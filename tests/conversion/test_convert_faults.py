@@ -77,16 +77,13 @@ def _small_disk(tmp_path, size):
 
 
 @pytest.mark.parametrize("to, name", [("tf-h5", "out"), ("fair-esm", "esm2_t3_tiny.pt"), ("hf", "out")])
-def test_convert_onto_a_full_disk_is_one_clear_error(hub, tmp_path, to, name):
-    """Guarantee "a full disk is an error, not a crash": one line naming DST, nothing left behind, no segfault
-    (in a subprocess, so a crash would show)."""
+def test_convert_onto_a_full_disk_is_one_clear_error(hub, tmp_path, capsys, to, name):
+    """Guarantee "a full disk is an error, not a crash": a destination without room is refused before anything
+    is written, in one line naming DST; nothing is left behind."""
     with _small_disk(tmp_path, "200k") as disk:
         dst = disk / name
-        p = subprocess.run([sys.executable, "-m", "esm_dual.cli.main", "convert", hub, str(dst), "--to", to],
-                           capture_output=True, text=True, timeout=300,
-                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-        assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
-        assert str(dst) in p.stderr and "free space" in p.stderr and "Traceback" not in p.stderr, p.stderr
+        rc, _, err = _run(capsys, "convert", hub, dst, "--to", to)
+        assert rc == 2 and str(dst) in err and "free space" in err and "Traceback" not in err, err
         assert os.listdir(disk) == []
 
 
