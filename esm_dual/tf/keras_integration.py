@@ -158,7 +158,7 @@ class KerasModelMixin:
                 if mask is not None:
                     checks.append(tf.debugging.Assert(
                         tf.reduce_all(tf.reduce_any(tf.cast(mask, tf.bool), -1)),
-                        ["attention_mask has a row with no attended token (all zeros)"]))
+                        ["attention_mask: a row of the batch has no real token (all padding)"]))
                 with tf.control_dependencies(checks):
                     return tf.nest.map_structure(tf.identity, data)
 

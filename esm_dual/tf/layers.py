@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import keras
-import numpy as np
 
 from ..common.config import EsmConfig
 
@@ -65,12 +64,6 @@ def embedding(num: int, config: EsmConfig, name: str, parent: keras.layers.Layer
 
 def dropout(rate: float, parent: keras.layers.Layer, name: str = "dropout") -> keras.layers.Dropout:
     return keras.layers.Dropout(rate, name=name, dtype=parent.dtype_policy)
-
-
-def rotary_inv_freq(dim: int, base: float) -> np.ndarray:
-    """Rotary inverse frequencies 1 / base^(2i/dim), float32 [dim/2] (fresh models only: checkpoints
-    store their own, fp16-rounded in ESM-2 files)."""
-    return (1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(np.float32)
 
 
 class ConfigLayer(keras.layers.Layer):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from contextlib import nullcontext
 from typing import Any
 
 import keras
@@ -25,7 +24,8 @@ import numpy as np
 from keras import ops
 
 from ..common.config import EsmConfig, with_recorded_dtype
-from ..common.loading import LoadingError, checkpoint_has_pooler, match_state, weights_dtype
+from ..io.dtypes import weights_dtype
+from ..io.schema import LoadingError, check_finite, checkpoint_has_pooler, match_state, rotary_inv_freq
 from .hub_names import child_layers, hub_names, hub_variable_map
 from .keras_integration import KerasModelMixin, unpack_inputs
 from .layers import (
@@ -37,7 +37,6 @@ from .layers import (
     init_skipped,
     layer_norm,
     normal_initializer,
-    rotary_inv_freq,
     serializable,
     skip_init,
 )
@@ -45,6 +44,7 @@ from .losses import binary_cross_entropy_with_logits, cross_entropy, mse_loss, s
 from .ops import (
     attention_probs,
     concrete_numpy,
+    device_scope,
     dims,
     dtype_min,
     id_error,
@@ -451,6 +451,7 @@ class TFEsmContactPredictionHead(keras.layers.Layer):
 class TFEsmPreTrainedModel(KerasModelMixin, keras.Model):
     config_class = EsmConfig
     base_model_prefix = "esm"
+    main_input_name = "input_ids"
 
     def __init__(self, config: EsmConfig, **kwargs):
         if not isinstance(config, EsmConfig):
@@ -460,6 +461,7 @@ class TFEsmPreTrainedModel(KerasModelMixin, keras.Model):
         register_outputs()
         super().__init__(**kwargs)
         self.config = config
+        self.name_or_path = ""
 
     # ---- init ----------------------------------------------------------------------------------
     def _init_weights(self, name: str, var: keras.Variable) -> None:
@@ -504,6 +506,9 @@ class TFEsmPreTrainedModel(KerasModelMixin, keras.Model):
         weights = self.trainable_weights if only_trainable else self.weights
         return int(sum(np.prod(w.shape) for w in weights))
 
+    def get_input_embeddings(self) -> keras.layers.Embedding:
+        return self.get_base_model().embeddings.word_embeddings
+
     # ---- names ----------------------------------------------------------------------------------
     def _hub_state(self) -> dict[str, tuple[keras.Variable, bool]]:
         """Hub name -> (variable, transposed); the tied decoder is left out (as the hub files do)."""
@@ -517,7 +522,7 @@ class TFEsmPreTrainedModel(KerasModelMixin, keras.Model):
         *,
         config: EsmConfig | None = None,
         dtype: str | keras.DTypePolicy | None = None,
-        **config_overrides: Any,
+        **kwargs: Any,
     ):
         """Load from a hub-layout directory, a hub id, a fair-esm ``.pt`` file or a preset name.
 
@@ -525,28 +530,73 @@ class TFEsmPreTrainedModel(KerasModelMixin, keras.Model):
         lacks is initialised fresh; both are said in one log line. Config fields may be overridden
         (``num_labels=3``, ``problem_type="regression"``, dropout probabilities ...). ``dtype`` is a
         Keras dtype policy ("float32", "mixed_bfloat16", ...).
-        """
-        from ..common.checkpoint import load_checkpoint
 
-        ckpt = load_checkpoint(pretrained)
-        if config is not None:
-            ckpt.config = config
-        return cls.from_checkpoint(ckpt, dtype=dtype, **config_overrides)
+        transformers' loading arguments are honoured as in ``esm_dual.pt``: ``revision``, ``cache_dir``,
+        ``token``, ``local_files_only``, ``force_download``, ``subfolder``, ``proxies`` (through
+        huggingface_hub), ``device_map`` (a device such as "cpu" or "gpu:0", built under ``keras.device``;
+        "auto" keeps Keras' placement) and ``attn_implementation`` ("auto", "sdpa" or "eager": the one attention
+        path here). Any other argument that is not a config field is an error naming it; none reaches the config.
+        """
+        from ..common.hf_hub import split_pretrained_kwargs
+        from ..io.hub import load_checkpoint
+        from ..io.resolve import resolve_checkpoint
+
+        where = f"{cls.__name__}.from_pretrained"
+        # add_pooling_layer (the encoder alone) is from_checkpoint's, as in transformers' EsmModel.
+        fields = EsmConfig._field_names() + (["add_pooling_layer"] if issubclass(cls, TFEsmModel) else [])
+        hub_kwargs, framework, config_overrides = split_pretrained_kwargs(kwargs, fields, where)
+        attn = framework.get("attn_implementation")
+        if attn is not None and attn not in ("auto", "sdpa", "eager"):
+            raise ValueError(f"attn_implementation={attn!r} is not supported by the Keras models; choose one of "
+                             "'auto', 'sdpa', 'eager' (all run the same attention)")
+        device_map = framework.get("device_map")
+        if isinstance(device_map, dict):
+            devices = {str(v) for v in device_map.values()}
+            if len(devices) != 1:
+                raise ValueError(f"device_map={device_map!r} splits the model over {sorted(devices)}; esm-dual "
+                                 "places a model on one device")
+            device_map = next(iter(device_map.values()))
+        if device_map is not None and not isinstance(device_map, str):
+            raise ValueError(f"device_map={device_map!r}: the Keras models take a device name ('cpu', 'gpu:0') "
+                             "or 'auto'")
+        device = device_map if device_map not in (None, "auto") else None
+        ckpt = load_checkpoint(resolve_checkpoint(pretrained, **hub_kwargs))
+        model = cls.from_checkpoint(ckpt, dtype=dtype, device=device, config=config, **config_overrides)
+        model.name_or_path = os.fspath(pretrained)
+        return model
 
     @classmethod
-    def from_checkpoint(cls, ckpt, *, dtype: str | keras.DTypePolicy | None = None, device: str | None = None,
-                        **overrides: Any):
-        """The model of an in-memory checkpoint (``Checkpoint``: config + hub-named tensors): the one factory
-        that ``from_pretrained``, the CLI and conversion use. ``overrides`` are config fields; ``dtype`` a Keras
-        dtype policy; ``device`` a Keras device name ("cpu:0", "gpu:0"; default: Keras' choice)."""
-        cfg = ckpt.config
+    def from_checkpoint(
+        cls,
+        ckpt: Any,
+        *,
+        dtype: str | keras.DTypePolicy | None = None,
+        device: str | None = None,
+        config: EsmConfig | None = None,
+        **overrides: Any,
+    ):
+        """Build this model from a loaded checkpoint (``esm_dual.io.base.Checkpoint``: config + hub-named numpy
+        tensors): the one place a Keras model is made from tensors (``from_pretrained``, the CLI and conversion
+        call it).
+
+        ``dtype``: a Keras dtype policy (``"float32"``, ``"mixed_bfloat16"``, ...); ``device``: a device to build
+        under (``keras.device``: "cpu:0", "gpu:0"; TensorFlow names such as "/GPU:0" too); ``config`` replaces the
+        checkpoint's; ``overrides`` are config fields and, for ``TFEsmModel``, ``add_pooling_layer`` (default:
+        whether the checkpoint has a pooler). NaN or infinite weights are refused by name.
+        """
+        add_pooling_layer = overrides.pop("add_pooling_layer", None)
+        cfg = config if config is not None else ckpt.config
         if overrides:
             cfg = EsmConfig.from_dict(cfg.to_dict(), **overrides)
-        kwargs = {"add_pooling_layer": checkpoint_has_pooler(ckpt.tensors)} if cls is TFEsmModel else {}
+        check_finite(ckpt.tensors, str(ckpt.source))
+        kwargs: dict[str, Any] = {}
+        if cls is TFEsmModel:
+            kwargs["add_pooling_layer"] = (checkpoint_has_pooler(ckpt.tensors) if add_pooling_layer is None
+                                           else add_pooling_layer)
         if dtype is not None:
             kwargs["dtype"] = dtype
         # Build without random initialisation: every tensor is then either loaded or initialised.
-        with skip_init(), (keras.device(device) if device is not None else nullcontext()):
+        with device_scope(device), skip_init():
             model = cls(cfg, **kwargs)
             model.load_hub_tensors(ckpt.tensors, source=str(ckpt.source))
         return model
@@ -574,7 +624,7 @@ class TFEsmPreTrainedModel(KerasModelMixin, keras.Model):
     def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int | str | None = None) -> None:
         """Write ``config.json`` + ``model.safetensors`` in the hub layout (readable by transformers,
         fair-esm converters and ``esm_dual.pt``)."""
-        from ..common.checkpoint import save_checkpoint
+        from ..io.hub import save_checkpoint
 
         cfg = self.config.copy(architectures=[type(self).__name__[2:]])
         tensors = {}
@@ -585,6 +635,17 @@ class TFEsmPreTrainedModel(KerasModelMixin, keras.Model):
         if dtype is not None:
             cfg = with_recorded_dtype(cfg, dtype)
         save_checkpoint(directory, cfg, tensors, max_shard_size=max_shard_size)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token: str | bool | None = None, revision: str | None = None, create_pr: bool = False,
+                    max_shard_size: int | str | None = "5GB") -> Any:
+        """Upload the model (``config.json`` + safetensors, as ``save_pretrained`` writes them) to the HF hub
+        through ``huggingface_hub``, creating the repo if needed; returns the commit info."""
+        from ..common.hf_hub import push_folder_to_hub
+
+        return push_folder_to_hub(lambda d: self.save_pretrained(d, max_shard_size=max_shard_size), repo_id,
+                                  commit_message=commit_message, private=private, token=token, revision=revision,
+                                  create_pr=create_pr)
 
     # ---- input checks ---------------------------------------------------------------------------
     def _check_inputs(self, input_ids, attention_mask, inputs_embeds):
@@ -652,9 +713,6 @@ class TFEsmModel(TFEsmPreTrainedModel):
             initializer_range=config.initializer_range, name="contact_head",
             dtype=fp32_policy(self.dtype_policy))
         self.post_init()
-
-    def get_input_embeddings(self) -> keras.layers.Embedding:
-        return self.embeddings.word_embeddings
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "add_pooling_layer": self.add_pooling_layer}

@@ -10,6 +10,7 @@ they raise ``ValueError`` at once (eager TensorFlow, eager JAX, PyTorch); inside
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import keras
@@ -108,11 +109,14 @@ def id_error(ids: np.ndarray, vocab_size: int) -> str | None:
 
 
 def mask_error(mask: np.ndarray) -> str | None:
-    empty = np.flatnonzero(~np.asarray(mask).astype(bool).any(-1))
-    if empty.size:
-        return (f"attention_mask row {int(empty[0])} has no attended token (all zeros): the model's output "
-                "for it is undefined. Drop empty sequences or give them at least BOS/EOS.")
-    return None
+    """The message of the PyTorch twin's ``check_attention_rows`` for rows of ``mask`` with no real token."""
+    rows = np.flatnonzero(~np.asarray(mask).astype(bool).any(-1)).tolist()
+    if not rows:
+        return None
+    shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+    return (f"attention_mask: row{'s' if len(rows) > 1 else ''} {shown} of the batch "
+            f"{'have' if len(rows) > 1 else 'has'} no real token (all padding); every sequence needs at "
+            "least one position with attention_mask 1 (<cls> and <eos> count)")
 
 
 def _raise_on_host(bad_id, empty_row, vocab_size: int) -> None:
@@ -121,7 +125,8 @@ def _raise_on_host(bad_id, empty_row, vocab_size: int) -> None:
     if bad_id != 0:
         raise ValueError(f"a token id is outside the vocabulary (0..{vocab_size - 1}) (checked under jit)")
     if empty_row >= 0:
-        raise ValueError(f"attention_mask row {empty_row} has no attended token (all zeros) (checked under jit)")
+        raise ValueError(f"attention_mask: row {empty_row} of the batch has no real token (all padding) "
+                         "(checked under jit)")
 
 
 def traced_value_checks(input_ids, attention_mask, vocab_size: int, check_mask: bool,
@@ -155,7 +160,7 @@ def traced_value_checks(input_ids, attention_mask, vocab_size: int, check_mask: 
             checks.append(tf.debugging.assert_less_equal(tf.shape(x)[1], max_length, message=length_message))
         if empty_rows is not None:
             checks.append(tf.debugging.Assert(tf.logical_not(tf.reduce_any(empty_rows)), [
-                "attention_mask has a row with no attended token (all zeros); rows:",
+                "attention_mask: a row of the batch has no real token (all padding); rows:",
                 tf.where(empty_rows)[:, 0]]))
         if input_ids is not None:
             with tf.control_dependencies(checks):
@@ -184,6 +189,18 @@ def poison_rows(x, bad_rows):
     shape = [-1] + [1] * (len(x.shape) - 1)
     nan = ops.where(ops.reshape(bad_rows, shape), ops.cast(float("nan"), x.dtype), ops.cast(0.0, x.dtype))
     return x + nan
+
+
+def device_scope(device: str | None):
+    """A scope that places what is built inside on ``device`` ("cpu:0", "gpu:0"; TensorFlow's "/GPU:0" too);
+    None: Keras' own placement."""
+    if device is None:
+        return nullcontext()
+    if backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.device(device)
+    return keras.device(device.lstrip("/").lower())
 
 
 def as_tensor(x: Any) -> Any:

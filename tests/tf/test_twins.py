@@ -23,7 +23,19 @@ PT_ONLY_METHODS = {
     # torch idioms: parameter tying by assignment, the base_model property (a Keras attribute leading back to
     # the model would be a saving cycle: TF has get_base_model), activation checkpointing, device/dtype.
     "EsmPreTrainedModel": {"tie_weights", "base_model", "gradient_checkpointing_enable",
-                           "gradient_checkpointing_disable", "device", "dtype"},
+                           "gradient_checkpointing_disable", "device", "dtype",
+                           # the rest of transformers' PyTorch surface that Trainer, PEFT and pipelines call:
+                           # tying and save keys, activation checkpointing, input grads for PEFT, token/FLOP
+                           # counts, the embedding accessors and resizing (torch parameters), the meta-device
+                           # build before loading
+                           "_tied_keys", "_keys_to_ignore_on_save", "_tied_weights_keys",
+                           "activation_checkpointing_enable", "activation_checkpointing_disable",
+                           "is_gradient_checkpointing", "enable_input_require_grads", "disable_input_require_grads",
+                           "estimate_tokens", "floating_point_ops", "set_input_embeddings",
+                           "get_output_embeddings", "set_output_embeddings", "resize_token_embeddings",
+                           "_before_loading",
+                           # the GPU fast path's options (PyTorch only)
+                           "fast_path_options", "set_fast_path", "attn_implementation"},
     # the packed varlen GPU path (FlashAttention kernels) exists in PyTorch only.
     "EsmModel": {"forward_packed"},
     "EsmForMaskedLM": {"tie_weights", "forward_packed"},
@@ -33,9 +45,8 @@ TF_ONLY_METHODS = {
     "EsmRotaryEmbedding": {"get_config"},
     "EsmContactPredictionHead": {"get_config"},
     "EsmModel": {"get_config"},
-    # get_base_model: see base_model above. from_checkpoint: the model-from-checkpoint factory (the PyTorch
-    # twin gets its own in the checkpoint-layout work; then this entry goes).
-    "EsmPreTrainedModel": {"get_base_model", "from_checkpoint"},
+    # get_base_model: see base_model above.
+    "EsmPreTrainedModel": {"get_base_model"},
     # Keras fit computes the task loss from the logits (compute_loss): the torch forward inlines it.
     "EsmForMaskedLM": {"hf_compute_loss"},
     "EsmForSequenceClassification": {"hf_compute_loss"},
@@ -43,9 +54,13 @@ TF_ONLY_METHODS = {
 }
 # Attributes (self.x = ..., class-level names) only one side has.
 PT_ONLY_ATTRS = {
-    "EsmPreTrainedModel": {"_tied"},  # names of tied parameters in torch's state dict
-    "EsmEncoder": {"gradient_checkpointing"},
-    "EsmModel": {"attn_implementation"},  # packed/SDPA switch of the GPU path
+    # names of tied parameters in torch's state dict; transformers' class flags (device_map splitting, SDPA,
+    # checkpointing); the PEFT input-grad hook
+    "EsmPreTrainedModel": {"_tied", "_no_split_modules", "_supports_sdpa", "supports_gradient_checkpointing",
+                           "_require_grads_hook"},
+    "EsmEncoder": {"gradient_checkpointing", "checkpoint_every_n_layers", "checkpoint_kwargs",
+                   "checkpoint_offload"},
+    "EsmModel": {"_fast_path"},  # the GPU fast path's per-model options
     "EsmAttention": {"output"},  # Keras: output_layer (``output`` is a read-only Keras property)
     "EsmLayer": {"output"},
 }
@@ -63,8 +78,13 @@ TF_ONLY_ATTRS = {
 # Module-level functions only one side has.
 PT_ONLY_FUNCS = {
     "_is_compiling",  # torch.compile
-    "copy_numpy_into", "_np_to_torch", "_torch_to_np",  # numpy <-> torch tensors; Keras assigns numpy
+    "copy_numpy_into",  # numpy -> torch tensors; Keras assigns numpy
     "_auto_dtype", "_str_to_torch_dtype",  # torch dtype names (torch_dtype="auto"); Keras takes dtype policies
+    # value checks: in Keras they run per backend (eager, TF graph asserts, a JAX host callback): tf/ops.py
+    "check_attention_rows",
+    "as_tensor_input",  # numpy inputs: Keras converts them itself
+    "_drop_tied_on_save", "_fill_tied_on_load",  # torch state-dict hooks for the tied decoder
+    "_attn_implementation", "_device_from_map",  # transformers' loading arguments as torch back ends / devices
 }
 TF_ONLY_FUNCS: set[str] = set()
 
