@@ -2,7 +2,8 @@
 
 One ``<id>.pdb`` per record (pLDDT in the B-factor column; multimers as ``:``-separated chains get
 chains A, B, ...) and ``summary.tsv`` (id, length, mean_plddt, ptm) in OUTDIR. Records are folded
-shortest first in batches of at most ``--max-tokens-per-batch`` residues. A batch that runs out of
+shortest first in length buckets of at most ``--max-tokens-per-batch`` residues (``infer``'s
+buckets: never a batch that costs more than folding its members one by one). A batch that runs out of
 GPU memory is retried one record at a time; a record that still does not fit is reported and skipped,
 and the rest continue (exit status 1 at the end). Re-running skips records whose PDB exists and is
 listed in ``summary.tsv``. Empty or non-protein sequences are refused before the model loads (exit
@@ -20,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from ._common import CliError, note, positive_int, token_batches, warn
+from ._common import CliError, note, positive_int, warn
 
 SUMMARY = "summary.tsv"
 SUMMARY_FIELDS = ("id", "length", "mean_plddt", "ptm")
@@ -57,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-tokens-per-batch",
         type=positive_int,
         default=1024,
-        help="most residues per batch (padded); shorter sequences are batched together",
+        help="most residues per batch (padded, fair-esm's option); sequences of similar length are batched "
+        "together only where that costs less than folding them one by one (1: one at a time)",
     )
     parser.add_argument(
         "--chunk-size",
@@ -211,7 +213,7 @@ def _run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..pt.folding import EsmForProteinFolding
+    from ..pt.folding import EsmForProteinFolding, fold_batches
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu_only else "cpu"
     note(f"loading {args.model} on {device}", args.quiet)
@@ -229,7 +231,9 @@ def _run(args: argparse.Namespace) -> int:
         writer.writerow(SUMMARY_FIELDS)
         summary.flush()
     lengths = [len(seq.replace(":", "")) for _, _, seq in todo]
-    batches = token_batches(lengths, args.max_tokens_per_batch, extra_toks_per_seq=0)
+    # Buckets as infer() makes them (lengths as folded: chains joined by the poly-G linker).
+    batches = fold_batches([n + _LINKER * seq.count(":") for n, (_, _, seq) in zip(lengths, todo)],
+                           args.max_tokens_per_batch)
     failed: list[str] = []
     progress = _progress(len(todo), args.quiet)
     t0 = time.time()
@@ -237,7 +241,7 @@ def _run(args: argparse.Namespace) -> int:
     def fold(batch: list[int]) -> None:
         seqs = [todo[i][2] for i in batch]
         with torch.no_grad():
-            out = model.infer(seqs, num_recycles=args.num_recycles)
+            out = model.infer(seqs, num_recycles=args.num_recycles, max_tokens_per_batch=args.max_tokens_per_batch)
         pdbs = model.output_to_pdb(out)
         cifs = model.output_to_mmcif(out, [todo[i][1] for i in batch]) if args.mmcif else None
         mean_plddt = out["mean_plddt"].float().cpu().tolist()

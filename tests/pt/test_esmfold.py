@@ -305,6 +305,85 @@ def test_batch_equals_single(outputs, model):
             assert abs(float(one["mean_plddt"][0] - ours["mean_plddt"][b])) < 100 * ATOL
 
 
+def test_fold_batches_never_cost_more_than_one_by_one():
+    from esm_dual.pt.folding import fold_batches
+    from esm_dual.pt.folding.batching import FOLD_OVERHEAD_PAIRS, fold_cost
+
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(np.log(270), 0.6, 200).astype(int), 30, 1022).tolist()
+    for budget in (None, 1, 512, 1024, 4096):
+        batches = fold_batches(lengths, budget)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        flat = [lengths[i] for b in batches for i in b]
+        assert flat == sorted(lengths)  # shortest first
+        for b in batches:
+            ns = [lengths[i] for i in b]
+            assert fold_cost(ns) <= sum(fold_cost([n]) for n in ns)
+            if budget is not None and len(b) > 1:
+                assert max(ns) * len(ns) <= budget
+        if budget == 1:
+            assert all(len(b) == 1 for b in batches)
+    # A short and a long sequence are never padded together; equal short ones are.
+    assert fold_batches([100, 1000], None) == [[0], [1]]
+    assert fold_batches([300, 250, 300], None) == [[1, 0, 2]]
+    assert fold_batches([300, 40, 300], None) == [[1], [0, 2]]
+    assert fold_batches([300, 300], 512) == [[0], [1]]  # fair-esm's budget
+    assert fold_cost([]) == 0 and fold_cost([10]) == 100 + FOLD_OVERHEAD_PAIRS
+    with pytest.raises(ValueError, match="max_tokens_per_batch"):
+        fold_batches([10], -1)
+
+
+def test_infer_list_in_buckets_matches_one_by_one(model, monkeypatch):
+    """A list in several buckets: the same outputs as folding each sequence alone, in input order."""
+    from esm_dual.pt.folding import EsmForProteinFolding
+
+    seqs = ["MKVLAAGIVG", "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", "GSHMLEDPVX", "MKTAY:GSHML"]
+    calls = []
+    real = EsmForProteinFolding._infer_batch
+
+    def spy(self, batch, *args):
+        calls.append(len(batch))
+        return real(self, batch, *args)
+
+    monkeypatch.setattr(EsmForProteinFolding, "_infer_batch", spy)
+    with torch.no_grad():
+        many = model.infer(seqs, max_tokens_per_batch=40)
+        pdbs = model.infer_pdbs(seqs, max_tokens_per_batch=40)
+    assert sorted(calls) == [1, 1, 1, 1, 2, 2]  # the two 10-residue sequences share a bucket, each time
+    calls.clear()
+    N = max(len(s.replace(":", "")) + 25 * s.count(":") for s in seqs)
+    assert tuple(many["positions"].shape[1:3]) == (len(seqs), N)
+    assert tuple(many["s_z"].shape[:3]) == (len(seqs), N, N)
+    for b, seq in enumerate(seqs):
+        with torch.no_grad():
+            one = model.infer(seq)
+        n = one["aatype"].shape[1]
+        assert float((one["positions"][:, 0] - many["positions"][:, b, :n]).abs().max()) < ATOL_ANGSTROM
+        assert float((one["final_atom_positions"][0] - many["final_atom_positions"][b, :n]).abs().max()) < ATOL_ANGSTROM
+        assert torch.equal(one["aatype"][0], many["aatype"][b, :n])
+        assert torch.equal(one["residue_index"][0], many["residue_index"][b, :n])
+        assert torch.equal(one["chain_index"][0], many["chain_index"][b, :n])
+        assert (many["chain_index"][b, n:] == -1).all() and (many["final_atom_mask"][b, n:] == 0).all()
+        pae = many["predicted_aligned_error"][b, :n, :n]
+        assert float((one["predicted_aligned_error"][0] - pae).abs().max()) < ATOL
+        assert abs(float(one["ptm"][0] - many["ptm"][b])) < ATOL
+        assert abs(float(one["mean_plddt"][0] - many["mean_plddt"][b])) < 100 * ATOL
+        atoms, ref = read_pdb_atoms(pdbs[b]), read_pdb_atoms(model.infer_pdb(seq))
+        names = [(x["name"], x["res_seq"], x["chain"]) for x in atoms]
+        assert names == [(x["name"], x["res_seq"], x["chain"]) for x in ref]
+        assert max(abs(p - q) for x, y in zip(atoms, ref) for p, q in zip(x["xyz"], y["xyz"])) <= 2e-3
+    # residx and masking_pattern follow their sequences into the buckets.
+    residx = [list(range(5, 5 + len(s.replace(":", "")) + 25 * s.count(":"))) for s in seqs]
+    pattern = torch.zeros(len(seqs), N, dtype=torch.long)
+    pattern[1, 3] = 1
+    with torch.no_grad():
+        many = model.infer(seqs, residx=residx, masking_pattern=pattern, max_tokens_per_batch=40)
+        one = model.infer(seqs[1], residx=[residx[1]], masking_pattern=pattern[1:2, : len(seqs[1])])
+    n = len(seqs[1])
+    assert float((one["positions"][:, 0] - many["positions"][:, 1, :n]).abs().max()) < ATOL_ANGSTROM
+    assert many["residue_index"][1, 0] == 5
+
+
 def test_num_recycles_matches_transformers(model, checkpoint):
     hf = checkpoint[1]
     with torch.no_grad():
