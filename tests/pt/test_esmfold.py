@@ -653,6 +653,111 @@ def test_bf16_trunk_is_finite_and_close(model, outputs):
     assert float((cc["s_z"] - c["s_z"]).abs().max()) < 0.1 * (1 + float(c["s_z"].abs().max()))
 
 
+def test_fast_mode_switches_and_sdpa_kernels_on_cpu(model, outputs):
+    """set_fast: bf16 trunk + fused kernels (on the CPU cuEquivariance is skipped: SDPA in bf16); the
+    result stays close to the fp32 trunk and set_fast(False) restores it exactly."""
+    from esm_dual.pt.folding.kernels import check_kernels
+
+    ours, _ = outputs
+    assert not model.fast
+    model.set_fast(True)
+    try:
+        assert model.fast and model.trunk.block_dtype == torch.bfloat16
+        assert {b.tri_att_end.kernels for b in model.trunk.blocks} == {"cueq"}
+        with torch.no_grad():
+            fast = model.infer(SEQS)
+        model.set_chunk_size(4)
+        with torch.no_grad():
+            fast_chunked = model.infer(SEQS)
+    finally:
+        model.set_fast(False)
+        model.set_chunk_size(None)
+    assert not model.fast and {b.tri_mul_in.kernels for b in model.trunk.blocks} == {"torch"}
+    for k in ("positions", "plddt", "ptm", "predicted_aligned_error"):
+        assert torch.isfinite(fast[k]).all(), k
+    lengths = [len(s) for s in SEQS]
+    assert _max_diff(fast["positions"][-1], ours["positions"][-1], lengths, 1) < 1.0
+    assert float((fast["mean_plddt"] - ours["mean_plddt"]).abs().max()) < 2.0
+    assert float((fast_chunked["s_z"] - fast["s_z"]).abs().max()) < 0.1 * (1 + float(fast["s_z"].abs().max()))
+    with torch.no_grad():
+        again = model.infer(SEQS)
+    assert torch.equal(again["positions"], ours["positions"])
+    with pytest.raises(ValueError, match="kernels"):
+        check_kernels("flash")
+
+
+def _kernel_modules(device):
+    """HF's block 0 weights in our triangle modules (on device), a pair tensor with padding."""
+    from esm_dual.pt.folding.trunk import TriangularSelfAttentionBlock
+
+    cfg = EsmConfig.from_dict(tiny_esmfold_config_dict(trunk=dict(
+        num_blocks=1, sequence_state_dim=64, pairwise_state_dim=64, sequence_head_width=16,
+        pairwise_head_width=32, position_bins=8, max_recycles=1, chunk_size=None,
+        structure_module=dict(sequence_dim=24, pairwise_dim=12, ipa_dim=6, resnet_dim=10, num_heads_ipa=3,
+                              num_qk_points=2, num_v_points=3, num_blocks=1)))).esmfold_config.trunk
+    torch.manual_seed(0)
+    block = TriangularSelfAttentionBlock(cfg).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return block.to(device)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernels", ["sdpa", "cueq"])
+def test_fused_triangle_kernels_match_fp32_on_gpu(kernels):
+    """Each triangle update in bf16 with the fused kernels against the fp32 module, with padding; the
+    in-place (add_into) and chunked forms too. cuEquivariance is checked only where installed."""
+    from esm_dual.pt.folding.kernels import cueq_available
+
+    if kernels == "cueq" and not cueq_available():
+        pytest.skip("cuequivariance_torch is not installed")
+    block = _kernel_modules("cuda")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    n = 200
+    z = torch.randn(2, n, n, 64, generator=g, device="cuda")
+    mask = torch.ones(2, n, device="cuda")
+    mask[1, 150:] = 0
+    pm = mask[:, :, None] * mask[:, None, :]
+    valid = pm.bool()
+    with torch.no_grad():
+        for name in ("tri_mul_out", "tri_mul_in", "tri_att_start", "tri_att_end"):
+            m = getattr(block, name)
+            m.kernels = "torch"
+            ref = m(z, pm, None)
+            m.kernels = kernels
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                for chunk in (None, 64):
+                    got = m(z, pm, chunk).float()
+                    zz = z.clone()
+                    m.add_into(zz, pm, chunk)
+                    for out in (got, zz - z):
+                        assert torch.isfinite(out).all(), (name, chunk)
+                        err = (out - ref)[valid].norm() / ref[valid].norm()
+                        assert float(err) < 2e-2, (name, chunk, float(err))
+            m.kernels = "torch"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_mode_finite_and_close_on_gpu(checkpoint):
+    from esm_dual.pt import EsmForProteinFolding
+
+    m = EsmForProteinFolding.from_pretrained(checkpoint[0], device="cuda")
+    seqs = SEQS + ["MKTAYIAKQRQISFVKSHFSRQLEERLGL" * 11]
+    with torch.no_grad():
+        ref = m.infer(seqs)
+        m.set_fast(True)
+        fast = m.infer(seqs)
+        m.set_chunk_size(32)
+        chunked = m.infer(seqs)
+    for out in (fast, chunked):
+        for k in ("positions", "plddt", "ptm", "predicted_aligned_error", "final_atom_positions"):
+            assert torch.isfinite(out[k]).all(), k
+    assert float((fast["mean_plddt"] - ref["mean_plddt"]).abs().max()) < 2.0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("esm_dtype", [torch.float16, torch.bfloat16])

@@ -335,6 +335,26 @@ class EsmForProteinFolding(EsmPreTrainedModel):
             raise ValueError(f"the trunk runs in fp32 or bf16, not {dtype}")
         self.trunk.block_dtype = None if dtype == torch.float32 else dtype
 
+    def set_kernels(self, kernels: str) -> None:
+        """Kernels of the trunk's triangle updates: "torch" (default), "sdpa" or "cueq" (cuEquivariance,
+        the ``fold-gpu`` extra; falls back to "sdpa" where it is not installed or on the CPU)."""
+        self.trunk.set_kernels(kernels)
+
+    def set_fast(self, enabled: bool = True, kernels: str = "cueq") -> None:
+        """The fast mode: the trunk in bf16 with fused triangle kernels (``kernels``; see
+        ``set_kernels``). ``set_fast(False)`` returns to the fp32 trunk with today's kernels. The
+        structure module stays fp32, the stem's precision is ``set_esm_dtype``'s."""
+        if enabled:
+            self.set_trunk_dtype(torch.bfloat16)
+            self.set_kernels(kernels)
+        else:
+            self.set_trunk_dtype(None)
+            self.set_kernels("torch")
+
+    @property
+    def fast(self) -> bool:
+        return self.trunk.block_dtype == torch.bfloat16 and self.trunk.kernels != "torch"
+
     def esm_dtype_for(self, device: torch.device) -> torch.dtype:
         if self._esm_dtype is not None:
             return self._esm_dtype
