@@ -153,6 +153,15 @@ def build_ours(cfg: dict, device, source_state: dict | None = None, seed: int = 
     return model.eval()
 
 
+def set_trunk(model, trunk_dtype: str) -> None:
+    import torch
+
+    if trunk_dtype in ("fast", "auto"):
+        model.set_fast(True if trunk_dtype == "fast" else None)
+    else:
+        model.set_trunk_dtype(torch.bfloat16 if trunk_dtype == "bf16" else None)
+
+
 def sync(device) -> None:
     import torch
 
@@ -295,7 +304,7 @@ def max_length_search(args, cfg: dict, device) -> dict:
         )
         if impl == "ours":
             model.set_chunk_size(args.chunk_size)
-            model.set_trunk_dtype(torch.bfloat16 if args.trunk_dtype == "bf16" else None)
+            set_trunk(model, args.trunk_dtype)
         else:
             model.trunk.set_chunk_size(args.chunk_size)
         verify = None
@@ -336,7 +345,7 @@ def profile_fold(args, cfg: dict, device) -> dict:
     hf = build_hf(cfg, device, args.seed)
     ours = build_ours(cfg, device, hf.state_dict())
     ours.set_chunk_size(args.chunk_size)
-    ours.set_trunk_dtype(torch.bfloat16 if args.trunk_dtype == "bf16" else None)
+    set_trunk(ours, args.trunk_dtype)
     hf.trunk.set_chunk_size(args.chunk_size)
     seq = random_seq(args.profile_length, rng)
     cuda = torch.device(device).type == "cuda"
@@ -468,7 +477,7 @@ def suite(args, cfg: dict, device, models=None) -> dict:
         lengths = np.clip(rng.lognormal(np.log(270), 0.6, args.set).astype(int), 30, args.max_len).tolist()
         seqs = [random_seq(n, rng) for n in lengths]
         row = {"sequences": len(seqs), "residues": int(sum(lengths)), "max_length": int(max(lengths))}
-        for name in ("esm_dual_fast", "esm_dual", "hf"):
+        for name in ("hf", "esm_dual_fast", "esm_dual"):
             if name in args.set_skip.split(","):
                 continue
             sync(device)
@@ -502,7 +511,7 @@ def profile_breakdown(args, cfg: dict, device, models=None) -> dict:
     attention + its MLP, sequence->pair, triangle multiplications, triangle attentions, pair
     transition), the structure module, the rest (heads, recycling, embeddings). Each part is timed
     with a device synchronisation around it (the outermost call only), for esm-dual's default, its
-    fast mode and HF, at each of ``--profile-lengths`` with ``--num-recycles`` (0: one pass)."""
+    fast mode and HF, at each of ``--profile-lengths`` with ``--profile-recycles`` (0: one pass)."""
 
     rng = np.random.default_rng(args.seed)
     hf, ours = models if models is not None else build_pair(cfg, device, args.seed)
@@ -556,8 +565,8 @@ def profile_breakdown(args, cfg: dict, device, models=None) -> dict:
                 ours.set_fast(name == "esm_dual_fast")
             fold(m, seq[:64], 0, device)
             acc.clear()
-            dt, _, _, _ = fold(m, seq, args.num_recycles, device)
-            row = {"impl": name, "length": n, "seconds": round(dt, 3)}
+            dt, _, _, _ = fold(m, seq, args.profile_recycles, device)
+            row = {"impl": name, "length": n, "num_recycles": args.profile_recycles, "seconds": round(dt, 3)}
             row.update({k: round(v, 3) for k, v in acc.items()})
             row["rest"] = round(dt - sum(acc.values()), 3)
             out.append(row)
@@ -662,7 +671,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-recycles", type=int, default=None, help="default: the model's (4 trunk passes)")
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument(
-        "--trunk-dtype", choices=("fp32", "bf16"), default="fp32", help="esm-dual's trunk precision"
+        "--trunk-dtype", choices=("fp32", "bf16", "fast", "auto"), default="fp32",
+        help="esm-dual's trunk: fp32, bf16 (today's kernels), fast (set_fast), auto (the default: fast on GPU)"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -695,6 +705,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", type=int, default=0, help="--suite: also fold N UniRef-like sequences as a set")
     p.add_argument("--set-skip", default="", help="--suite: comma-separated impls to leave out of the set")
     p.add_argument("--profile-lengths", default="", help="per-part time breakdown at these lengths")
+    p.add_argument("--profile-recycles", type=int, default=0, help="--profile-lengths: recycles (0: one pass)")
     p.add_argument("--check-kernels", action="store_true", help="fused triangle kernels vs fp32 modules")
     p.add_argument("--markdown", default=None, help="--suite: also write the README table here")
     args = p.parse_args(argv)
@@ -775,7 +786,7 @@ def main(argv=None) -> int:
     hf = build_hf(cfg, device, args.seed)
     ours = build_ours(cfg, device, hf.state_dict())
     ours.set_chunk_size(args.chunk_size)
-    ours.set_trunk_dtype(torch.bfloat16 if args.trunk_dtype == "bf16" else None)
+    set_trunk(ours, args.trunk_dtype)
     hf.trunk.set_chunk_size(args.chunk_size)
     warm = random_seq(32, rng)
     for m in (ours, hf):

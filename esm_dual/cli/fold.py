@@ -70,9 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-only", action="store_true", help="do not use a GPU even if one is available")
     parser.add_argument(
         "--trunk-dtype",
-        choices=("fp32", "bf16"),
-        default="fp32",
-        help="precision of the folding trunk (the structure module always runs in fp32)",
+        choices=("auto", "fast", "fp32", "bf16"),
+        default="auto",
+        help="the folding trunk: fast = bf16 with fused triangle kernels (cuEquivariance where installed: "
+        "the fold-gpu extra), fp32 = the fp32 trunk that matches HF transformers, bf16 = bf16 with the fp32 "
+        "path's kernels; auto = fast on GPU, fp32 on CPU (the structure module always runs in fp32)",
     )
     parser.add_argument(
         "--esm-dtype",
@@ -222,7 +224,12 @@ def _run(args: argparse.Namespace) -> int:
     )
     model.set_chunk_size(args.chunk_size)
     model.set_esm_dtype(args.esm_dtype)
-    model.set_trunk_dtype(torch.bfloat16 if args.trunk_dtype == "bf16" else None)
+    if args.trunk_dtype == "auto":
+        model.set_fast(None)
+    elif args.trunk_dtype == "fast":
+        model.set_fast(True)
+    else:
+        model.set_trunk_dtype(torch.bfloat16 if args.trunk_dtype == "bf16" else None)
 
     new_file = not os.path.isfile(summary_path) or os.path.getsize(summary_path) == 0
     summary = open(summary_path, "a", newline="", encoding="utf-8")

@@ -682,6 +682,15 @@ def test_fast_mode_switches_and_sdpa_kernels_on_cpu(model, outputs):
     with torch.no_grad():
         again = model.infer(SEQS)
     assert torch.equal(again["positions"], ours["positions"])
+    # Automatic (a loaded model's default): the fp32 trunk on the CPU.
+    model.set_fast(None)
+    try:
+        with torch.no_grad():
+            auto = model.infer(SEQS)
+        assert not model.fast and model.trunk.block_dtype is None
+    finally:
+        model.set_fast(False)
+    assert torch.equal(auto["positions"], ours["positions"])
     with pytest.raises(ValueError, match="kernels"):
         check_kernels("flash")
 
@@ -773,7 +782,7 @@ def test_half_precision_on_gpu(checkpoint, esm_dtype):
     assert m.esm.embeddings.word_embeddings.weight.dtype == esm_dtype
     for k in ("positions", "plddt", "ptm", "predicted_aligned_error", "final_atom_positions"):
         assert torch.isfinite(out[k]).all(), k
-    # Automatic precision with fp16_esm (as facebook/esmfold_v1): fp16 stem on CUDA, fp32 trunk.
+    # Automatic precision with fp16_esm (as facebook/esmfold_v1): fp16 stem on CUDA, fast (bf16) trunk.
     m = EsmForProteinFolding.from_pretrained(checkpoint[0], device="cuda")
     m.config.esmfold_config.fp16_esm = True
     with torch.no_grad():

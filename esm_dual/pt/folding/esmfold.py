@@ -10,8 +10,10 @@ stem. ``infer`` / ``infer_pdb(s)`` / ``output_to_pdb`` follow fair-esm's ``ESMFo
 multimers written as ``:``-separated chains.
 
 Numerics follow fair-esm: pLDDT on the 0-100 scale, pTM per sequence over its own length. The ESM stem
-runs in fp16 on CUDA when ``esmfold_config.fp16_esm`` (fp32 on CPU), the trunk in fp32 unless
-``set_trunk_dtype(torch.bfloat16)``, the structure module always in fp32.
+runs in fp16 on CUDA when ``esmfold_config.fp16_esm`` (fp32 on CPU). The trunk by default runs in the
+fast mode on CUDA (bf16 with fused triangle kernels, ``set_fast``) and in fp32 on the CPU;
+``set_trunk_dtype(None)`` / ``set_fast(False)`` keep the fp32 trunk everywhere. The structure module
+always runs in fp32.
 
 Intended differences from transformers' ``EsmForProteinFolding`` (everything else matches it to
 float rounding): pLDDT x100 (HF: 0-1); ``ptm`` has one value per sequence (HF: one scalar for the
@@ -290,6 +292,8 @@ class EsmForProteinFolding(EsmPreTrainedModel):
         )
         # None: automatic (fp16 on CUDA if esmfold_config.fp16_esm, else fp32).
         self._esm_dtype: torch.dtype | None = None
+        # None: automatic (the fast mode on CUDA, the fp32 trunk elsewhere); True / False: set_fast's.
+        self._fast_mode: bool | None = None
         self.post_init()
 
     @staticmethod
@@ -329,27 +333,36 @@ class EsmForProteinFolding(EsmPreTrainedModel):
         self._esm_dtype = dtype
 
     def set_trunk_dtype(self, dtype: torch.dtype | None) -> None:
-        """Run the folding blocks under autocast in ``dtype`` (torch.bfloat16), or in fp32 (None)."""
+        """Run the folding blocks under autocast in ``dtype`` (torch.bfloat16), or in fp32 (None), with
+        today's kernels (``set_kernels("torch")``); this ends the automatic mode (``set_fast``)."""
         if dtype not in (None, torch.float32, torch.bfloat16):
             # fp16 overflows in the triangular multiplication's sums over N residues.
             raise ValueError(f"the trunk runs in fp32 or bf16, not {dtype}")
         self.trunk.block_dtype = None if dtype == torch.float32 else dtype
+        self.trunk.set_kernels("torch")
+        self._fast_mode = False  # an explicit choice: no automatic mode any more
 
     def set_kernels(self, kernels: str) -> None:
         """Kernels of the trunk's triangle updates: "torch" (default), "sdpa" or "cueq" (cuEquivariance,
         the ``fold-gpu`` extra; falls back to "sdpa" where it is not installed or on the CPU)."""
         self.trunk.set_kernels(kernels)
+        self._fast_mode = self.fast
 
-    def set_fast(self, enabled: bool = True, kernels: str = "cueq") -> None:
+    def set_fast(self, enabled: bool | None = True, kernels: str = "cueq") -> None:
         """The fast mode: the trunk in bf16 with fused triangle kernels (``kernels``; see
-        ``set_kernels``). ``set_fast(False)`` returns to the fp32 trunk with today's kernels. The
-        structure module stays fp32, the stem's precision is ``set_esm_dtype``'s."""
-        if enabled:
-            self.set_trunk_dtype(torch.bfloat16)
-            self.set_kernels(kernels)
-        else:
-            self.set_trunk_dtype(None)
-            self.set_kernels("torch")
+        ``set_kernels``). ``set_fast(False)`` (or ``set_trunk_dtype(None)``) is the fp32 trunk with
+        today's kernels, the path tested against HF transformers. ``None``: automatic, the default: the
+        fast mode on CUDA, the fp32 trunk elsewhere. The structure module stays fp32, the stem's
+        precision is ``set_esm_dtype``'s."""
+        if enabled is None:
+            self._fast_mode = None
+            return
+        self._apply_fast(bool(enabled), kernels)
+        self._fast_mode = bool(enabled)
+
+    def _apply_fast(self, enabled: bool, kernels: str = "cueq") -> None:
+        self.trunk.block_dtype = torch.bfloat16 if enabled else None
+        self.trunk.set_kernels(kernels if enabled else "torch")
 
     @property
     def fast(self) -> bool:
@@ -420,6 +433,8 @@ class EsmForProteinFolding(EsmPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(N, device=aa.device).expand(B, N)
         mask = attention_mask
+        if self._fast_mode is None:  # automatic: the fast mode on CUDA
+            self._apply_fast(aa.device.type == "cuda")
 
         esmaa = self.af2_idx_to_esm_idx(aa, mask)
         if masking_pattern is not None:

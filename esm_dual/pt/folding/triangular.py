@@ -135,6 +135,13 @@ class TriangleMultiplicativeUpdate(nn.Module):
         # "torch" | "cueq" (kernels.py; "sdpa" means "torch" here); set by FoldingTrunk.set_kernels
         self.kernels = "torch"
 
+    def _cueq_ok(self, z: torch.Tensor, chunk_size: int | None) -> bool:
+        """cuEquivariance's kernel: on CUDA, channels a multiple of 32 (its tiles), and not where the
+        caller asked for row chunks (the kernel holds full-size projections: long sequences keep the
+        chunked, memory-bounded path)."""
+        return (z.dim() == 4 and use_cueq(self.kernels, z) and z.shape[-1] % 32 == 0
+                and (chunk_size is None or chunk_size >= z.shape[-3]))
+
     def _cueq(self, z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The update through cuEquivariance's fused kernel. Its SM90 inference kernel wants a
         contiguous float [B, N, N] mask (all ones where there is none)."""
@@ -153,7 +160,7 @@ class TriangleMultiplicativeUpdate(nn.Module):
     ) -> torch.Tensor:
         """z [*, N, N, C_z]; mask [*, N, N] -> update [*, N, N, C_z] (with ``accumulate`` and chunks:
         z + update, written into z)."""
-        if z.dim() == 4 and not accumulate and use_cueq(self.kernels, z):
+        if not accumulate and self._cueq_ok(z, chunk_size):
             return self._cueq(z, mask)
         if mask is None:
             mask = z.new_ones(z.shape[:-1])
@@ -211,7 +218,7 @@ class TriangleMultiplicativeUpdate(nn.Module):
         """z += self(z, mask, chunk_size) in place (inference). Chunked, the projections of every row
         are built first and each output row block is added into z right after its gate reads it, so
         no full-size output is held."""
-        if chunk_size is None or chunk_size >= z.shape[-3] or (z.dim() == 4 and use_cueq(self.kernels, z)):
+        if chunk_size is None or chunk_size >= z.shape[-3] or self._cueq_ok(z, chunk_size):
             z += self(z, mask, chunk_size)
         else:
             self(z, mask, chunk_size, accumulate=True)
