@@ -199,6 +199,45 @@ def test_reads_what_transformers_save_pretrained_writes(tmp_path, checkpoint, mo
     assert torch.equal(a["positions"], b["positions"])
 
 
+def test_loading_hf_fp16_stem_checkpoint_is_exact(tmp_path):
+    """HF's EsmForProteinFolding with fp16_esm (as facebook/esmfold_v1: its stem, rotary table included,
+    is fp16 in memory and in the file) saved with save_pretrained: every tensor we load equals HF's
+    in-memory value, the rotary table keeps HF's fp16-rounded frequencies (in an fp32 buffer, as HF
+    computes the angles in fp32), and the fold equals HF's in-memory model's (both stems in fp32 on
+    the CPU). The coordinate differences seen on GPU do not come from loading."""
+    import transformers
+
+    from esm_dual.pt import EsmForProteinFolding
+
+    torch.manual_seed(0)
+    hf = transformers.EsmForProteinFolding(transformers.EsmConfig(**tiny_esmfold_config_dict(fp16_esm=True)))
+    hf = hf.eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in hf.named_parameters():
+            p.add_((torch.randn(p.shape, generator=g) * 0.2).to(p.dtype))
+    assert hf.esm.embeddings.word_embeddings.weight.dtype == torch.float16
+    hf.save_pretrained(str(tmp_path))
+    ours = EsmForProteinFolding.from_pretrained(str(tmp_path))
+    ref = hf.state_dict()
+    inv = ref.pop("esm.rotary_embeddings.inv_freq")
+    assert inv.dtype == torch.float16
+    compared = 0
+    for name, t in ours.state_dict().items():
+        if name.endswith("rotary_embeddings.inv_freq"):
+            assert t.dtype == torch.float32 and torch.equal(t, inv.float()), name
+            continue
+        assert torch.equal(t.float(), ref[name].float()), name
+        if not name.startswith("esm."):
+            assert t.dtype == ref[name].dtype, name  # esm_s_combine and the trunk stay fp32
+        compared += 1
+    assert compared == len(ref)
+    hf.esm.float()
+    with torch.no_grad():
+        a, b = ours.infer(SEQS), hf.infer(SEQS)
+    assert _max_diff(a["positions"][-1], b["positions"][-1], [len(s) for s in SEQS], 1) < ATOL_ANGSTROM
+
+
 # ------------------------------------------------------------------------------------------------
 # Parity with HF transformers
 # ------------------------------------------------------------------------------------------------
