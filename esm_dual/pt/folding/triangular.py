@@ -143,10 +143,18 @@ class TriangleMultiplicativeUpdate(nn.Module):
                 and (chunk_size is None or chunk_size >= z.shape[-3]))
 
     def _cueq(self, z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """The update through cuEquivariance's fused kernel. Its SM90 inference kernel wants a
-        contiguous float [B, N, N] mask (all ones where there is none)."""
-        mask = z.new_ones(z.shape[:-1]) if mask is None else mask.to(z.dtype).contiguous()
-        return cueq_triangle_multiplication(self, z.contiguous(), mask)
+        """The update through cuEquivariance's fused kernel, with a float [B, N, N] mask (all ones where
+        there is none). N is padded to a multiple of 16 with masked pairs (they add nothing to the sums;
+        their outputs are dropped): bf16 contractions over a length that is not a multiple of 8 miss
+        cuBLAS's aligned tensor-core kernels."""
+        n = z.shape[-2]
+        mask = z.new_ones(z.shape[:-1]) if mask is None else mask.to(z.dtype)
+        pad = -n % 16
+        if pad:
+            z = nn.functional.pad(z, (0, 0, 0, pad, 0, pad))
+            mask = nn.functional.pad(mask, (0, pad, 0, pad))
+        out = cueq_triangle_multiplication(self, z.contiguous(), mask.contiguous())
+        return out[:, :n, :n] if pad else out
 
     def _projections(self, z_ln: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z_ln [*, R, N, C_z] (LayerNormed rows), mask [*, R, N, 1] -> gated projections a, b."""
