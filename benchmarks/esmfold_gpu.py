@@ -559,7 +559,7 @@ def profile_breakdown(args, cfg: dict, device, models=None) -> dict:
     out = []
     for n in [int(x) for x in args.profile_lengths.split(",") if x]:
         seq = random_seq(n, rng)
-        for name in ("esm_dual", "esm_dual_fast", "hf"):
+        for name in args.profile_impls.split(","):
             m = hf if name == "hf" else ours
             if m is ours:
                 ours.set_fast(name == "esm_dual_fast")
@@ -593,7 +593,7 @@ def check_kernels(args, device) -> dict:
         for p in block.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     out = []
-    for n in (256, 512):
+    for n in [int(x) for x in args.kernel_lengths.split(",") if x]:
         z = torch.randn(1, n, n, 128, device=device)
         mask = torch.ones(1, n, device=device)
         pm = mask[:, :, None] * mask[:, None, :]
@@ -708,6 +708,8 @@ def main(argv=None) -> int:
     p.add_argument("--set-skip", default="", help="--suite: comma-separated impls to leave out of the set")
     p.add_argument("--profile-lengths", default="", help="per-part time breakdown at these lengths")
     p.add_argument("--profile-recycles", type=int, default=0, help="--profile-lengths: recycles (0: one pass)")
+    p.add_argument("--profile-impls", default="esm_dual,esm_dual_fast,hf", help="--profile-lengths: which models")
+    p.add_argument("--kernel-lengths", default="256,512", help="--check-kernels: pair lengths")
     p.add_argument("--check-kernels", action="store_true", help="fused triangle kernels vs fp32 modules")
     p.add_argument("--markdown", default=None, help="--suite: also write the README table here")
     args = p.parse_args(argv)
