@@ -1113,6 +1113,7 @@ class EsmForMaskedLM(EsmPreTrainedModel):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.decoder.weight = self.esm.embeddings.word_embeddings.weight
+            self.lm_head.decoder.out_features = self.lm_head.decoder.weight.shape[0]
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                 output_hidden_states=False, output_attentions=False, return_dict=True) -> MaskedLMOutput:
