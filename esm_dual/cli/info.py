@@ -48,8 +48,8 @@ def heads_present(tensors: dict[str, Any]) -> list[str]:
 
 
 def describe(location: str) -> dict[str, Any]:
-    from ..common.checkpoint import load_checkpoint
     from ..common.presets import count_parameters, get_preset
+    from ..io.hub import load_checkpoint
 
     if os.path.sep in location or location.startswith((".", "~")):
         location = os.path.expanduser(location)
@@ -87,7 +87,21 @@ def describe(location: str) -> dict[str, Any]:
     preset = get_preset(os.path.basename(location.rstrip("/")), missing_ok=True)
     if preset is not None and _same_shape(preset.config, c):  # a folder's name alone proves nothing
         info["preset"] = preset.name
+    info["fast_path"] = fast_path_options()
     return info
+
+
+def fast_path_options() -> dict[str, Any] | str:
+    """The PyTorch fast path's options as this process resolves them (``FastPathOptions`` from the
+    ``ESM_DUAL_*`` environment), or why there are none (no PyTorch; an invalid variable, named)."""
+    try:
+        from ..pt.fast.options import default_options
+    except ImportError as e:  # torch is not installed: nothing to show
+        return f"n/a ({type(e).__name__}: {e})"
+    try:
+        return default_options().as_dict()
+    except ValueError as e:  # an invalid ESM_DUAL_* value: say which, as the model would
+        return f"error: {e}"
 
 
 def _same_shape(a, b) -> bool:
@@ -129,6 +143,13 @@ def _print_info(info: dict[str, Any], out) -> None:
     ]
     if info.get("num_labels"):
         rows.insert(-2, ("labels", info["num_labels"]))
+    fast = info.get("fast_path")
+    if isinstance(fast, dict):
+        from ..pt.fast.options import FastPathOptions
+
+        fast = FastPathOptions(**fast).describe()
+    if fast is not None:
+        rows.append(("fast path", fast))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}", file=out)

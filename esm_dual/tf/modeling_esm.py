@@ -15,6 +15,7 @@ numpy arrays.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -31,13 +32,20 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from ..common.config import EsmConfig, with_recorded_dtype  # noqa: E402
-from ..common.loading import LoadingError, checkpoint_has_pooler, match_state, weights_dtype  # noqa: E402
 from ..common.outputs import (  # noqa: E402
     BaseModelOutputWithPooling,
     MaskedLMOutput,
     ModelOutput,
     SequenceClassifierOutput,
     TokenClassifierOutput,
+)
+from ..io.dtypes import weights_dtype  # noqa: E402
+from ..io.schema import (  # noqa: E402
+    LoadingError,
+    check_finite,
+    checkpoint_has_pooler,
+    match_state,
+    rotary_inv_freq,
 )
 
 if keras.backend.backend() != "tensorflow":  # pragma: no cover - depends on the environment
@@ -187,10 +195,6 @@ def _dropout(rate: float, parent: keras.layers.Layer, name: str = "dropout") -> 
     return keras.layers.Dropout(rate, name=name, dtype=parent.dtype_policy)
 
 
-def _rotary_inv_freq(dim: int, base: float) -> np.ndarray:
-    return (1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(np.float32)
-
-
 # ================================================================================================
 # Embeddings and positions
 # ================================================================================================
@@ -264,7 +268,7 @@ class TFEsmRotaryEmbedding(keras.layers.Layer):
     def build(self, input_shape=None):
         self.inv_freq = self.add_weight(
             name="inv_freq", shape=(self.dim // 2,), dtype="float32", trainable=False, autocast=False,
-            initializer=keras.initializers.Constant(_rotary_inv_freq(self.dim, self.base)))
+            initializer=keras.initializers.Constant(rotary_inv_freq(self.dim, self.base)))
 
     def call(self, q: tf.Tensor, k: tf.Tensor, positions: tf.Tensor, q_scale: float = 1.0):
         """q, k [B, H, L, K]; positions [B, L] or [L] -> rotated q (times q_scale), k; computed in fp32."""
@@ -628,7 +632,7 @@ class TFEsmPreTrainedModel(keras.Model):
     def _init_variable(self, name: str, var: keras.Variable) -> None:
         """Fresh value of one variable, as ``_init_weights`` of the PyTorch twin."""
         if name.endswith("rotary_embeddings.inv_freq"):
-            value = _rotary_inv_freq(self.config.head_dim, self.config.rope_theta)
+            value = rotary_inv_freq(self.config.head_dim, self.config.rope_theta)
         elif var.name in ("kernel", "embeddings"):
             value = keras.initializers.RandomNormal(0.0, self.config.initializer_range)(var.shape)
         elif var.name == "gamma":
@@ -680,7 +684,7 @@ class TFEsmPreTrainedModel(keras.Model):
         *,
         config: EsmConfig | None = None,
         dtype: str | keras.DTypePolicy | None = None,
-        **config_overrides: Any,
+        **kwargs: Any,
     ):
         """Load from a hub-layout directory, a hub id, a fair-esm ``.pt`` file or a preset name.
 
@@ -688,20 +692,76 @@ class TFEsmPreTrainedModel(keras.Model):
         lacks is initialised fresh; both are said in one log line. Config fields may be overridden
         (``num_labels=3``, ``problem_type="regression"``, dropout probabilities ...). ``dtype`` is a
         Keras dtype policy ("float32", "mixed_bfloat16", ...).
-        """
-        from ..common.checkpoint import load_checkpoint
 
-        ckpt = load_checkpoint(pretrained)
+        transformers' loading arguments are honoured as in ``esm_dual.pt``: ``revision``, ``cache_dir``,
+        ``token``, ``local_files_only``, ``force_download``, ``subfolder``, ``proxies`` (through
+        huggingface_hub), ``device_map`` (a device such as "cpu" or "/GPU:0", built under ``tf.device``; "auto"
+        keeps Keras' placement) and ``attn_implementation`` ("auto", "sdpa" or "eager": the one attention path
+        here). Any other argument that is not a config field is an error naming it; none reaches the config.
+        """
+        from ..common.hf_hub import split_pretrained_kwargs
+        from ..io.hub import load_checkpoint
+        from ..io.resolve import resolve_checkpoint
+
+        where = f"{cls.__name__}.from_pretrained"
+        # add_pooling_layer (the encoder alone) is from_checkpoint's, as in transformers' EsmModel.
+        fields = EsmConfig._field_names() + (["add_pooling_layer"] if issubclass(cls, TFEsmModel) else [])
+        hub_kwargs, framework, config_overrides = split_pretrained_kwargs(kwargs, fields, where)
+        attn = framework.get("attn_implementation")
+        if attn is not None and attn not in ("auto", "sdpa", "eager"):
+            raise ValueError(f"attn_implementation={attn!r} is not supported by the Keras models; choose one of "
+                             "'auto', 'sdpa', 'eager' (all run the same attention)")
+        device_map = framework.get("device_map")
+        if isinstance(device_map, dict):
+            devices = {str(v) for v in device_map.values()}
+            if len(devices) != 1:
+                raise ValueError(f"device_map={device_map!r} splits the model over {sorted(devices)}; esm-dual "
+                                 "places a model on one device")
+            device_map = next(iter(device_map.values()))
+        if device_map is not None and not isinstance(device_map, str):
+            raise ValueError(f"device_map={device_map!r}: the Keras models take a device name ('cpu', 'gpu:0') "
+                             "or 'auto'")
+        device = device_map if device_map not in (None, "auto") else None
+        ckpt = load_checkpoint(resolve_checkpoint(pretrained, **hub_kwargs))
+        model = cls.from_checkpoint(ckpt, dtype=dtype, device=device, config=config, **config_overrides)
+        model.name_or_path = os.fspath(pretrained)
+        return model
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        ckpt: Any,
+        *,
+        dtype: str | keras.DTypePolicy | None = None,
+        device: str | None = None,
+        config: EsmConfig | None = None,
+        **overrides: Any,
+    ):
+        """Build this model from a loaded checkpoint (``esm_dual.io.base.Checkpoint``: config + hub-named numpy
+        tensors): the one place a Keras model is made from tensors (``from_pretrained``, the CLI and conversion
+        call it).
+
+        ``dtype``: a Keras dtype policy (``"float32"``, ``"mixed_bfloat16"``, ...); ``device``: a TensorFlow
+        device (``"/GPU:0"``) to build under; ``config`` replaces the checkpoint's; ``overrides`` are config
+        fields and, for ``TFEsmModel``, ``add_pooling_layer`` (default: whether the checkpoint has a pooler).
+        NaN or infinite weights are refused by name.
+        """
+        add_pooling_layer = overrides.pop("add_pooling_layer", None)
         cfg = config if config is not None else ckpt.config
-        if config_overrides:
-            cfg = EsmConfig.from_dict(cfg.to_dict(), **config_overrides)
-        kwargs = {"add_pooling_layer": checkpoint_has_pooler(ckpt.tensors)} if cls is TFEsmModel else {}
+        if overrides:
+            cfg = EsmConfig.from_dict(cfg.to_dict(), **overrides)
+        check_finite(ckpt.tensors, str(ckpt.source))
+        kwargs: dict[str, Any] = {}
+        if cls is TFEsmModel:
+            kwargs["add_pooling_layer"] = (checkpoint_has_pooler(ckpt.tensors) if add_pooling_layer is None
+                                           else add_pooling_layer)
         if dtype is not None:
             kwargs["dtype"] = dtype
         # Build without random initialisation: every tensor is then either loaded or initialised.
-        with _no_init():
-            model = cls(cfg, **kwargs)
-        model.load_hub_tensors(ckpt.tensors, source=str(ckpt.source))
+        with tf.device(device) if device is not None else contextlib.nullcontext():
+            with _no_init():
+                model = cls(cfg, **kwargs)
+            model.load_hub_tensors(ckpt.tensors, source=str(ckpt.source))
         return model
 
     def load_hub_tensors(self, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> list[str]:
@@ -724,11 +784,22 @@ class TFEsmPreTrainedModel(keras.Model):
         return result.messages
 
     # ---- saving ---------------------------------------------------------------------------------
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token: str | bool | None = None, revision: str | None = None, create_pr: bool = False,
+                    max_shard_size: int | str | None = "5GB") -> Any:
+        """Upload the model (``config.json`` + safetensors, as ``save_pretrained`` writes them) to the HF hub
+        through ``huggingface_hub``, creating the repo if needed; returns the commit info."""
+        from ..common.hf_hub import push_folder_to_hub
+
+        return push_folder_to_hub(lambda d: self.save_pretrained(d, max_shard_size=max_shard_size), repo_id,
+                                  commit_message=commit_message, private=private, token=token, revision=revision,
+                                  create_pr=create_pr)
+
     def save_pretrained(self, directory: str | os.PathLike, *,
                         max_shard_size: int | str | None = None) -> None:
         """Write ``config.json`` + ``model.safetensors`` in the hub layout (readable by transformers,
         fair-esm converters and ``esm_dual.pt``)."""
-        from ..common.checkpoint import save_checkpoint
+        from ..io.hub import save_checkpoint
 
         cfg = self.config.copy(architectures=[type(self).__name__[2:]])
         tensors = {}

@@ -204,7 +204,7 @@ CALL_OPTIONS = [
     dict(padding="max_length"),  # no max_length and no model_max_length: no padding (HF)
     dict(truncation=True, max_length=6),
     dict(truncation=True, max_length=2),
-    dict(truncation=True, max_length=1),
+    dict(truncation=True, max_length=1, add_special_tokens=False),
     dict(truncation=True),
     dict(truncation=False, max_length=4),
     dict(max_length=4),  # max_length alone truncates (HF's backward-compatible rule)
@@ -261,7 +261,7 @@ PAIR_OPTIONS = [
     dict(truncation="longest_first", max_length=6),
     dict(truncation="only_first", max_length=9),
     dict(truncation="only_second", max_length=9),
-    dict(truncation=True, max_length=2),
+    dict(truncation=True, max_length=3),
     dict(padding="max_length", truncation=True, max_length=10, return_token_type_ids=True),
 ]
 
@@ -451,9 +451,9 @@ def test_from_pretrained_resolves_preset_names(tmp_path, monkeypatch):
         calls.append(name)
         return str(tmp_path / "preset")
 
-    fake = types.ModuleType("esm_dual.common.checkpoint")
+    fake = types.ModuleType("esm_dual.io.resolve")
     fake.resolve_checkpoint = resolve_checkpoint
-    monkeypatch.setitem(sys.modules, "esm_dual.common.checkpoint", fake)
+    monkeypatch.setitem(sys.modules, "esm_dual.io.resolve", fake)
     tok = EsmTokenizer.from_pretrained("facebook/esm2_t6_8M_UR50D")
     assert calls == ["facebook/esm2_t6_8M_UR50D"]
     assert tok.get_vocab() == EsmTokenizer().get_vocab()

@@ -4,12 +4,13 @@ row-chunking helpers that bound the memory of pair-representation updates."""
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..fast.options import default_options
 
 
 def row_chunks(n: int, chunk_size: int | None) -> Iterator[slice]:
@@ -53,9 +54,10 @@ def wide_op_rows(chunk_size: int | None, n: int, width: int) -> int | None:
 def sdpa_bias_ok(x: torch.Tensor, any_dtype: bool = False) -> bool:
     """Triangle attention through ``F.scaled_dot_product_attention`` with the biases as its mask:
     fp32 outside autocast, or in any dtype with ``any_dtype`` (the ``"sdpa"`` / ``"cueq"`` kernels;
-    the fused kernels never materialise the [*, H, N, N] scores). Off with ESM_DUAL_TRIANGLE_SDPA=0
-    (the explicit scores / softmax path, as HF and OpenFold write it)."""
-    if os.environ.get("ESM_DUAL_TRIANGLE_SDPA", "1") in ("0", ""):
+    the fused kernels never materialise the [*, H, N, N] scores). Off with
+    ``FastPathOptions.triangle_sdpa`` (``ESM_DUAL_TRIANGLE_SDPA=0``): the explicit scores / softmax path,
+    as HF and OpenFold write it."""
+    if not default_options().triangle_sdpa:
         return False
     if any_dtype:
         return True
