@@ -11,15 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import PROG
+from ._common import PROG, add_model_argument, resolve_positionals
 
 _DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="SRC", help="checkpoint to read (directory or file)")
-    parser.add_argument("dst", metavar="DST", help="where to write it (a directory for hf / tf-h5, a .keras or "
-                        ".pt file otherwise)")
+    parser.add_argument("_positionals", nargs="*", metavar="SRC DST",
+                        help="SRC: the checkpoint to read (directory or file; or give it as --model); DST: where to "
+                        "write it (a directory for hf / tf-h5, a .keras or .pt file otherwise)")
+    add_model_argument(parser, dest="src", help=argparse.SUPPRESS)
     parser.add_argument("--to", choices=("hf", "keras", "tf-h5", "fair-esm"), default=None,
                         help="destination layout (default: from DST's extension: .keras -> keras, .pt -> fair-esm)")
     parser.add_argument("--dtype", choices=_DTYPES, default=None,
@@ -33,12 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config.json for a source that has none (a Keras .weights.h5 file)")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="hf output: shard the safetensors above this size (default 5GB; 'none': one file)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print nothing but errors (the frameworks' log lines included)")
 
 
 def run(args: argparse.Namespace) -> int:
     import esm_dual.convert as conv
 
+    resolve_positionals(args, ("src", "dst"), "convert")
     def log(msg: str) -> None:
         if not args.quiet:
             print(f"{PROG}: {msg}", file=sys.stderr)
