@@ -508,6 +508,7 @@ def load_runner(location: str, *, backend: str = "pt", head: str = "base", devic
     dev = pick_device(device, backend, nogpu)
     dt = pick_dtype(dtype, dev)
     ckpt = _load_checkpoint(location)
+    warn_if_random(location, ckpt.config)
     if getattr(ckpt.config, "is_folding_model", False):
         raise CliError(f"{location} is an ESMFold checkpoint; use its language model, or `esm-dual fold`")
     if head == "mlm" and not has_lm_head(ckpt.tensors):
@@ -552,6 +553,7 @@ class LogProgress:
         self.stream = stream
         self.t0 = self.last = _now()
         self.closed = False
+        self.printed = 0  # n at the last line printed
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -564,6 +566,7 @@ class LogProgress:
         self.postfix = s
 
     def _line(self) -> None:
+        self.printed = self.n
         dt = max(_now() - self.t0, 1e-9)
         rate = self.n / dt
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
@@ -576,7 +579,7 @@ class LogProgress:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            if self.n:
+            if self.n and self.n != self.printed:
                 self._line()
 
     def write(self, line: str) -> None:
@@ -612,6 +615,15 @@ def progress(total: int, desc: str, unit: str = "seq", quiet: bool = False) -> A
     except ValueError:
         interval = 30.0
     return LogProgress(total, desc, unit, interval)
+
+
+def warn_if_random(location: str, config) -> None:
+    """Say so when ``location`` holds the random weights of ``esm-dual init --random``."""
+    from .init import random_warning
+
+    msg = random_warning(location, config)
+    if msg:
+        warn(msg)
 
 
 def configure_logging() -> logging.Handler:

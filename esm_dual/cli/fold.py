@@ -34,6 +34,7 @@ from ._common import (
     resolve_positionals,
     token_batches,
     warn,
+    warn_if_random,
 )
 
 SUMMARY = "summary.tsv"
@@ -269,6 +270,7 @@ def _run(args: argparse.Namespace) -> int:
     model = EsmForProteinFolding.from_pretrained(
         args.model, device=device, esm_checkpoint=args.esm_checkpoint
     )
+    warn_if_random(args.model, model.config)
     model.set_chunk_size(args.chunk_size)
     model.set_esm_dtype(args.esm_dtype)
     model.set_trunk_dtype(torch.bfloat16 if args.trunk_dtype == "bf16" else None)

@@ -198,7 +198,7 @@ class Scorer:
         L = ids.shape[1]
         step = self._rows_per_pass(L)
         out: dict[int, np.ndarray] = {}
-        bar = self._bar(len(positions), "masked-marginals", "position")
+        bar = self._bar(len(positions), "masked-marginals", "positions")
         for s in range(0, len(positions), step):
             chunk = positions[s:s + step]
             toks = np.repeat(ids, len(chunk), axis=0)

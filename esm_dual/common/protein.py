@@ -207,7 +207,8 @@ def _cif_text(text: str, width: int = 80) -> str:
 def _cif_loop(category: str, fields: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     if len(rows) == 1:  # a single row as key-value pairs, as the PDB writes it
         w = max(len(f) for f in fields)
-        return [f"_{category}.{f:<{w}} {v}" for f, v in zip(fields, rows[0])] + ["#"]
+        return [f"_{category}.{f}{v}" if str(v).startswith("\n") else f"_{category}.{f:<{w}} {v}"
+                for f, v in zip(fields, rows[0])] + ["#"]
     out = ["loop_"] + [f"_{category}.{f}" for f in fields]
     out += [" ".join(str(v) for v in row) for row in rows]
     return out + ["#"]
