@@ -32,6 +32,35 @@ TINY_CONFIGS = {
 }
 
 
+# The longest end-to-end tests: multi-process training and embedding, whole fit loops, the benchmarks' CPU smoke
+# runs. The README's test command (-m "not gpu and not slow") leaves them out so that it stays under five minutes
+# on a 2-core machine; CI (.ci/run, -m "not gpu") runs them too. Node-id prefixes; tests can also be marked
+# with @pytest.mark.slow where they are written (the README's blocks are).
+SLOW_TESTS = (
+    "tests/distributed/",
+    "tests/tf/test_fit_e2e.py",
+    "tests/pt/test_encoder_gpu_bench.py::test_cpu_smoke_with_bounds",
+    "tests/cli/test_embed_gpu_bench.py::test_cpu_smoke",
+    "tests/pt/test_training_pt.py::test_training_loop_reduces_mlm_loss",
+    "tests/tf/test_keras_training.py::test_mlm_trains_on_its_own_loss_with_labels_as_y",
+    "tests/tf/test_keras_training.py::test_keras_loss_and_metrics_on_the_logits",
+    "tests/tf/test_keras_training.py::test_labels_in_the_input_dict",
+    "tests/tf/test_keras_training.py::test_fit_on_the_tf_data_pipeline",
+    "tests/tf/test_keras_training.py::test_mixed_bfloat16_close_to_float32",
+    "tests/tf/test_keras_training.py::test_xla_jit_compile_fit_matches_eager_fit",
+    "tests/tf/test_keras_training.py::test_compile_without_a_loss_returns_to_the_own_loss",
+    "tests/tf/test_keras_training.py::test_mirrored_strategy_build_compile_fit",
+    "tests/tf/test_modeling_tf.py::test_export_saved_model_serves_same_logits",
+    "tests/pt/test_training_pt.py::test_torch_compile_fullgraph_same_output",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.startswith(SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
+
+
 def tiny_config(flavour: str = "esm2", **changes) -> EsmConfig:
     return EsmConfig.from_dict({**TINY_CONFIGS[flavour], **changes})
 

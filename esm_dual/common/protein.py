@@ -210,7 +210,11 @@ def _cif_loop(category: str, fields: Sequence[str], rows: Sequence[Sequence[Any]
         return [f"_{category}.{f}{v}" if str(v).startswith("\n") else f"_{category}.{f:<{w}} {v}"
                 for f, v in zip(fields, rows[0])] + ["#"]
     out = ["loop_"] + [f"_{category}.{f}" for f in fields]
-    out += [" ".join(str(v) for v in row) for row in rows]
+    for row in rows:  # a text field (a long sequence) ends with ';' alone on its line; the row goes on below it
+        line = ""
+        for v in map(str, row):
+            line += v + ("\n" if v.startswith("\n;") else " ")
+        out.append(line.rstrip())
     return out + ["#"]
 
 

@@ -105,7 +105,7 @@ def test_unknown_residues_embed(tmp_path, capsys, model, one_torch_thread):
         n = s["bad"]["per_tok"][3].shape[0]
     # HF's tokenizer: the run 'ta' is one <unk>, '*' another
     hf_ids = EsmTokenizer()("MKtaYI*K", add_special_tokens=False)["input_ids"]
-    assert n == len(hf_ids) == 6 and hf_ids.count(EsmTokenizer().unk_token_id) == 2
+    assert n == len(hf_ids) == 7 and hf_ids.count(EsmTokenizer().unk_token_id) == 2
 
 
 def test_unknown_residues_fold_sequences():
@@ -177,6 +177,7 @@ def test_progress_lines_in_logs(tmp_path, capsys, model, fasta, monkeypatch, one
     assert rc == 0 and err == ""
 
 
+@pytest.mark.slow
 def test_quiet_silences_tensorflow(tmp_path, model):
     """`-q` with a TensorFlow command prints nothing at all, TensorFlow's C++ start-up lines included."""
     pytest.importorskip("tensorflow")

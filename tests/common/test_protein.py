@@ -75,7 +75,7 @@ def test_mmcif_read_by_gemmi(chains):
     for ent, seq in zip(st.entities, distinct):
         assert ent.entity_type == gemmi.EntityType.Polymer
         assert ent.polymer_type == gemmi.PolymerType.PeptideL
-        assert gemmi.one_letter_code(list(ent.full_sequence)) == seq.replace("X", "x")  # gemmi: x = unknown
+        assert gemmi.one_letter_code(list(ent.full_sequence)) == seq  # UNK kept as X
         assert list(ent.subchains) == [P.CHAIN_IDS[i] for i, c in enumerate(chains) if c == seq]
     assert sorted(block.find_values("_atom_type.symbol")) == ["C", "N", "O"] + (["S"] if "M" in "".join(chains)
                                                                                 else [])
