@@ -7,7 +7,7 @@ conversion in a fresh child process and reads the child's peak RSS (``ru_maxrss`
 * ``hub -> hub --dtype bfloat16`` (streamed: tensor by tensor into planned shards);
 * ``hub -> fair-esm`` (a ``.pt`` file is one pickle: one copy of the weights is held);
 * ``hub -> tf-h5`` (streamed: one HDF5 dataset per tensor);
-* ``baseline``: the same child importing esm_dual.convert + torch and reading the config only.
+* ``baseline``: the same child importing esm_dual.conversion + torch and reading the config only.
 
 Everything it writes is deleted at the end (``--keep`` keeps it)::
 
@@ -30,7 +30,7 @@ import numpy as np
 CHILD = r"""
 import json, resource, sys, time
 mode, src, dst = sys.argv[1:4]
-import esm_dual.convert as conv
+import esm_dual.conversion as conv
 import torch  # noqa: F401  (same imports in every mode)
 t0 = time.time()
 if mode == "hf-bf16":
@@ -47,12 +47,12 @@ print(json.dumps({"seconds": time.time() - t0, "peak_rss_bytes": peak}))
 
 
 class _SyntheticSource:
-    """A _Source-like object producing random float32 tensors on demand (one at a time)."""
+    """A conversion Source-like object producing random float32 tensors on demand (one at a time)."""
 
     format = "hf"
 
     def __init__(self, config, seed: int = 0):
-        from esm_dual.common.checkpoint import expected_shape
+        from esm_dual.io.schema import expected_shape
 
         self.config, self.path = config, "synthetic"
         c = config
@@ -83,14 +83,14 @@ class _SyntheticSource:
 
 def make_checkpoint(directory: str, layers: int) -> int:
     from esm_dual.common.config import EsmConfig
-    from esm_dual.convert import _write_hf
+    from esm_dual.conversion.writers import write_hf
 
     config = EsmConfig(vocab_size=33, hidden_size=1280, num_hidden_layers=layers, num_attention_heads=20,
                        intermediate_size=5120, max_position_embeddings=1026, position_embedding_type="rotary",
                        token_dropout=True, emb_layer_norm_before=False, layer_norm_eps=1e-5, pad_token_id=1,
                        mask_token_id=32, architectures=["EsmForMaskedLM"])
     src = _SyntheticSource(config)
-    _write_hf(directory, src, src.names(), src.get, None, "1GB")
+    write_hf(directory, src, src.names(), src.get, None, "1GB")
     return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory) if f.endswith(".safetensors"))
 
 

@@ -26,7 +26,7 @@ loading, reading and tokenising the FASTA, batching, the forward passes and the 
 
 Weights: a seeded random HF ``EsmForMaskedLM`` of the shape (LayerNorms perturbed), saved before any clock
 starts as a hub-layout directory (config.json + model.safetensors + vocab.txt) and as a fair-esm ``.pt``
-(``esm_dual.common.checkpoint.save_fair_esm``). Every tool first runs once, untimed, on a small warm-up FASTA.
+(``esm_dual.io.fair_esm.save_fair_esm``). Every tool first runs once, untimed, on a small warm-up FASTA.
 
 Datasets (``--fasta``, repeatable; default ``some_proteins.fasta`` and ``P62593.fasta`` from ``--data-dir``,
 default the repository's ``tests/data``; missing files are skipped with a note) plus
@@ -40,26 +40,7 @@ A line per dataset goes to stderr as it finishes, and ``--out`` is rewritten aft
     PYTHONUNBUFFERED=1 python benchmarks/embed_gpu.py [--shape 650M] [--data-dir .bench_data] [--out r.json]
     python benchmarks/embed_gpu.py --device cpu --shape tiny --lognormal 20 --fasta FILE   # CPU smoke test
 
-Measured 2026-11-25 on an NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130, transformers 5.17, fair-esm 2.0.0
-through its API as above, flash-attn-4 4.0.0b36), 650M shape, defaults, with the background writer and the
-on-device means. Residues/s, end to end, one run:
-
-    dataset (records, residues)     esm_dual  esm_dual_big  fair_esm    hf   hf_big  big/fair  big/HF best
-    some_proteins (15, 5,115)          3.7k       4.6k        0.7k     1.7k   4.7k      6.3      0.97
-    P62593 (first 2,000, 572,000)     60k       109k        15.6k    47k     53k        7.0      2.06
-    lognormal (2,000, 672,645)        56k       104k        14.0k    21k     38k        7.4      2.71
-
-``esm_dual`` and ``hf`` run at fair-esm's 4,096 tokens per batch, ``esm_dual_big`` and ``hf_big`` at 16,384,
-which is what ``esm-dual embed`` uses by default with PyTorch on a GPU. (some_proteins is mostly model
-loading.) These runs are noisy: the disk writes (~5 KB per residue) weigh on them. An earlier run that day on
-another H100, HF at 4,096 only: esm_dual_big 101k (P62593) / 86k (lognormal), fair-esm 13.6k / 12.7k, HF
-27.5k / 24.6k. Before the background writer and the on-device means, same script: esm_dual_big 66k / 74k,
-fair-esm 14.5k / 14.9k, HF (4,096) 42k / 30k. With flash-attn-4 forced on every batch, 4,096-token batches
-fell to 44k-47k (its host-side cost per call shows on small packs), so the library takes it only for large
-inference packs.
-
-Max |difference| of the mean embeddings, esm-dual fp16 vs fair-esm fp32: 3.6e-3..5.3e-3 (1.1e-3..1.3e-3 of
-the largest value); vs HF fp16: 1.4e-3..1.9e-3; esm-dual at 4096 vs 16384 tokens per batch: 0 (identical).
+Figures (with the card and software they were measured on): docs/performance.md.
 """
 
 from __future__ import annotations
@@ -156,9 +137,10 @@ def build_weights(shape: str, workdir: str, device: str, seed: int) -> tuple[str
     import torch
     import transformers
 
-    from esm_dual.common.checkpoint import save_checkpoint, save_fair_esm
     from esm_dual.common.config import EsmConfig
     from esm_dual.common.tokenizer import EsmTokenizer
+    from esm_dual.io.fair_esm import save_fair_esm
+    from esm_dual.io.hub import save_checkpoint
 
     cfg = shape_config(shape)
     torch.manual_seed(seed)

@@ -11,9 +11,7 @@ log-normal lengths, median 270, clipped to 1,022 residues, seeded) in this one p
   through the padded API (``EsmModel.forward`` on sorted batches of ``--budget``, which unpads internally).
 - Inference: the encoder's last hidden state (``torch.inference_mode``). Training: forward + backward
   of the MLM loss (15% of residues masked 80/10/10), bf16 weights and gradients, no optimizer step.
-- 1,024 sequences per shape (the 3B trains on 512), as issue 8 measured HF. With fewer, HF's sorted batches
-  carry more padding and the ratios flatter us: an earlier run on 256 sequences gave the 3B 2.47x, where
-  1,024 give 1.94x.
+- 1,024 sequences per shape (the 3B trains on 512), as issue 8 measured HF (fewer flatter the ratios).
 
 Throughput counts real tokens (BOS/EOS included, padding excluded); TFLOP/s counts the model FLOPs
 of the real tokens (matmuls + attention within each sequence); peak memory is the allocator's peak
@@ -21,59 +19,12 @@ above what was allocated before the pass (weights of both models stay resident),
 
     python benchmarks/encoder_gpu.py [--shapes 150M,650M,3B] [--modes inference,training] [--bounds] [--out r.json]
 
-``--variants`` also runs one pass of each named variant (environment switches the library reads, see
+``--variants`` also runs one pass of each named variant (fast-path options, ``FastPathOptions``, see
 ``VARIANTS``) at every budget: ``torch_flash`` (no flash-attn-4), ``no_residual_epilogue``, ``no_triton``.
 ``--bounds`` measures the speed of light of our own parts (``BOUNDS``, ``bound_patch``): the inference loop
 with the LayerNorms, then rotary, then attention taken out (wrong numbers; the GEMMs still see real inputs).
 
-Measured 2026-11-25 on an NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130, transformers 5.17, triton 3.6,
-flash-attn-4 4.0.0b36 with nvidia-cutlass-dsl 4.8.1 cu13), all rows from two runs on one card (650M and
-150M in one process, 3B in the next; their JSON in ``benchmarks/results/``). Real tokens/s, ours best / HF
-best (its best batch budget in brackets), peak GiB above the weights at the same token budget (inference
-32k, training the shape's budget):
-
-    shape  mode        ours               HF                     ratio  peak ours / HF
-    150M   inference  1048k (349 TF/s)   301k (100 TF/s) [32k]  3.49   0.35 / 0.81
-    650M   inference   380k (525 TF/s)   143k (197 TF/s) [16k]  2.67   0.70 / 1.59
-    3B     inference   105k (613 TF/s)    54k (316 TF/s) [16k]  1.94   1.40 / 3.16
-    150M   training    268k (269 TF/s)   102k (102 TF/s) [32k]  2.63   21.6 / 30.8
-    650M   training    107k (444 TF/s)    49k (203 TF/s) [16k]  2.18   23.9 / 32.7
-    3B     training     32k (557 TF/s)    18k (323 TF/s) [8k]   1.72   27.1 / 35.1
-
-HF's inference was measured there at 16k, 32k and 64k tokens. A third run on the same card added 8k
-(``encoder_gpu_h100_hf_8k.json``): 650M 129k (16k: 142k), 3B 53.9k (16k: 53.5k), ours 376k / 103.5k, so
-2.64x and 1.92x; 8k is now among the defaults.
-
-Speed of light (``--bounds``, 32k-token packs, same runs), tokens/s and x HF best:
-
-    shape  ours as shipped  no LayerNorm   also no rotary  GEMMs only (no attention either)
-    150M   1028k  3.42x     1081k  3.60x   1164k  3.87x    1737k  5.78x
-    650M    379k  2.66x      396k  2.78x    417k  2.93x     483k  3.39x
-    3B      104k  1.93x      106k  1.96x    109k  2.02x     119k  2.20x
-
-So with cuBLAS's GEMMs on this card, the four GEMMs of each layer alone, with attention, rotary and
-LayerNorm costing nothing, reach 2.20x HF at the 3B: they ran at 675 TFLOP/s (650M: 628), where one 8192^3
-GEMM in isolation runs at 766-798; 2.5x would need them 14% faster under the same power cap with everything
-else free. At the 650M, 3x HF (428k tok/s) leaves 0.09 s of a 0.79 s pass beside the GEMMs (0.70 s) for
-attention, rotary and LayerNorm, which take 0.19 s (0.112 + 0.044 + 0.036); with LayerNorm and rotary free,
-flash-attn-4's attention alone still leaves it at 2.93x.
-
-What the parts bring, inference at 32k / 64k-token packs (same runs): 650M all on 379k / 380k; FlashAttention-2
-instead of flash-attn-4 368k / 372k; residual add fused into the LayerNorm instead of the GEMM epilogue 370k /
-371k (and 0.94 GiB peak instead of 0.70); no Triton kernels at all 215k / 215k. 3B: 104k / 105k, 102k / 104k,
-103k / 103k, 72k / 72k. 650M training: 107k with flash-attn-4, 100k without (2.05x). Earlier steps: the FFN's
-bias + GELU in the cuBLASLt epilogue took the 650M from 337k to 362k. 650M inference profile (one 32k-token
-pack, 78.6 ms of kernels, an earlier run): GEMMs 70% (at 700-800 TFLOP/s), flash-attn-4 16%, LayerNorm 6%,
-rotary 5%.
-
-The card sits at its power cap: an nvidia-smi log beside earlier runs showed it at its ~690 W limit with the
-SM clock at ~1,750 MHz in the 650M passes and ~1,450 MHz in the 3B passes (1,980 at low load); a profile of a
-whole pass: kernels 98% (650M) and 100% (3B) of the wall time, and a CUDA graph of a 32k-token pack ran 84.8 ms
-against 85.3 ms eager. Under the cap the clock depends on the data the GEMMs see (see ``bound_patch``). What
-was tried on top and not kept (other flash-attn-4 tiles, sequences longest first in a pack; rotary in the
-epilogue of a Triton q/k/v GEMM, torch's GEMMs through cuBLASLt; torch's TunableOp, which timed 44 GEMM
-shapes of the 650M and 68 of the 3B and left the encoder at 380k and 105k): see ``esm_dual/pt/attention.py``,
-beside ``FA4_MIN_TOKEN_HEADS`` and in its docstring.
+Figures (with the card and software they were measured on) and what was tried: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -175,7 +126,7 @@ def padded_batches(seqs, order=None, batch_size=None, budget=None, labels=None):
 
 
 def packs(seqs, budget, labels=None):
-    from esm_dual.pt.packing import pack_by_token_budget, pack_sequences
+    from esm_dual.pt.fast.packing import pack_by_token_budget, pack_sequences
 
     out = []
     for g in pack_by_token_budget([len(s) for s in seqs], budget):
@@ -398,7 +349,7 @@ def bench_shape(shape_name, modes, args, torch, transformers, log):
             for vname in args.variants:
                 res[f"variant_{vname}_budget{budget}"] = measure(
                     f"ours packed {vname} {budget}",
-                    lambda pk=pk, vname=vname: with_env(VARIANTS[vname], lambda: result(
+                    lambda pk=pk, vname=vname: with_options(VARIANTS[vname], lambda: result(
                         *timed(torch, ours_fn, pk, reps=1), n_tok, fl, len(pk))), log, errors)
         _summarise(res, args.budget)
         out["inference"] = res
@@ -447,7 +398,7 @@ def bench_shape(shape_name, modes, args, torch, transformers, log):
                 if vname in TRAINING_VARIANTS:
                     res[f"variant_{vname}_budget{our_budget}"] = measure(
                         f"ours train packed {vname} {our_budget}",
-                        lambda pk=pk, vname=vname: with_env(VARIANTS[vname], lambda: result(
+                        lambda pk=pk, vname=vname: with_options(VARIANTS[vname], lambda: result(
                             *timed(torch, ours_step, pk, reps=1), n_tok, fl, len(pk))), log, errors)
             del pk
             DEV.empty_cache()
@@ -462,26 +413,21 @@ def bench_shape(shape_name, modes, args, torch, transformers, log):
     return out
 
 
-# What each variant switches (environment variables the library reads), to show what a part brings.
+# What each variant switches (fields of esm_dual.pt.fast.FastPathOptions), to show what a part brings.
 VARIANTS = {
-    "torch_flash": {"ESM_DUAL_FA4": "0"},  # torch's FlashAttention-2 varlen kernels instead of flash-attn-4's
-    "no_residual_epilogue": {"ESM_DUAL_RESIDUAL_EPILOGUE": "0"},  # residual add fused into the LayerNorm instead
-    "no_triton": {"ESM_DUAL_NO_TRITON": "1"},  # no rotary / add + LayerNorm kernels, no residual epilogue
+    "torch_flash": {"fa4": False},  # torch's FlashAttention-2 varlen kernels instead of flash-attn-4's
+    "no_residual_epilogue": {"residual_epilogue": False},  # residual add fused into the LayerNorm instead
+    "no_triton": {"triton": False},  # no rotary / add + LayerNorm kernels, no residual epilogue
 }
 TRAINING_VARIANTS = ("torch_flash",)  # the others change only the inference loop
 
 
-def with_env(env, fn):
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+def with_options(changes, fn):
+    """fn() with the process-wide fast-path options changed (the models here carry no options of their own)."""
+    from esm_dual.pt.fast.options import override_defaults
+
+    with override_defaults(**changes):
         return fn()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # ---- speed of light ------------------------------------------------------------------------------
@@ -495,8 +441,8 @@ BOUNDS = {
 
 @contextlib.contextmanager
 def bound_patch(torch, name):
-    """Take parts out of the packed inference loop (``packing.packed_encoder_inference``), to measure how fast
-    the rest can go. The outputs are wrong: these are bounds, not a model.
+    """Take parts out of the packed inference loop (``esm_dual.pt.fast.encoder.packed_encoder_inference``), to
+    measure how fast the rest can go. The outputs are wrong: these are bounds, not a model.
 
     The GEMMs must still see realistic numbers: the card runs at its power cap, and its clock (so a GEMM's
     speed) depends on the data. With the LayerNorms simply dropped, the residual stream grows layer by layer
@@ -504,10 +450,13 @@ def bound_patch(torch, name):
     3B (H100), where with real inputs it gains 2%. So each LayerNorm is replaced by the first real LayerNorm
     output of the same pack, computed once and reused: no pass over memory, the inputs of the real run.
     """
-    from esm_dual.pt import modeling_esm, packing
-    from esm_dual.pt.attention import varlen_attention
+    from esm_dual.pt import fast
+    from esm_dual.pt.fast import epilogues
+    from esm_dual.pt.fast.attention import varlen_attention
 
-    saved = (modeling_esm.packed_self_attention, packing.pending_layer_norm)
+    # the self-attention the layers call (EsmSelfAttention.forward -> fast.packed_self_attention) and the
+    # LayerNorm of the residual stream (epilogues.ResidualStream -> epilogues.pending_layer_norm)
+    saved = (fast.packed_self_attention, epilogues.pending_layer_norm)
     weights, normed, calls = {}, {}, [0]
 
     def qkv(attn, x):
@@ -529,21 +478,21 @@ def bound_patch(torch, name):
     def values_only(attn, x, positions, info):
         return qkv(attn, x)[:, 2 * x.shape[1]:]  # [T, D]: the value projection stands in for the context
 
-    def reused_layer_norm(h, pending, ln):
+    def reused_layer_norm(h, pending, ln, options=None):
         calls[0] += 1
         if h.shape[0] not in normed:
-            normed[h.shape[0]] = saved[1](h, pending, ln)
+            normed[h.shape[0]] = saved[1](h, pending, ln, options)
         return normed[h.shape[0]]
 
-    packing.pending_layer_norm = reused_layer_norm
+    epilogues.pending_layer_norm = reused_layer_norm
     if name == "no_layernorm_rotary":
-        modeling_esm.packed_self_attention = attention_no_rotary
+        fast.packed_self_attention = attention_no_rotary
     elif name == "gemms_only":
-        modeling_esm.packed_self_attention = values_only
+        fast.packed_self_attention = values_only
     try:
         yield calls
     finally:
-        modeling_esm.packed_self_attention, packing.pending_layer_norm = saved
+        fast.packed_self_attention, epilogues.pending_layer_norm = saved
 
 
 def measure_bounds(torch, ours_fn, pk, reps, n_tok, fl, log, errors):
@@ -644,7 +593,7 @@ def cuda_ms(torch, fn, n):
 
 def attention_probe(torch, cfg, pack):
     """Milliseconds of one layer's varlen attention on a real pack: flash forward, forward + backward."""
-    from esm_dual.pt import attention as A
+    from esm_dual.pt.fast import attention as A
 
     T, H, K = int(pack.input_ids.numel()), cfg.num_attention_heads, cfg.head_dim
     q, k, v = (torch.randn(T, H, K, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -733,7 +682,7 @@ def env_info(torch, transformers):
         from importlib.metadata import version
 
         info["flash_attn_4"] = version("flash-attn-4")
-        from esm_dual.pt.attention import fa4_supported
+        from esm_dual.pt.fast.attention import fa4_supported
 
         if torch.cuda.is_available():
             info["fa4_used"] = fa4_supported(torch.empty(0, 1, 64, device="cuda", dtype=torch.bfloat16))

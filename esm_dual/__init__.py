@@ -12,6 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 from .common.config import ConfigError, EsmConfig, EsmFoldConfig, StructureModuleConfig, TrunkConfig
+from .io import resolve as _resolve  # noqa: F401  (EsmConfig.from_pretrained then takes preset names and hub ids)
 
 # name -> module that defines it; imported on first access so `import esm_dual` stays fast.
 _LAZY = {
@@ -21,10 +22,12 @@ _LAZY = {
     "EmbeddingStore": "esm_dual.common.embeddings",
     "PRESETS": "esm_dual.common.presets",
     "get_preset": "esm_dual.common.presets",
-    "load_checkpoint": "esm_dual.common.checkpoint",
-    "save_checkpoint": "esm_dual.common.checkpoint",
-    "CheckpointError": "esm_dual.common.checkpoint",
-    "convert": "esm_dual.convert",
+    "load_checkpoint": "esm_dual.io.hub",
+    "save_checkpoint": "esm_dual.io.hub",
+    "CheckpointError": "esm_dual.io.base",
+    "convert": "esm_dual.conversion",
+    "conversion": "esm_dual.conversion",
+    "io": "esm_dual.io",
     "pt": "esm_dual.pt",
     "tf": "esm_dual.tf",
 }

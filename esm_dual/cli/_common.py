@@ -255,7 +255,7 @@ class _Capture(logging.Filter):
 
 
 def _load_checkpoint(location: str):
-    from ..common.checkpoint import load_checkpoint
+    from ..io.hub import load_checkpoint
 
     if os.path.exists(location) or location.startswith((".", "/", "~")):
         if not os.path.exists(os.path.expanduser(location)):
@@ -365,18 +365,15 @@ class TorchRunner(Runner):
         super().__init__(location, ckpt, head, device, dtype)
         import torch
 
-        from ..pt.modeling_esm import EsmForMaskedLM, EsmModel, _str_to_torch_dtype
+        from ..pt.modeling_esm import EsmForMaskedLM, EsmModel
 
         self.torch = torch
         cls = EsmForMaskedLM if head == "mlm" else EsmModel
         kwargs = {"add_pooling_layer": False} if cls is EsmModel else {}
-        with torch.device("meta"):
-            model = cls(self.config, **kwargs)
-        model = model.to_empty(device=device).to(_str_to_torch_dtype(dtype))
         with _Capture() as cap:
-            model.load_hub_tensors(ckpt.tensors, source=self.source)
+            model = cls.from_checkpoint(ckpt, dtype=dtype, device=device, **kwargs)
         self.load_messages = cap.messages
-        self.model = model.eval()
+        self.model = model
         self.encoder = model if cls is EsmModel else model.esm
 
     def representations(self, ids, mask, layers, contacts, per_token=True):
@@ -437,8 +434,10 @@ class TFRunner(Runner):
         self.tf_device = "/CPU:0" if device == "cpu" else f"/GPU:{gpu}"
         cls = tfm.TFEsmForMaskedLM if head == "mlm" else tfm.TFEsmModel
         policy = {"fp32": None, "fp16": "mixed_float16", "bf16": "mixed_bfloat16"}[dtype]
-        with _Capture() as cap, tf.device(self.tf_device):
-            self.model = _tf_from_checkpoint(cls, ckpt, self.config, self.source, policy)
+        kwargs = {"add_pooling_layer": False} if cls is tfm.TFEsmModel else {}
+        with _Capture() as cap:
+            # policy: a Keras mixed-precision policy (fp32 variables, fp16/bf16 compute) or None (fp32)
+            self.model = cls.from_checkpoint(ckpt, dtype=policy, device=self.tf_device, **kwargs)
         self.load_messages = cap.messages
         self.encoder = self.model if head != "mlm" else self.model.esm
 
@@ -469,22 +468,6 @@ class TFRunner(Runner):
                 idx = np.stack([np.arange(len(positions)), np.asarray(positions)], axis=1).astype(np.int32)
                 logits = tf.gather_nd(logits, idx)
             return np.asarray(tf.nn.log_softmax(logits, axis=-1))
-
-
-def _tf_from_checkpoint(cls, ckpt, config, source, policy=None):
-    """Build a TF model and load the already-read checkpoint tensors (read once, not twice)."""
-    import contextlib
-
-    from ..tf import modeling_esm as tfm
-
-    no_init = getattr(tfm, "_no_init", None)
-    kwargs: dict[str, Any] = {"add_pooling_layer": False} if cls is tfm.TFEsmModel else {}
-    if policy is not None:
-        kwargs["dtype"] = policy  # a Keras mixed-precision policy: fp32 variables, fp16/bf16 compute
-    with no_init() if no_init is not None else contextlib.nullcontext():
-        model = cls(config, **kwargs)
-    model.load_hub_tensors(ckpt.tensors, source=source)
-    return model
 
 
 def load_runner(location: str, *, backend: str = "pt", head: str = "base", device: str = "auto",

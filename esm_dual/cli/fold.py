@@ -5,7 +5,11 @@ chains A, B, ...) and ``summary.tsv`` (id, length, mean_plddt, ptm) in OUTDIR. R
 shortest first in batches of at most ``--max-tokens-per-batch`` residues. A batch that runs out of
 GPU memory is retried one record at a time; a record that still does not fit is reported and skipped,
 and the rest continue (exit status 1 at the end). Re-running skips records whose PDB exists and is
-listed in ``summary.tsv``. Empty or non-protein sequences are refused before the model loads (exit
+listed in ``summary.tsv``, unless its sequence changed since (``.fold_sequences.tsv`` records a hash of
+each folded sequence): a changed record is refused by name, or folded again with ``--overwrite-changed``;
+new weights at the same model path are refused too (``fold_options.json`` records their fingerprint).
+Temporary files of an earlier failed run are removed, and a run that fails before folding anything
+leaves no output folder behind. Empty or non-protein sequences are refused before the model loads (exit
 status 2, the record named). Upper-case letters outside the 20 amino acids are folded as X, as ESMFold
 does; lower-case letters, '*' and digits are refused naming the record and position unless
 ``--unknown-residues unk`` (then they fold as X, as in fair-esm and transformers). Residues are numbered
@@ -43,6 +47,8 @@ _PROTEIN_CHARS = re.compile(r"^[A-Za-z:*]+$")
 _NUCLEOTIDES = set("ACGTUN")
 _STANDARD = set("ACDEFGHIKLMNPQRSTVWY")
 OPTIONS = "fold_options.json"  # what made the structures in a folder: a rerun with other options is refused
+SEQUENCES = ".fold_sequences.tsv"  # "<id>\t<sequence hash>" of every record folded (appended)
+_OUR_TMP = re.compile(r".+\.(pdb|cif)\.tmp|summary\.tsv\.tmp|fold_options\.json\.tmp")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_unknown_residues_argument(parser)
     parser.add_argument("--mmcif", action="store_true", help="also write <id>.cif")
+    parser.add_argument("--overwrite-changed", action="store_true",
+                        help="fold again records whose sequence changed since OUTDIR was written (default: refuse)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress or notes")
 
 
@@ -171,12 +179,17 @@ def _check_options(args: argparse.Namespace, path: str, has_results: bool) -> No
     model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
     esm = args.esm_checkpoint and (os.path.abspath(args.esm_checkpoint) if os.path.exists(args.esm_checkpoint)
                                    else args.esm_checkpoint)
+    from ..common.fingerprint import weights_fingerprint
+
+    weights = [weights_fingerprint(p) for p in (args.model, args.esm_checkpoint) if p and os.path.exists(p)]
     want = {"model": model, "esm_checkpoint": esm, "num_recycles": args.num_recycles,
-            "trunk_dtype": args.trunk_dtype, "esm_dtype": args.esm_dtype}
+            "trunk_dtype": args.trunk_dtype, "esm_dtype": args.esm_dtype, "weights": weights}
     if has_results and os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             stored = json.load(f)
-        diffs = [f"{k}: stored {stored.get(k)!r}, this run {v!r}" for k, v in want.items() if stored.get(k) != v]
+        # "weights" is compared where recorded (folders of older versions have none)
+        diffs = [f"{k}: stored {stored.get(k)!r}, this run {v!r}" for k, v in want.items()
+                 if stored.get(k) != v and (k != "weights" or k in stored)]
         if diffs:
             raise CliError(f"{os.path.dirname(path) or '.'} holds structures made with other options ("
                            + "; ".join(diffs) + "). Write to another folder, or rerun with the stored options.")
@@ -247,14 +260,69 @@ def _run(args: argparse.Namespace) -> int:
     if not records:
         raise CliError(f"{args.fasta}: no records")
 
+    created = not os.path.exists(args.outdir)
     os.makedirs(args.outdir, exist_ok=True)
+    try:
+        return _fold_into(args, records)
+    except BaseException:
+        if created:
+            _remove_if_nothing_folded(args.outdir)
+        raise
+
+
+def _remove_if_nothing_folded(outdir: str) -> None:
+    """A run that created OUTDIR and failed before folding a record leaves no folder holding only its options."""
+    if read_summary(os.path.join(outdir, SUMMARY)):
+        return
+    for name in (OPTIONS, SUMMARY, SEQUENCES):
+        path = os.path.join(outdir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+    try:
+        os.rmdir(outdir)
+    except OSError:
+        pass  # something else is there: leave it
+
+
+def _remove_stale_tmp(outdir: str) -> None:
+    """Temporary files an earlier run left when it was killed (only ours: <stem>.pdb.tmp, summary.tsv.tmp ...)."""
+    for name in os.listdir(outdir):
+        if _OUR_TMP.fullmatch(name) and os.path.isfile(os.path.join(outdir, name)):
+            os.remove(os.path.join(outdir, name))
+
+
+def _read_sequences(outdir: str) -> dict[str, str]:
+    path = os.path.join(outdir, SEQUENCES)
+    out: dict[str, str] = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                rec_id, sep, h = line.rstrip("\n").rpartition("\t")
+                if sep:
+                    out[rec_id] = h
+    return out
+
+
+def _fold_into(args: argparse.Namespace, records: list[tuple[str, str, str]]) -> int:
+    from ..common.embeddings import sequence_hash
+
+    _remove_stale_tmp(args.outdir)
     summary_path = os.path.join(args.outdir, SUMMARY)
     done = read_summary(summary_path)
     _check_options(args, os.path.join(args.outdir, OPTIONS), bool(done))
+    hashes = {rec_id: sequence_hash(seq) for rec_id, _, seq in records}
+    stored = _read_sequences(args.outdir)
+    changed = [r for r in hashes if r in done and stored.get(r) not in (None, hashes[r])]
+    if changed and not args.overwrite_changed:
+        raise CliError(f"{args.outdir}: {len(changed)} record(s) changed since they were folded (same id, another "
+                       f"sequence): {', '.join(repr(c) for c in changed[:10])}"
+                       f"{' ...' if len(changed) > 10 else ''}; rerun with --overwrite-changed to fold them again, "
+                       "or write to another folder")
     wanted = (".pdb", ".cif") if args.mmcif else (".pdb",)
     todo = [
         r for r in records
-        if not (r[0] in done and all(os.path.isfile(os.path.join(args.outdir, r[1] + ext)) for ext in wanted))
+        if not (r[0] in done and r[0] not in changed
+                and all(os.path.isfile(os.path.join(args.outdir, r[1] + ext)) for ext in wanted))
     ]
     if len(todo) < len(records):
         note(f"skipping {len(records) - len(todo)} record(s) already in {summary_path}", args.quiet)
@@ -276,6 +344,7 @@ def _run(args: argparse.Namespace) -> int:
     model.set_trunk_dtype(torch.bfloat16 if args.trunk_dtype == "bf16" else None)
 
     new_file = not os.path.isfile(summary_path) or os.path.getsize(summary_path) == 0
+    seq_log = open(os.path.join(args.outdir, SEQUENCES), "a", encoding="utf-8")
     summary = open(summary_path, "a", newline="", encoding="utf-8")
     writer = csv.writer(summary, delimiter="\t", lineterminator="\n")
     if new_file:
@@ -300,6 +369,8 @@ def _run(args: argparse.Namespace) -> int:
             _write_text(os.path.join(args.outdir, stem + ".pdb"), pdbs[j])
             if cifs is not None:
                 _write_text(os.path.join(args.outdir, stem + ".cif"), cifs[j])
+            seq_log.write(f"{rec_id}\t{hashes[rec_id]}\n")
+            seq_log.flush()
             writer.writerow([rec_id, lengths[i], f"{mean_plddt[j]:.2f}", f"{ptm[j]:.4f}"])
             summary.flush()
             bar.update(1)
@@ -340,6 +411,7 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
         summary.close()
+        seq_log.close()
         _compact_summary(summary_path, [r[0] for r in records])
     n_ok = len(todo) - len(failed)
     note(f"folded {n_ok} record(s) in {time.time() - t0:.1f} s; wrote {args.outdir}", args.quiet)
@@ -367,6 +439,12 @@ def _compact_summary(path: str, order: list[str]) -> None:
 
 def _write_text(path: str, text: str) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+

@@ -51,24 +51,20 @@ def heads_present(tensors: dict[str, Any]) -> list[str]:
 def _read(location: str) -> tuple[Any, dict[str, Any], str, str]:
     """(config, tensors, source, layout) of a checkpoint; ESMFold's too (its top-level ``lm_head`` predicts
     its own 23-letter alphabet, not the ESM vocabulary that the shape check of ESM checkpoints expects)."""
-    from ..common import checkpoint as ck
+    from ..io import hub
+    from ..io.resolve import resolve_checkpoint
 
     if location.endswith(".pt") and os.path.isfile(location):
-        ckpt = ck.load_checkpoint(location)  # fair-esm (ESMFold .pt files are named by the reader)
+        ckpt = hub.load_checkpoint(location)  # fair-esm (ESMFold .pt files are named by the reader)
         return ckpt.config, ckpt.tensors, str(ckpt.source), ckpt.layout
-    path = ck.resolve_checkpoint(location)
-    config = ck.read_checkpoint_config(path)
+    path = resolve_checkpoint(location)
+    config = hub.read_checkpoint_config(path)
     if not config.is_folding_model:
-        ckpt = ck.load_checkpoint(path)
+        ckpt = hub.load_checkpoint(path)
         return ckpt.config, ckpt.tensors, str(ckpt.source), ckpt.layout
-    tensors = dict(ck.iter_checkpoint_tensors(path))
-    names = set(os.listdir(path)) if os.path.isdir(path) else {os.path.basename(path)}
-    layout = next((lay for n, lay in (("model.safetensors", ck.LAYOUT_SAFETENSORS),
-                                       ("model.safetensors.index.json", ck.LAYOUT_SAFETENSORS_SHARDED),
-                                       ("pytorch_model.bin", ck.LAYOUT_PYTORCH_BIN),
-                                       ("pytorch_model.bin.index.json", ck.LAYOUT_PYTORCH_BIN_SHARDED)) if n in names),
-                  "?")
-    return config, tensors, path, layout
+    kind, directory, weights = hub.classify_path(path)
+    layout, _, _ = hub.hub_weights(directory, weights)
+    return config, dict(hub.iter_checkpoint_tensors(path)), directory, layout
 
 
 def describe(location: str) -> dict[str, Any]:
@@ -113,7 +109,21 @@ def describe(location: str) -> dict[str, Any]:
     preset = get_preset(os.path.basename(location.rstrip("/")), missing_ok=True)
     if preset is not None and _same_shape(preset.config, c):  # a folder's name alone proves nothing
         info["preset"] = preset.name
+    info["fast_path"] = fast_path_options()
     return info
+
+
+def fast_path_options() -> dict[str, Any] | str:
+    """The PyTorch fast path's options as this process resolves them (``FastPathOptions`` from the
+    ``ESM_DUAL_*`` environment), or why there are none (no PyTorch; an invalid variable, named)."""
+    try:
+        from ..pt.fast.options import default_options
+    except ImportError as e:  # torch is not installed: nothing to show
+        return f"n/a ({type(e).__name__}: {e})"
+    try:
+        return default_options().as_dict()
+    except ValueError as e:  # an invalid ESM_DUAL_* value: say which, as the model would
+        return f"error: {e}"
 
 
 def _same_shape(a, b) -> bool:
@@ -157,6 +167,13 @@ def _print_info(info: dict[str, Any], out) -> None:
     ]
     if info.get("num_labels"):
         rows.insert(-2, ("labels", info["num_labels"]))
+    fast = info.get("fast_path")
+    if isinstance(fast, dict):
+        from ..pt.fast.options import FastPathOptions
+
+        fast = FastPathOptions(**fast).describe()
+    if fast is not None:
+        rows.append(("fast path", fast))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}", file=out)

@@ -28,9 +28,15 @@ def require_matplotlib():
 
 
 def safe_name(label: str, max_len: int = 120) -> str:
-    """A file-name-safe version of a record label."""
+    """A file-name-safe version of a record label. A label that had to change (unsafe characters, too long)
+    gets 8 hex characters of its hash appended, so two labels never share a name ('a|b' and 'a_b' stay
+    apart) and a label always gets the same name."""
     s = _UNSAFE.sub("_", label).strip("._") or "record"
-    return s[:max_len]
+    if s == label and len(s) <= max_len:
+        return s
+    import hashlib
+
+    return s[:max_len] + "-" + hashlib.blake2b(label.encode("utf-8"), digest_size=4).hexdigest()
 
 
 class ContactPlotter:

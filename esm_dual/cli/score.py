@@ -256,6 +256,10 @@ def run(args: argparse.Namespace) -> int:
     if args.mutation_col not in header:
         raise CliError(f"--mutation-col {args.mutation_col!r} is not a column of {args.dms_input} "
                        f"(columns: {', '.join(header)})")
+    if not rows:
+        raise CliError(f"--dms-input {args.dms_input}: no rows to score (the file holds only its header)")
+    if os.path.isdir(args.dms_output) or args.dms_output.endswith(("/", os.sep)):
+        raise CliError(f"--dms-output {args.dms_output!r} is a directory; give the CSV file to write")
     col = header.index(args.mutation_col)
     where = [f"{args.dms_input} line {ln} ({r[col]!r})" for r, ln in zip(rows, lines)]
     parsed = [parse_mutations(r[col], sequence, args.offset_idx, w) for r, w in zip(rows, where)]
@@ -323,11 +327,16 @@ def run(args: argparse.Namespace) -> int:
                 r.append(_fmt(v))
     os.makedirs(os.path.dirname(os.path.abspath(args.dms_output)), exist_ok=True)
     tmp = args.dms_output + ".tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(out_header)
-        w.writerows(out_rows)
-    os.replace(tmp, args.dms_output)
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(out_header)
+            w.writerows(out_rows)
+        os.replace(tmp, args.dms_output)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # a full disk or a bad path leaves no half-written .tmp behind
+        raise
     note(f"wrote {len(rows)} rows to {args.dms_output}", args.quiet)
     if args.plot:
         from .plot import plot_scores

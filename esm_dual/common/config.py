@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -22,6 +23,18 @@ _POSITION_TYPES = ("absolute", "rotary")
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
+
+
+# Preset names and hub ids: this module imports nothing of the package, so ``EsmConfig.from_pretrained`` asks
+# the resolver that ``esm_dual.io.resolve`` registers when imported (``import esm_dual`` imports it).
+_name_resolver: Callable[[str], dict[str, Any] | str] | None = None
+
+
+def register_name_resolver(resolver: Callable[[str], dict[str, Any] | str]) -> None:
+    """Set what ``EsmConfig.from_pretrained`` calls for a name that is not a local path: it returns a
+    config dict or the local directory the name stands for."""
+    global _name_resolver
+    _name_resolver = resolver
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -43,6 +56,7 @@ class _Config:
 
     # key -> nested config class, for sub-configs stored as dicts in JSON
     _sub_configs: ClassVar[dict[str, type]] = {}
+    _field_prefix: ClassVar[str] = ""  # how messages name this config's fields ("trunk.", ...)
 
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -64,6 +78,7 @@ class _Config:
 
     def _validate_all(self) -> None:
         """``validate()`` this config, check the sub-config types and validate the sub-configs."""
+        self._check_booleans()
         self.validate()
         for key, cls in self._sub_configs.items():
             val = getattr(self, key)
@@ -71,6 +86,18 @@ class _Config:
                    f"must be a dict or a {cls.__name__}, got {type(val).__name__}")
             if val is not None:
                 val._validate_all()
+
+    def _check_booleans(self) -> None:
+        """A ``bool`` field holds True or False (a JSON ``true``/``false``), never ``"false"`` or 0: a string
+        would be truthy and silently turn a feature on."""
+        for f in dataclasses.fields(self):
+            if f.type not in ("bool", "bool | None"):
+                continue
+            v = getattr(self, f.name)
+            if v is None and f.type == "bool | None":
+                continue
+            _check(isinstance(v, bool), self._field_prefix + f.name,
+                   f"must be true or false (a JSON boolean), got {type(v).__name__} {v!r}")
 
     # ---- field helpers -------------------------------------------------------------------------
     @classmethod
@@ -151,13 +178,6 @@ class _Config:
         return self.to_dict() == other.to_dict()  # type: ignore[union-attr]
 
 
-def _looks_local(p: str) -> bool:
-    """A path that cannot be a preset name or a hub id ("owner/name"): absolute, ./, ~, a .json file."""
-    return (
-        os.path.isabs(p) or p.startswith((".", "~")) or p.endswith(".json") or p.count("/") > 1 or "\\" in p
-    )
-
-
 def _snapshot(v: Any) -> Any:
     return v.to_dict() if isinstance(v, _Config) else copy.deepcopy(v)
 
@@ -176,6 +196,8 @@ def _equal(a: Any, b: Any) -> bool:
 @dataclass(eq=False)
 class StructureModuleConfig(_Config):
     """Structure module (IPA) hyperparameters, as in HF's ``StructureModuleConfig``."""
+
+    _field_prefix: ClassVar[str] = "structure_module."
 
     sequence_dim: int = 384
     pairwise_dim: int = 128
@@ -216,6 +238,7 @@ class TrunkConfig(_Config):
     """Folding trunk hyperparameters, as in HF's ``TrunkConfig``."""
 
     _sub_configs: ClassVar[dict[str, type]] = {"structure_module": StructureModuleConfig}
+    _field_prefix: ClassVar[str] = "trunk."
 
     num_blocks: int = 48
     sequence_state_dim: int = 1024
@@ -271,6 +294,7 @@ class EsmFoldConfig(_Config):
     """ESMFold head configuration, as in HF's ``EsmFoldConfig``."""
 
     _sub_configs: ClassVar[dict[str, type]] = {"trunk": TrunkConfig}
+    _field_prefix: ClassVar[str] = "esmfold_config."
 
     esm_type: str | None = None
     fp16_esm: bool = True
@@ -525,16 +549,12 @@ class EsmConfig(_Config):
             return cls.from_json_file(os.path.join(p, CONFIG_NAME), **overrides)
         if os.path.isfile(p):
             return cls.from_json_file(p, **overrides)
-        if _looks_local(p):
+        if _name_resolver is None:  # esm_dual.io.resolve registers it; `import esm_dual` imports that
             raise FileNotFoundError(f"no config file or directory at {p}")
-        from .presets import get_preset  # local import: presets imports config
-
-        preset = get_preset(p, missing_ok=True)
-        if preset is not None:
-            return cls.from_dict(preset.config.to_dict(), **overrides)
-        from .checkpoint import resolve_checkpoint
-
-        return cls.from_json_file(os.path.join(resolve_checkpoint(p), CONFIG_NAME), **overrides)
+        found = _name_resolver(p)  # a preset's config (dict) or the local directory of a hub id
+        if isinstance(found, dict):
+            return cls.from_dict(found, **overrides)
+        return cls.from_json_file(os.path.join(found, CONFIG_NAME), **overrides)
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
         os.makedirs(directory, exist_ok=True)

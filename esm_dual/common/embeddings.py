@@ -9,6 +9,8 @@ Layout (``L`` = a layer index as written by ``embed``, non-negative; ``n`` recor
     ids            [n]     utf-8 record ids (the first word of the FASTA header)
     descriptions   [n]     utf-8 full header lines
     lengths        [n]     int32 residues stored (after truncation)
+    input_index    [n]     int64 the record's position in the input FASTA (readers list records in this order)
+    seq_hash       [n]     S32 hex digest of the sequence embedded (``sequence_hash``; resume compares it)
     mean/L         [n, D]  float32 mean over residues (BOS/EOS excluded)            (include "mean")
     bos/L          [n, D]  float32 BOS (<cls>) state                                   (include "bos")
     per_tok/L      [R, D]  float32 residue states of all records, concatenated       (include "per_tok")
@@ -16,16 +18,25 @@ Layout (``L`` = a layer index as written by ``embed``, non-negative; ``n`` recor
     contacts       [C]     float32 flattened [N, N] contact maps, concatenated       (include "contacts")
     contacts_offsets [n]   int64 first element of each record in contacts
 
+Rows are stored in the order they were written (``embed`` batches by length); the reader lists records in
+input order (``input_index``), so ``store.ids``, iteration, ``record(i)``, ``lengths`` and the column
+readers all follow the FASTA.
+
 Every dataset is chunked and resizable along axis 0. Crash safety: before a batch is written the root
-attribute ``dirty`` is set to 1 and the file flushed; the rows are written; then the counters
-(``n_committed`` ...) are updated, ``dirty`` reset and the file flushed again. Readers only ever look at
-the committed rows. HDF5 is not journaled, so a writer killed mid-batch can leave the file's free-space
+attribute ``dirty`` is set to 1 and the file flushed; the rows are written, the file flushed and the rows
+read back and compared with what was written; only then are the counters (``n_committed`` ...) updated,
+``dirty`` reset and the file flushed again. Readers only ever look at the committed rows. Before a batch
+the writer checks that the file system has room for it (new chunks included); a full disk, or any failed
+write, is an ``EmbeddingStoreError`` that names the file and the records it keeps, and leaves the
+committed records as they were. HDF5 is not journaled, so a writer killed mid-batch can leave the file's free-space
 and heap bookkeeping inconsistent for further writes: a resuming writer that finds ``dirty`` set (or rows
 past the counters) rebuilds the store from its committed rows into a fresh file before appending.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,13 +45,39 @@ from typing import Any
 import numpy as np
 
 FORMAT = "esm-dual-embeddings"
-VERSION = 1
+VERSION = 2  # 2: input_index and seq_hash
+_HASH_DTYPE = "S32"
+_SLACK = 1 << 20  # free bytes kept beyond a batch's data and new chunks (HDF5 metadata, heaps)
 KINDS = ("mean", "per_tok", "bos", "contacts")
 _STR = None  # h5py string dtype, made on first use
 
 
 class EmbeddingStoreError(ValueError):
     """The file is not a usable embedding store, or was written with conflicting options."""
+
+
+class StoreFullError(EmbeddingStoreError):
+    """The disk (or quota) has no room for the next batch; the store keeps its committed records."""
+
+
+def sequence_hash(sequence: str) -> str:
+    """The digest a store records for a sequence (32 hex characters of BLAKE2b)."""
+    return hashlib.blake2b(sequence.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def _free_bytes(path: str) -> int | None:
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)) or ".")
+    except (OSError, AttributeError):  # pragma: no cover - no statvfs (Windows)
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return True
+    msg = str(e)
+    return "No space left on device" in msg or "errno = 28" in msg or "Disk quota exceeded" in msg
 
 
 def _h5py():
@@ -120,10 +157,15 @@ class EmbeddingWriter:
         self.identity.update(layers=self.layers, include=self.include, hidden_size=self.hidden_size)
         self.compression = None if compression in (None, "none") else compression
         self.repaired: int | None = None  # committed records kept when an interrupted store was rebuilt
+        self._failed: BaseException | None = None  # a write failed: nothing more is written or flushed
+        self._hashes: dict[str, str] | None = None
         if os.path.exists(self.path) and self._holds_nothing():
             os.remove(self.path)  # a store that never committed a record pins no options (a failed first run)
         if os.path.exists(self.path):
-            self._f = _open_h5(self.path, "r+")
+            self._f = _open_h5(self.path, "r+")  # HDF5's file lock: this is the only writer now
+            for stale in (self.path + ".rebuild.tmp", self.path + ".drop.tmp"):  # of a run killed mid-rebuild
+                if os.path.isfile(stale):
+                    os.remove(stale)
             try:
                 self._resume()
             except BaseException:
@@ -170,6 +212,8 @@ class EmbeddingWriter:
         self._dataset("ids", (), _str_dtype(), 4096)
         self._dataset("descriptions", (), _str_dtype(), 4096)
         self._dataset("lengths", (), np.int32, 1 << 14)
+        self._dataset("input_index", (), np.int64, 1 << 14)
+        self._dataset("seq_hash", (), _HASH_DTYPE, 1 << 14)
         for kind in ("mean", "bos", "per_tok"):
             if kind in self.include:
                 for layer in self.layers:
@@ -184,6 +228,11 @@ class EmbeddingWriter:
     def _resume(self) -> None:
         f = self._f
         _check_format(f, self.path)
+        if int(f.attrs.get("version", 0)) < VERSION:
+            raise EmbeddingStoreError(
+                f"{self.path} was written by an older esm-dual (store version {int(f.attrs.get('version', 0))}, "
+                "without sequence hashes), so a resumed run could not tell changed sequences; it can still be "
+                "read: write new records to another output")
         stored = json.loads(f.attrs["identity"])
         want = json.loads(json.dumps(self.identity, sort_keys=True))
         diffs = [(k, stored.get(k), want.get(k)) for k in sorted(set(stored) | set(want))
@@ -237,7 +286,7 @@ class EmbeddingWriter:
         self.repaired = self.counts[0]
 
     def _record_datasets(self) -> list[str]:
-        names = ["ids", "descriptions", "lengths"]
+        names = ["ids", "descriptions", "lengths", "input_index", "seq_hash"]
         for kind in ("mean", "bos"):
             if kind in self.include:
                 names += [f"{kind}/{layer}" for layer in self.layers]
@@ -275,6 +324,70 @@ class EmbeddingWriter:
     def __contains__(self, record_id: object) -> bool:
         return record_id in self.ids
 
+    @property
+    def hashes(self) -> dict[str, str]:
+        """id -> :func:`sequence_hash` of what was embedded, for the committed records."""
+        if self._hashes is None:
+            n = self.counts[0]
+            ids = [_decode(x) for x in self._f["ids"][:n]]
+            self._hashes = dict(zip(ids, (_decode(h) for h in self._f["seq_hash"][:n])))
+        return self._hashes
+
+    def drop(self, record_ids: Sequence[str]) -> int:
+        """Remove committed records (a rerun re-embeds changed sequences): the store is rebuilt without them
+        into a temporary file that then replaces it. Returns how many were removed."""
+        gone = set(record_ids) & self.ids
+        if not gone:
+            return 0
+        tmp = self.path + ".drop.tmp"
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        a = self._f.attrs
+        metadata = json.loads(a["metadata"])
+        identity = json.loads(a["identity"])
+        self.close()
+        src = EmbeddingStore(self.path)
+        try:
+            rows = [j for j in range(len(src)) if src._row_ids[j] not in gone]
+            with EmbeddingWriter(tmp, layers=self.layers, include=self.include, hidden_size=self.hidden_size,
+                                 num_layers=self.num_layers, identity=identity, metadata=metadata,
+                                 compression=self.compression) as out:
+                _copy_rows(src, out, rows)
+        except BaseException:
+            src.close()
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        src.close()
+        os.replace(tmp, self.path)
+        self._f = _open_h5(self.path, "r+")
+        self._ids = self._hashes = None
+        return len(gone)
+
+    def _room_needed(self, new_rows: Mapping[str, tuple[int, int]], strings: int) -> int:
+        """Bytes the file may grow by when ``new_rows`` {dataset: (start, end)} are written: whole new chunks
+        (HDF5 allocates a chunk at its first write), the string heap and some metadata."""
+        need = strings + _SLACK
+        for name, (start, end) in new_rows.items():
+            ds = self._f[name]
+            rows = ds.chunks[0]
+            row_bytes = ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64))
+            new_chunks = -(-end // rows) - (-(-start // rows))
+            need += new_chunks * rows * row_bytes
+        return need
+
+    def _fail(self, e: BaseException, b: int, kept: int) -> EmbeddingStoreError:
+        """Turn a failed batch into one error naming the file and what it keeps; stop writing."""
+        self._failed = e
+        first = " ".join(str(e).split())[:300]
+        free = _free_bytes(self.path)
+        full = _is_disk_full(e) or (free is not None and free < _SLACK)  # HDF5 does not always say why
+        cls = StoreFullError if full else EmbeddingStoreError
+        what = "the disk is full" if cls is StoreFullError else f"writing failed ({type(e).__name__}: {first})"
+        todo = "Free some space and rerun" if cls is StoreFullError else "Rerun"
+        return cls(f"{self.path}: {what}; the batch of {b} record(s) was not stored and the store keeps its "
+                   f"{kept} committed record(s). {todo} the same command to resume")
+
     # ---- writing -------------------------------------------------------------------------------
     def append(
         self,
@@ -286,12 +399,23 @@ class EmbeddingWriter:
         bos: Mapping[int, np.ndarray] | None = None,
         per_tok: Mapping[int, Sequence[np.ndarray]] | None = None,
         contacts: Sequence[np.ndarray] | None = None,
+        seq_hashes: Sequence[str] | None = None,
+        input_index: Sequence[int] | None = None,
         _before_commit=None,
     ) -> None:
         """Append one batch and commit it.
 
         ``mean``/``bos``: {layer: [b, D]}; ``per_tok``: {layer: [[N_i, D]]}; ``contacts``: [[N_i, N_i]];
-        ``lengths``: N_i per record."""
+        ``lengths``: N_i per record; ``seq_hashes``: :func:`sequence_hash` of each sequence (default: none
+        recorded); ``input_index``: each record's position in the input (default: after the stored ones).
+
+        The rows are written, flushed and read back before the batch is committed; a failure (a full disk
+        included) raises :class:`EmbeddingStoreError` naming the file, and the writer then refuses further
+        batches (the committed records stay as they were)."""
+        if self._failed is not None:
+            raise EmbeddingStoreError(f"{self.path}: an earlier batch failed to write; reopen the store to resume")
+        if self._f is None:
+            raise EmbeddingStoreError(f"{self.path}: the writer is closed")
         f = self._f
         b = len(ids)
         if b == 0:
@@ -305,20 +429,19 @@ class EmbeddingWriter:
         descriptions = list(descriptions) if descriptions is not None else list(ids)
         n0, r0, c0 = self.counts
         n1 = n0 + b
-        f.attrs["dirty"] = 1
-        f.flush()
+        hashes = [str(h) for h in seq_hashes] if seq_hashes is not None else [""] * b
+        index = np.asarray(input_index if input_index is not None else range(n0, n1), dtype=np.int64)
+        if len(hashes) != b or index.shape != (b,):
+            raise ValueError(f"seq_hashes and input_index need one entry per id ({b})")
 
-        def put(name: str, start: int, values) -> None:
-            ds = f[name]
-            if isinstance(values, list):  # strings
-                values = np.array(values, dtype=object)
-            end = start + len(values)
-            ds.resize(end, axis=0)
-            ds[start:end] = values
-
-        put("ids", n0, [str(i) for i in ids])
-        put("descriptions", n0, [str(d) for d in descriptions])
-        put("lengths", n0, lengths.astype(np.int32))
+        # Everything is checked and laid out before the file is touched: (dataset, start, values).
+        rows: list[tuple[str, int, Any]] = [
+            ("ids", n0, np.array([str(i) for i in ids], dtype=object)),
+            ("descriptions", n0, np.array([str(d) for d in descriptions], dtype=object)),
+            ("lengths", n0, lengths.astype(np.int32)),
+            ("input_index", n0, index),
+            ("seq_hash", n0, np.array([h.encode("ascii") for h in hashes], dtype=_HASH_DTYPE)),
+        ]
         for kind, data in (("mean", mean), ("bos", bos)):
             if kind not in self.include:
                 continue
@@ -326,7 +449,7 @@ class EmbeddingWriter:
                 arr = np.asarray(data[layer], dtype=np.float32)  # type: ignore[index]
                 if arr.shape != (b, self.hidden_size):
                     raise ValueError(f"{kind}[{layer}] must be [{b}, {self.hidden_size}], got {arr.shape}")
-                put(f"{kind}/{layer}", n0, arr)
+                rows.append((f"{kind}/{layer}", n0, arr))
         r1 = r0
         if "per_tok" in self.include:
             offsets = r0 + np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -335,8 +458,8 @@ class EmbeddingWriter:
                 parts = per_tok[layer]  # type: ignore[index]
                 if [len(p) for p in parts] != lengths.tolist():
                     raise ValueError(f"per_tok[{layer}] row counts do not match lengths")
-                put(f"per_tok/{layer}", r0, np.concatenate(parts, 0).astype(np.float32, copy=False))
-            put("per_tok_offsets", n0, offsets)
+                rows.append((f"per_tok/{layer}", r0, np.concatenate(parts, 0).astype(np.float32, copy=False)))
+            rows.append(("per_tok_offsets", n0, offsets.astype(np.int64)))
         c1 = c0
         if "contacts" in self.include:
             sizes = lengths * lengths
@@ -346,21 +469,63 @@ class EmbeddingWriter:
             offsets = c0 + np.concatenate([[0], np.cumsum(sizes)[:-1]])
             c1 = c0 + int(sizes.sum())
             flat = np.concatenate([np.asarray(m, dtype=np.float32).reshape(-1) for m in contacts])  # type: ignore
-            put("contacts", c0, flat)
-            put("contacts_offsets", n0, offsets)
+            rows.append(("contacts", c0, flat))
+            rows.append(("contacts_offsets", n0, offsets.astype(np.int64)))
+
+        free = _free_bytes(self.path)
+        strings = sum(len(str(x).encode("utf-8")) + 32 for x in list(ids) + descriptions)
+        need = self._room_needed({name: (start, start + len(v)) for name, start, v in rows}, strings)
+        if free is not None and free < need:
+            raise self._fail(OSError(errno.ENOSPC, "No space left on device"), b, n0)
+        try:
+            f.attrs["dirty"] = 1
+            f.flush()
+            for name, start, values in rows:
+                ds = f[name]
+                ds.resize(start + len(values), axis=0)
+                ds[start:start + len(values)] = values
+            f.flush()  # the rows reach the file before the counters say they are there
+            for name, start, values in rows:  # and read back as written
+                back = f[name][start:start + len(values)]
+                if back.dtype == object:
+                    same = [_decode(x) for x in back] == [_decode(x) for x in values]
+                else:
+                    same = np.array_equal(back, values)
+                if not same:
+                    raise OSError(f"dataset {name!r} rows {start}..{start + len(values) - 1} read back differently")
+        except Exception as e:
+            raise self._fail(e, b, n0) from None
         if _before_commit is not None:  # test hook: simulate a crash between writing and committing
             _before_commit()
-        self._commit(n1, r1, c1)
+        try:
+            self._commit(n1, r1, c1)
+        except Exception as e:
+            try:  # the counters stay those of the last committed batch, also in memory
+                a = f.attrs
+                a["n_committed"], a["n_residues"], a["n_contact_values"] = n0, r0, c0
+            except Exception:
+                pass
+            raise self._fail(e, b, n0) from None
         if self._ids is not None:
             self._ids.update(str(i) for i in ids)
+        if self._hashes is not None:
+            self._hashes.update(zip((str(i) for i in ids), hashes))
 
     def close(self) -> None:
         if self._f:
+            f, self._f = self._f, None
+            if self._failed is not None:
+                # After a failed write HDF5 may fail again while closing; the committed state is on disk
+                # already, and the error that matters was raised.
+                try:
+                    f.close()
+                except Exception:
+                    pass
+                return
             try:
-                self._f.flush()
+                f.flush()
             finally:
-                self._f.close()
-                self._f = None
+                f.close()
 
     def __enter__(self) -> EmbeddingWriter:
         return self
@@ -373,10 +538,11 @@ class EmbeddingStore(Mapping):
     """Read an embedding store: ``store[record_id]["mean"][layer]`` -> np.ndarray [D].
 
     ``store[id]`` is a dict with the kinds the store holds: ``"mean"``/``"bos"`` {layer: [D]},
-    ``"per_tok"`` {layer: [N, D]}, ``"contacts"`` [N, N], plus ``"length"`` and ``"description"``.
-    Layer keys are the ints ``embed`` wrote (negative indices normalised). Iteration yields ids in
-    store order; ``len``, ``in``, ``metadata``, ``layers``, ``hidden_size`` and the column readers
-    ``mean(layer)`` / ``bos(layer)`` ([n, D] for all records) are there for bulk use.
+    ``"per_tok"`` {layer: [N, D]}, ``"contacts"`` [N, N], plus ``"length"``, ``"description"`` and
+    ``"sequence_hash"``. Layer keys are the ints ``embed`` wrote (negative indices normalised).
+    Everything is in input (FASTA) order, whatever order the rows were written in: iteration, ``ids``,
+    ``record(i)``, ``lengths`` and the column readers ``mean(layer)`` / ``bos(layer)`` ([n, D] for all
+    records); ``len``, ``in``, ``metadata``, ``layers``, ``hidden_size`` are there for bulk use.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -399,6 +565,10 @@ class EmbeddingStore(Mapping):
         self._metadata: dict[str, Any] = json.loads(a["metadata"])
         self._ids: list[str] | None = None
         self._index: dict[str, int] | None = None
+        if "input_index" in self._f:  # version 2: rows in written order, records listed in input order
+            self._order = np.argsort(self._f["input_index"][: self._n], kind="stable")
+        else:
+            self._order = np.arange(self._n)
 
     @property
     def _file(self):
@@ -428,10 +598,25 @@ class EmbeddingStore(Mapping):
 
     # ---- ids -----------------------------------------------------------------------------------
     @property
+    def _row_ids(self) -> list[str]:
+        """Ids in the order the rows are stored."""
+        return [_decode(x) for x in self._file["ids"][: self._n]]
+
+    @property
     def ids(self) -> list[str]:
+        """Record ids in input (FASTA) order."""
         if self._ids is None:
-            self._ids = [_decode(x) for x in self._file["ids"][: self._n]]
+            rows = self._row_ids
+            self._ids = [rows[j] for j in self._order]
         return self._ids
+
+    @property
+    def sequence_hashes(self) -> dict[str, str]:
+        """id -> :func:`sequence_hash` of the sequence embedded ("" where not recorded; {} for stores older than
+        version 2)."""
+        if "seq_hash" not in self._file:
+            return {}
+        return dict(zip(self._row_ids, (_decode(h) for h in self._file["seq_hash"][: self._n])))
 
     def _idx(self, record_id: str) -> int:
         if self._index is None:
@@ -454,19 +639,27 @@ class EmbeddingStore(Mapping):
 
     @property
     def lengths(self) -> np.ndarray:
-        return self._file["lengths"][: self._n].astype(np.int64)
+        return self._file["lengths"][: self._n].astype(np.int64)[self._order]
 
     # ---- records -------------------------------------------------------------------------------
     def __getitem__(self, record_id: str) -> dict[str, Any]:
         return self.record(self._idx(record_id))
 
     def record(self, i: int) -> dict[str, Any]:
-        """The i-th record in store order (see ``__getitem__``)."""
+        """The i-th record in input order (see ``__getitem__``)."""
         if not 0 <= i < self._n:
             raise IndexError(f"record index {i} out of range (store has {self._n})")
+        return self._row(int(self._order[i]))
+
+    def _row(self, i: int) -> dict[str, Any]:
+        """The record stored in row ``i``."""
         f = self._file
         n = int(f["lengths"][i])
-        out: dict[str, Any] = {"id": self.ids[i], "description": _decode(f["descriptions"][i]), "length": n}
+        out: dict[str, Any] = {"id": _decode(f["ids"][i]), "description": _decode(f["descriptions"][i]),
+                               "length": n}
+        if "seq_hash" in f:
+            out["sequence_hash"] = _decode(f["seq_hash"][i])
+            out["input_index"] = int(f["input_index"][i])
         for kind in ("mean", "bos"):
             if kind in self.include:
                 out[kind] = {layer: f[f"{kind}/{layer}"][i] for layer in self.layers}
@@ -483,14 +676,14 @@ class EmbeddingStore(Mapping):
             raise KeyError(f"{self.path} holds no {kind!r} embeddings (it has {self.include})")
         if layer not in self.layers:
             raise KeyError(f"{self.path} holds no layer {layer} (it has {self.layers})")
-        return self._file[f"{kind}/{layer}"][: self._n]
+        return self._file[f"{kind}/{layer}"][: self._n][self._order]
 
     def mean(self, layer: int) -> np.ndarray:
-        """Mean embeddings of every record, [n, D], in store order."""
+        """Mean embeddings of every record, [n, D], in input order (as ``ids``)."""
         return self._column("mean", layer)
 
     def bos(self, layer: int) -> np.ndarray:
-        """BOS embeddings of every record, [n, D], in store order."""
+        """BOS embeddings of every record, [n, D], in input order (as ``ids``)."""
         return self._column("bos", layer)
 
     # ---- lifetime ------------------------------------------------------------------------------
@@ -508,6 +701,26 @@ class EmbeddingStore(Mapping):
     def __repr__(self) -> str:
         return (f"EmbeddingStore({self.path!r}, records={self._n}, model={self.model!r}, "
                 f"layers={self.layers}, include={self.include}, hidden_size={self.hidden_size})")
+
+
+def _copy_rows(store: EmbeddingStore, out: EmbeddingWriter, rows: Sequence[int], block: int = 256) -> int:
+    """Append the records stored in ``rows`` of ``store`` to ``out`` (hashes and input positions kept)."""
+    for s in range(0, len(rows), block):
+        recs = [store._row(j) for j in rows[s:s + block]]
+        kw: dict[str, Any] = {}
+        for kind in ("mean", "bos"):
+            if kind in store.include:
+                kw[kind] = {la: np.stack([r[kind][la] for r in recs]) for la in store.layers}
+        if "per_tok" in store.include:
+            kw["per_tok"] = {la: [r["per_tok"][la] for r in recs] for la in store.layers}
+        if "contacts" in store.include:
+            kw["contacts"] = [r["contacts"] for r in recs]
+        if all("sequence_hash" in r for r in recs):
+            kw["seq_hashes"] = [r["sequence_hash"] for r in recs]
+            kw["input_index"] = [r["input_index"] for r in recs]
+        out.append([r["id"] for r in recs], [r["length"] for r in recs],
+                   descriptions=[r["description"] for r in recs], **kw)
+    return len(rows)
 
 
 def merge_stores(path: str | os.PathLike, shards: Sequence[str | os.PathLike], *, compression: str | None = None,
@@ -531,20 +744,8 @@ def merge_stores(path: str | os.PathLike, shards: Sequence[str | os.PathLike], *
                              num_layers=first.num_layers, identity=first.identity, metadata=metadata,
                              compression=compression) as out:
             for store in stores:
-                todo = [i for i, rid in enumerate(store.ids) if rid not in out]
-                for s in range(0, len(todo), block):
-                    recs = [store.record(i) for i in todo[s:s + block]]
-                    kw: dict[str, Any] = {}
-                    for kind in ("mean", "bos"):
-                        if kind in store.include:
-                            kw[kind] = {la: np.stack([r[kind][la] for r in recs]) for la in store.layers}
-                    if "per_tok" in store.include:
-                        kw["per_tok"] = {la: [r["per_tok"][la] for r in recs] for la in store.layers}
-                    if "contacts" in store.include:
-                        kw["contacts"] = [r["contacts"] for r in recs]
-                    out.append([r["id"] for r in recs], [r["length"] for r in recs],
-                               descriptions=[r["description"] for r in recs], **kw)
-                    added += len(recs)
+                rows = [j for j, rid in enumerate(store._row_ids) if rid not in out]
+                added += _copy_rows(store, out, rows, block)
         return added
     finally:
         for s in stores:

@@ -3,22 +3,32 @@
 ``read_fasta`` yields one ``FastaRecord(id, description, sequence)`` at a time and never reads the whole
 file up front. ``id`` is the first whitespace-delimited word of the header, ``description`` the whole
 header line without ``>``. Sequences may span several lines; whitespace inside them is removed;
-blank lines and comment lines (starting with ``;`` or ``#``) are skipped anywhere; CRLF files and
-gzip files (detected by their magic bytes, whatever the name) are read transparently.
-Refused with ``FastaError``: text other than comments before the first header, an empty header, a
-record without residues, and a repeated id.
+blank lines and comment lines (starting with ``;`` or ``#``) are skipped anywhere; gzip files
+(detected by their magic bytes, whatever the name) are read transparently. Lines end at LF, CRLF or a lone
+CR (old Mac files), mixed in one file too; a UTF-8 byte-order mark is dropped; leading and trailing
+whitespace of a line, non-breaking spaces included, is ignored. Files, gzip files and text or binary file
+objects are all split the same way.
+Refused with ``FastaError``: text other than comments before the first header, an empty header, a header
+with a NUL or other control character, a record without residues, and a repeated id.
+
+``count_fasta`` counts by running this same reader (with the same checks), so a count and a read of one
+file always agree.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import re
+import unicodedata
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import IO, Any, NamedTuple
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _COMMENT = (";", "#")
+_LINE_END = re.compile(r"\r\n|\r|\n")
+_BOM = "\ufeff"
 
 
 class FastaError(ValueError):
@@ -37,9 +47,10 @@ def _is_gzip(path: str) -> bool:
 
 
 def _open_text(path: str) -> IO[str]:
+    # newline="": no translation; _lines splits at every convention itself, as for file objects
     if _is_gzip(path):
-        return gzip.open(path, "rt", encoding="utf-8", newline=None)
-    return open(path, encoding="utf-8", newline=None)
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
 
 
 def _source_name(src: Any) -> str:
@@ -50,10 +61,21 @@ def _source_name(src: Any) -> str:
 
 
 def _lines(fh: Iterable[Any]) -> Iterator[str]:
-    for line in fh:
-        if isinstance(line, bytes):
-            line = line.decode("utf-8")
-        yield line
+    """The lines of a text or binary source, split at LF, CRLF and lone CR alike, without a leading BOM.
+
+    Sources yield pieces that end at a line end (files, StringIO, BytesIO split at LF or at any convention):
+    a CR and its LF are never in two pieces, so each piece is split on its own."""
+    first = True
+    for piece in fh:
+        if isinstance(piece, bytes):
+            piece = piece.decode("utf-8")
+        if first:
+            piece = piece.removeprefix(_BOM)
+            first = False
+        parts = _LINE_END.split(piece)
+        if parts and parts[-1] == "":
+            parts.pop()  # the piece ended with its line end
+        yield from parts
 
 
 def _unreadable(name: str, e: BaseException) -> FastaError:
@@ -125,6 +147,12 @@ def _parse(lines: Iterable[str], name: str, check_duplicates: bool, allow_empty:
             chunks = []
             if not header:
                 raise FastaError(f"{name}:{lineno}: empty header (a record needs an id after '>')")
+            bad = next((c for c in header if c != "\t" and unicodedata.category(c) == "Cc"), None)
+            if bad is not None:
+                what = "a NUL character" if bad == "\x00" else f"the control character {bad!r}"
+                shown = header if len(header) <= 40 else header[:37] + "..."
+                raise FastaError(f"{name}:{lineno}: the header {shown!r} contains {what}; "
+                                 "is this a text FASTA file?")
             rec_id = header.split(maxsplit=1)[0]
             if check_duplicates:
                 if rec_id in seen:
@@ -189,28 +217,11 @@ def write_fasta(
     return n
 
 
-def count_fasta(path_or_file: str | os.PathLike | IO[bytes] | IO[str]) -> int:
-    """Number of records (header lines) in a FASTA file, without parsing sequences. Gzip is detected."""
-    if isinstance(path_or_file, (str, os.PathLike)):
-        path = os.fspath(path_or_file)
-        _check_path(path)
-        opener = gzip.open if _is_gzip(path) else open
-        try:
-            with opener(path, "rb") as f:
-                return _count(f)
-        except _READ_ERRORS as e:
-            raise _unreadable(path, e) from None
-    return _count(path_or_file)
-
-
-def _count(fh: Any) -> int:
-    n = 0
-    for line in fh:
-        if isinstance(line, str):
-            n += line.lstrip().startswith(">")
-        else:
-            n += line.lstrip().startswith(b">")
-    return n
+def count_fasta(path_or_file: str | os.PathLike | IO[bytes] | IO[str], check_duplicates: bool = True,
+                allow_empty: bool = False) -> int:
+    """Number of records in a FASTA file, counted by :func:`read_fasta` itself (same line splitting, same
+    checks: a file that cannot be read fails here). Gzip is detected."""
+    return sum(1 for _ in read_fasta(path_or_file, check_duplicates=check_duplicates, allow_empty=allow_empty))
 
 
 __all__ = ["FastaError", "FastaRecord", "count_fasta", "read_fasta", "write_fasta"]

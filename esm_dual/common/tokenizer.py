@@ -850,7 +850,7 @@ class EsmTokenizer:
         """Load from a directory holding ``vocab.txt``, a ``vocab.txt`` file, or a preset name / hub id."""
         path = os.fspath(name_or_path)
         if not os.path.exists(path):
-            from .checkpoint import resolve_checkpoint
+            from ..io.resolve import resolve_checkpoint
 
             path = os.fspath(resolve_checkpoint(path))
         if os.path.isfile(path):

@@ -17,15 +17,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..common.config import EsmConfig, recorded_dtype, with_recorded_dtype
-from ..common.loading import LoadingError, checkpoint_has_pooler, match_state, weights_dtype
 from ..common.outputs import (
     BaseModelOutputWithPooling,
     MaskedLMOutput,
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
-from .attention import VarlenInfo, packed_self_attention
-from .packing import packed_model_forward, padded_forward_via_packed, use_packed_path
+from ..io.dtypes import numpy_to_torch, torch_to_numpy, weights_dtype
+from ..io.schema import LoadingError, check_finite, checkpoint_has_pooler, match_state, rotary_inv_freq
 
 logger = logging.getLogger("esm_dual")
 
@@ -155,7 +154,7 @@ class EsmRotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, base: float = 10000.0):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        inv_freq = torch.from_numpy(rotary_inv_freq(dim, base))
         self.register_buffer("inv_freq", inv_freq)
 
     def _apply(self, fn, recurse=True):
@@ -212,11 +211,13 @@ class EsmSelfAttention(nn.Module):
     ):
         """hidden_states [B, L, D]; attention_bias [B, 1, 1, L] additive (0 or -inf-like).
 
-        Packed back end (attention.py): attention_bias is a ``VarlenInfo`` (cu_seqlens, max_seqlen),
+        Packed back end (``fast``): attention_bias is a ``fast.VarlenInfo`` (cu_seqlens, max_seqlen),
         hidden_states [T, D] and positions [T]; returns context [T, D] and no probabilities.
         """
-        if isinstance(attention_bias, VarlenInfo):
-            return packed_self_attention(self, hidden_states, positions, attention_bias), None
+        if not isinstance(attention_bias, torch.Tensor):
+            from . import fast
+
+            return fast.packed_self_attention(self, hidden_states, positions, attention_bias), None
         # The query is scaled by K^-0.5 before rotary, as in the original ESM code (with rotary the
         # scale is folded into the query's cos/sin tables: the same product, one pass fewer).
         scale = self.attention_head_size**-0.5
@@ -435,6 +436,41 @@ class EsmPreTrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    # ---- the GPU fast path (esm_dual.pt.fast) ---------------------------------------------------
+    @property
+    def fast_path_options(self):
+        """The base model's ``FastPathOptions``: its own (``set_fast_path``), else the process default read
+        from the ``ESM_DUAL_*`` environment."""
+        from .fast.options import default_options
+
+        own = self.base_model.__dict__.get("_fast_path")
+        return own if own is not None else default_options()
+
+    @fast_path_options.setter
+    def fast_path_options(self, options) -> None:
+        from .fast.options import FastPathOptions
+
+        if options is not None and not isinstance(options, FastPathOptions):
+            raise TypeError(f"fast_path_options takes FastPathOptions or None, got {type(options).__name__}")
+        self.base_model._fast_path = options
+
+    def set_fast_path(self, **changes):
+        """The base model's fast-path options with ``changes`` (``attn_implementation="sdpa"``,
+        ``fused_loop="on"``, ...; see ``FastPathOptions``); returns them."""
+        options = self.fast_path_options.replace(**changes)
+        self.base_model._fast_path = options
+        return options
+
+    @property
+    def attn_implementation(self) -> str:
+        """"auto": packed varlen attention on CUDA in fp16/bf16, padded SDPA otherwise; "sdpa": always
+        padded; "packed": always packed. Short for ``fast_path_options.attn_implementation``."""
+        return self.fast_path_options.attn_implementation
+
+    @attn_implementation.setter
+    def attn_implementation(self, value: str) -> None:
+        self.set_fast_path(attn_implementation=value)
+
     # ---- names ----------------------------------------------------------------------------------
     def _hub_state(self) -> dict[str, torch.Tensor]:
         """State dict in hub naming, tied decoder left out (as the hub files do); an untied decoder
@@ -460,26 +496,58 @@ class EsmPreTrainedModel(nn.Module):
         lacks is initialised fresh; both are said in one log line. Config fields may be overridden
         (``num_labels=3``, ``problem_type="regression"``, dropout probabilities ...).
         """
-        from ..common.checkpoint import load_checkpoint
+        from ..io.hub import load_checkpoint
 
         ckpt = load_checkpoint(pretrained)
+        return cls.from_checkpoint(ckpt, dtype=torch_dtype if torch_dtype is not None else dtype, device=device,
+                                   config=config, **config_overrides)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        ckpt: Any,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        config: EsmConfig | None = None,
+        **overrides: Any,
+    ):
+        """Build this model from a loaded checkpoint (``esm_dual.io.base.Checkpoint``: config + hub-named numpy
+        tensors): the one place a PyTorch model is made from tensors (``from_pretrained``, the CLI, conversion's
+        verification and ESMFold call it).
+
+        ``dtype``: a torch dtype, ``"float32"``/``"fp16"``/``"bf16"``/..., or ``"auto"`` (the dtype the config
+        records, else that of the weights); ``device``: where the weights are allocated (built on the meta
+        device first: nothing is initialised twice); ``config`` replaces the checkpoint's; ``overrides`` are
+        config fields (``num_labels=3`` ...) and, for ``EsmModel``, ``add_pooling_layer`` (default: whether the
+        checkpoint has a pooler). NaN or infinite weights are refused by name.
+        """
+        add_pooling_layer = overrides.pop("add_pooling_layer", None)
         cfg = config if config is not None else ckpt.config
-        if config_overrides:
-            cfg = EsmConfig.from_dict(cfg.to_dict(), **config_overrides)
-        torch_dtype = torch_dtype if torch_dtype is not None else dtype
-        if torch_dtype == "auto":
-            torch_dtype = _auto_dtype(ckpt.config, ckpt.tensors)
-        if isinstance(torch_dtype, str):
-            torch_dtype = _str_to_torch_dtype(torch_dtype)
-        kwargs = {"add_pooling_layer": checkpoint_has_pooler(ckpt.tensors)} if cls is EsmModel else {}
+        if overrides:
+            cfg = EsmConfig.from_dict(cfg.to_dict(), **overrides)
+        check_finite(ckpt.tensors, str(ckpt.source))
+        if dtype == "auto":
+            dtype = _auto_dtype(ckpt.config, ckpt.tensors)
+        if isinstance(dtype, str):
+            dtype = _str_to_torch_dtype(dtype)
+        kwargs = {}
+        if cls is EsmModel:
+            kwargs["add_pooling_layer"] = (checkpoint_has_pooler(ckpt.tensors) if add_pooling_layer is None
+                                           else add_pooling_layer)
         # Build without allocating or initialising: every tensor is then either loaded or initialised.
         with torch.device("meta"):
             model = cls(cfg, **kwargs)
         model = model.to_empty(device=device or "cpu")
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
+        if dtype is not None:
+            model = model.to(dtype)
+        model._before_loading(torch.device(device or "cpu"))
         model.load_hub_tensors(ckpt.tensors, source=str(ckpt.source))
         return model.eval()
+
+    def _before_loading(self, device: torch.device) -> None:
+        """Called by ``from_checkpoint`` between allocation and the tensor copy (ESMFold sets its stem's
+        precision here)."""
 
     def load_hub_tensors(self, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> list[str]:
         """Copy hub-named numpy tensors into this model (names matched by ``match_state``)."""
@@ -493,7 +561,8 @@ class EsmPreTrainedModel(nn.Module):
             for module_name in sorted({n.rsplit(".", 1)[0] for n in result.initialised}):
                 module = self.get_submodule(module_name)
                 if isinstance(module, EsmRotaryEmbedding):
-                    module.inv_freq.copy_(EsmRotaryEmbedding(self.config.head_dim, self.config.rope_theta).inv_freq)
+                    inv_freq = rotary_inv_freq(self.config.head_dim, self.config.rope_theta)
+                    module.inv_freq.copy_(torch.from_numpy(inv_freq))
                 else:
                     self._init_weights(module)
         self.tie_weights()
@@ -503,11 +572,11 @@ class EsmPreTrainedModel(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int | str | None = None) -> None:
         """Write ``config.json`` + ``model.safetensors`` in the hub layout (readable by transformers,
         fair-esm converters and ``esm_dual.tf``)."""
-        from ..common.checkpoint import save_checkpoint
+        from ..io.hub import save_checkpoint
 
         cfg = with_recorded_dtype(self.config.copy(architectures=[type(self).__name__]),
                                   str(self.dtype).split(".")[-1])
-        tensors = {k: _torch_to_np(v) for k, v in self._hub_state().items()}
+        tensors = {k: torch_to_numpy(v) for k, v in self._hub_state().items()}
         save_checkpoint(directory, cfg, tensors, max_shard_size=max_shard_size)
 
     # ---- input checks ---------------------------------------------------------------------------
@@ -546,22 +615,7 @@ def copy_numpy_into(own: dict[str, torch.Tensor], tensors: dict[str, np.ndarray]
             if tuple(arr.shape) != tuple(target.shape):
                 raise LoadingError(f"{source}: tensor {name} has shape {tuple(arr.shape)}, "
                                    f"the model expects {tuple(target.shape)}")
-            target.copy_(_np_to_torch(np.asarray(arr)).to(target.dtype))
-
-
-def _np_to_torch(a: np.ndarray) -> torch.Tensor:
-    if a.dtype.name == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.uint16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
-
-
-def _torch_to_np(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
+            target.copy_(numpy_to_torch(np.asarray(arr)).to(target.dtype))
 
 
 def _auto_dtype(config: EsmConfig, tensors: dict[str, np.ndarray]) -> torch.dtype | None:
@@ -596,9 +650,7 @@ class EsmModel(EsmPreTrainedModel):
         self.pooler = EsmPooler(config) if add_pooling_layer else None
         self.contact_head = EsmContactPredictionHead(
             config.num_hidden_layers * config.num_attention_heads, eos_idx=config.eos_token_id or 2)
-        # "auto": packed varlen attention on CUDA in fp16/bf16, padded SDPA otherwise; "sdpa": always
-        # padded; "packed": always packed (off CUDA with block-diagonal SDPA). See packing.py.
-        self.attn_implementation = "auto"
+        self._fast_path = None  # this model's FastPathOptions (None: the process default); see set_fast_path
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -634,10 +686,13 @@ class EsmModel(EsmPreTrainedModel):
             positions = torch.arange(L, device=x.device)
         else:
             positions = position_ids
-        if use_packed_path(self, x, output_attentions):
-            # Fast path: unpad, run the packed encoder, re-pad (zeros at padded positions).
-            sequence_output, hidden_states = padded_forward_via_packed(
-                self, input_ids, attention_mask, position_ids, positions, inputs_embeds, output_hidden_states)
+        from . import fast
+
+        # Fast path (None where the padded path runs): unpad, run the packed encoder, re-pad (zeros at padding).
+        packed = fast.forward_padded(self, input_ids, attention_mask, position_ids, positions, inputs_embeds,
+                                     output_hidden_states, output_attentions)
+        if packed is not None:
+            sequence_output, hidden_states = packed
             pooled = self.pooler(sequence_output) if self.pooler is not None else None
             out = BaseModelOutputWithPooling(sequence_output, pooled, hidden_states, None)
             return out if return_dict else out.to_tuple()
@@ -666,7 +721,9 @@ class EsmModel(EsmPreTrainedModel):
         longest (int; computed with a device sync if None) -> last_hidden_state [T, D]; pooler_output [B, D]."""
         if cu_seqlens is None:
             raise ValueError("forward_packed needs cu_seqlens")
-        sequence_output, hidden_states = packed_model_forward(
+        from . import fast
+
+        sequence_output, hidden_states = fast.packed_model_forward(
             self, input_ids, cu_seqlens, max_seqlen, position_ids, inputs_embeds, output_hidden_states)
         pooled = None
         if self.pooler is not None:

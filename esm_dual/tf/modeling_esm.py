@@ -15,6 +15,7 @@ numpy arrays.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -31,13 +32,20 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from ..common.config import EsmConfig, with_recorded_dtype  # noqa: E402
-from ..common.loading import LoadingError, checkpoint_has_pooler, match_state, weights_dtype  # noqa: E402
 from ..common.outputs import (  # noqa: E402
     BaseModelOutputWithPooling,
     MaskedLMOutput,
     ModelOutput,
     SequenceClassifierOutput,
     TokenClassifierOutput,
+)
+from ..io.dtypes import weights_dtype  # noqa: E402
+from ..io.schema import (  # noqa: E402
+    LoadingError,
+    check_finite,
+    checkpoint_has_pooler,
+    match_state,
+    rotary_inv_freq,
 )
 
 if keras.backend.backend() != "tensorflow":  # pragma: no cover - depends on the environment
@@ -187,10 +195,6 @@ def _dropout(rate: float, parent: keras.layers.Layer, name: str = "dropout") -> 
     return keras.layers.Dropout(rate, name=name, dtype=parent.dtype_policy)
 
 
-def _rotary_inv_freq(dim: int, base: float) -> np.ndarray:
-    return (1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(np.float32)
-
-
 # ================================================================================================
 # Embeddings and positions
 # ================================================================================================
@@ -264,7 +268,7 @@ class TFEsmRotaryEmbedding(keras.layers.Layer):
     def build(self, input_shape=None):
         self.inv_freq = self.add_weight(
             name="inv_freq", shape=(self.dim // 2,), dtype="float32", trainable=False, autocast=False,
-            initializer=keras.initializers.Constant(_rotary_inv_freq(self.dim, self.base)))
+            initializer=keras.initializers.Constant(rotary_inv_freq(self.dim, self.base)))
 
     def call(self, q: tf.Tensor, k: tf.Tensor, positions: tf.Tensor, q_scale: float = 1.0):
         """q, k [B, H, L, K]; positions [B, L] or [L] -> rotated q (times q_scale), k; computed in fp32."""
@@ -628,7 +632,7 @@ class TFEsmPreTrainedModel(keras.Model):
     def _init_variable(self, name: str, var: keras.Variable) -> None:
         """Fresh value of one variable, as ``_init_weights`` of the PyTorch twin."""
         if name.endswith("rotary_embeddings.inv_freq"):
-            value = _rotary_inv_freq(self.config.head_dim, self.config.rope_theta)
+            value = rotary_inv_freq(self.config.head_dim, self.config.rope_theta)
         elif var.name in ("kernel", "embeddings"):
             value = keras.initializers.RandomNormal(0.0, self.config.initializer_range)(var.shape)
         elif var.name == "gamma":
@@ -689,19 +693,46 @@ class TFEsmPreTrainedModel(keras.Model):
         (``num_labels=3``, ``problem_type="regression"``, dropout probabilities ...). ``dtype`` is a
         Keras dtype policy ("float32", "mixed_bfloat16", ...).
         """
-        from ..common.checkpoint import load_checkpoint
+        from ..io.hub import load_checkpoint
 
         ckpt = load_checkpoint(pretrained)
+        return cls.from_checkpoint(ckpt, dtype=dtype, config=config, **config_overrides)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        ckpt: Any,
+        *,
+        dtype: str | keras.DTypePolicy | None = None,
+        device: str | None = None,
+        config: EsmConfig | None = None,
+        **overrides: Any,
+    ):
+        """Build this model from a loaded checkpoint (``esm_dual.io.base.Checkpoint``: config + hub-named numpy
+        tensors): the one place a Keras model is made from tensors (``from_pretrained``, the CLI and conversion
+        call it).
+
+        ``dtype``: a Keras dtype policy (``"float32"``, ``"mixed_bfloat16"``, ...); ``device``: a TensorFlow
+        device (``"/GPU:0"``) to build under; ``config`` replaces the checkpoint's; ``overrides`` are config
+        fields and, for ``TFEsmModel``, ``add_pooling_layer`` (default: whether the checkpoint has a pooler).
+        NaN or infinite weights are refused by name.
+        """
+        add_pooling_layer = overrides.pop("add_pooling_layer", None)
         cfg = config if config is not None else ckpt.config
-        if config_overrides:
-            cfg = EsmConfig.from_dict(cfg.to_dict(), **config_overrides)
-        kwargs = {"add_pooling_layer": checkpoint_has_pooler(ckpt.tensors)} if cls is TFEsmModel else {}
+        if overrides:
+            cfg = EsmConfig.from_dict(cfg.to_dict(), **overrides)
+        check_finite(ckpt.tensors, str(ckpt.source))
+        kwargs: dict[str, Any] = {}
+        if cls is TFEsmModel:
+            kwargs["add_pooling_layer"] = (checkpoint_has_pooler(ckpt.tensors) if add_pooling_layer is None
+                                           else add_pooling_layer)
         if dtype is not None:
             kwargs["dtype"] = dtype
         # Build without random initialisation: every tensor is then either loaded or initialised.
-        with _no_init():
-            model = cls(cfg, **kwargs)
-        model.load_hub_tensors(ckpt.tensors, source=str(ckpt.source))
+        with tf.device(device) if device is not None else contextlib.nullcontext():
+            with _no_init():
+                model = cls(cfg, **kwargs)
+            model.load_hub_tensors(ckpt.tensors, source=str(ckpt.source))
         return model
 
     def load_hub_tensors(self, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> list[str]:
@@ -728,7 +759,7 @@ class TFEsmPreTrainedModel(keras.Model):
                         max_shard_size: int | str | None = None) -> None:
         """Write ``config.json`` + ``model.safetensors`` in the hub layout (readable by transformers,
         fair-esm converters and ``esm_dual.pt``)."""
-        from ..common.checkpoint import save_checkpoint
+        from ..io.hub import save_checkpoint
 
         cfg = self.config.copy(architectures=[type(self).__name__[2:]])
         tensors = {}

@@ -276,11 +276,11 @@ def train(args) -> int:
                       sharded=args.state_dict == "sharded", extra={"task": args.task})
     state = D.full_model_state(model)
     if info.is_main:
-        from ..common.checkpoint import save_checkpoint
-        from ..pt.modeling_esm import _torch_to_np
+        from ..io.dtypes import torch_to_numpy
+        from ..io.hub import save_checkpoint
 
         arch = "EsmForMaskedLM" if args.task == "mlm" else "EsmForSequenceClassification"
-        tensors = {k.removeprefix("module."): _torch_to_np(v) for k, v in state.items()}
+        tensors = {k.removeprefix("module."): torch_to_numpy(v) for k, v in state.items()}
         tensors = {k: v for k, v in tensors.items() if k not in tied}
         save_checkpoint(os.path.join(args.output, "final"), config.copy(architectures=[arch]), tensors)
         log.close()

@@ -6,8 +6,9 @@ import json
 
 from esm_dual.cli import main as cli_main
 from esm_dual.cli.main import main
-from esm_dual.common.checkpoint import save_checkpoint, save_fair_esm
 from esm_dual.common.presets import PRESETS, count_parameters
+from esm_dual.io.fair_esm import save_fair_esm
+from esm_dual.io.hub import save_checkpoint
 from tests.conftest import tiny_config
 from tests.utils import write_hub_checkpoint
 
@@ -123,3 +124,30 @@ def test_entry_point_plumbing(capsys, monkeypatch):
     assert rc == 2 and "`esm-dual fold` is not available" in err
     rc, _, err = _run(capsys, "info", "--presets", "--json")  # other commands unaffected
     assert rc == 0
+
+
+def test_info_shows_the_fast_path_options(tmp_path, capsys, monkeypatch):
+    """The PyTorch fast path's options as the environment sets them (one line; a dict in JSON); an invalid
+    ESM_DUAL_* value is named there instead."""
+    from esm_dual.pt.fast.options import FastPathOptions, set_default_options
+
+    write_hub_checkpoint(str(tmp_path / "m"), tiny_config("esm2"), "mlm")
+    previous = set_default_options(None)  # read the environment again
+    try:
+        monkeypatch.setenv("ESM_DUAL_FA4", "0")
+        monkeypatch.setenv("ESM_DUAL_VARLEN", "dense")
+        rc, out, err = _run(capsys, "info", tmp_path / "m")
+        assert rc == 0, err
+        assert _fields(out)["fast path"] == (
+            "attn_implementation=auto, varlen_backend=dense, fa4=off, triton=on, fused_loop=auto, "
+            "residual_epilogue=on, exact_gelu=off, triangle_sdpa=on")
+        rc, out, _ = _run(capsys, "info", tmp_path / "m", "--json")
+        assert json.loads(out)["fast_path"] == FastPathOptions(varlen_backend="dense", fa4=False).as_dict()
+        set_default_options(None)
+        monkeypatch.setenv("ESM_DUAL_FA4", "2")
+        rc, out, err = _run(capsys, "info", tmp_path / "m")
+        assert rc == 0, err
+        assert _fields(out)["fast path"] == ("error: environment variable ESM_DUAL_FA4='2' is not valid; use 1 or 0 "
+                                             "(also true/false, yes/no, on/off)")
+    finally:
+        set_default_options(previous)

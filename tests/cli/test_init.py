@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from esm_dual.cli.main import main
-from esm_dual.common.checkpoint import iter_checkpoint_tensors
 from esm_dual.common.presets import get_preset
+from esm_dual.io.hub import iter_checkpoint_tensors
 
 
 def _run(capsys, *argv):

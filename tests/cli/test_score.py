@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from esm_dual.cli.main import main
-from esm_dual.common.checkpoint import save_fair_esm
 from esm_dual.common.fasta import read_fasta
+from esm_dual.io.fair_esm import save_fair_esm
 from tests.conftest import DATA_DIR, tiny_config
 from tests.utils import write_hub_checkpoint
 

@@ -783,3 +783,38 @@ def test_import_is_light():
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["heavy"] == [], f"`import esm_dual` imported {res['heavy']}"
     assert res["seconds"] < 2.0, f"`import esm_dual` took {res['seconds']:.2f} s"
+
+
+@pytest.mark.parametrize("field,value", [("token_dropout", "false"), ("token_dropout", 0), ("use_cache", "yes"),
+                                         ("tie_word_embeddings", None), ("emb_layer_norm_before", "false")])
+def test_a_boolean_field_takes_only_json_booleans(tmp_path, field, value):
+    """'"token_dropout": "false"' would be truthy: refused naming the file and the field, as is any non-bool."""
+    path = tmp_path / CONFIG_NAME
+    path.write_text(json.dumps({**ESM2_LIKE, field: value}))
+    with pytest.raises(ConfigError, match=re.escape(str(path)) + f".*{field}: must be true or false") as e:
+        EsmConfig.from_pretrained(path)
+    assert repr(value) in str(e.value)
+    with pytest.raises(ConfigError, match=field):
+        EsmConfig(**{**ESM2_LIKE, field: value})
+    assert EsmConfig.from_dict({**ESM2_LIKE, field: False}).to_dict()[field] is False
+    assert EsmConfig(**{**ESM2_LIKE, "emb_layer_norm_before": None}).emb_layer_norm_before is None  # bool | None
+
+
+def test_a_boolean_field_of_a_sub_config_is_named_with_its_path():
+    with pytest.raises(ConfigError, match=r"trunk\.cpu_grad_checkpoint: must be true or false"):
+        TrunkConfig(cpu_grad_checkpoint="no")
+    with pytest.raises(ConfigError, match=r"esmfold_config\.fp16_esm: must be true or false"):
+        EsmConfig(is_folding_model=True, vocab_size=33, esmfold_config={"fp16_esm": "true"})
+
+
+def test_config_imports_nothing_of_the_package():
+    import ast
+
+    import esm_dual.common.config as mod
+
+    tree = ast.parse(Path(mod.__file__).read_text())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.level or
+                (n.module or "").startswith("esm_dual"))]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+                 if a.name.startswith("esm_dual")]
+    assert imported == [], imported

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import subprocess
+
 import h5py
 import numpy as np
 import pytest
 
-from esm_dual.common.embeddings import EmbeddingStore, EmbeddingStoreError, EmbeddingWriter
+from esm_dual.common.embeddings import (
+    EmbeddingStore,
+    EmbeddingStoreError,
+    EmbeddingWriter,
+    StoreFullError,
+    sequence_hash,
+)
 
 D = 5
 LAYERS = [0, 3]
@@ -94,7 +105,7 @@ def test_only_some_kinds(tmp_path):
         _append(w, b)
     with EmbeddingStore(tmp_path / "m.h5") as store:
         rec = store["y"]
-        assert set(rec) == {"id", "description", "length", "mean"}
+        assert set(rec) == {"id", "description", "length", "mean", "sequence_hash", "input_index"}
         np.testing.assert_array_equal(rec["mean"][0], b["mean"][0][1])
 
 
@@ -171,3 +182,161 @@ def test_shape_checks(tmp_path):
     b["mean"][0] = np.zeros((1, D + 1), np.float32)
     with _writer(tmp_path / "s.h5") as w, pytest.raises(ValueError, match=r"mean\[0\]"):
         _append(w, b)
+
+
+# ---- issue 20: FASTA order; issue 19.1: full disk; 19.4: hashes, dropping changed records -------------------
+
+
+def test_records_are_listed_in_input_order(tmp_path):
+    """Rows are written length-sorted (as embed batches them); every reader follows input_index."""
+    rng = np.random.default_rng(5)
+    path = tmp_path / "o.h5"
+    b1 = _batch(rng, ["c", "a"], [1, 2])
+    b2 = _batch(rng, ["d", "b"], [5, 7])
+    with _writer(path) as w:
+        _append(w, b1, input_index=[2, 0], seq_hashes=[sequence_hash("C"), sequence_hash("AA")])
+        _append(w, b2, input_index=[3, 1], seq_hashes=[sequence_hash("D" * 5), sequence_hash("B" * 7)])
+        assert w.hashes["a"] == sequence_hash("AA")
+    with EmbeddingStore(path) as store:
+        assert store.ids == list(store) == ["a", "b", "c", "d"]
+        assert store.lengths.tolist() == [2, 7, 1, 5]
+        assert store.record(1)["id"] == "b" and store.record(1)["input_index"] == 1
+        np.testing.assert_array_equal(store.mean(3), np.stack([b1["mean"][3][1], b2["mean"][3][1],
+                                                                b1["mean"][3][0], b2["mean"][3][0]]))
+        _check(store, b2, 1)
+
+
+def test_drop_removes_records_and_keeps_the_rest(tmp_path):
+    rng = np.random.default_rng(6)
+    path = tmp_path / "d.h5"
+    b = _batch(rng, ["a", "b", "c"], [3, 4, 2])
+    with _writer(path) as w:
+        _append(w, b, seq_hashes=["1" * 32, "2" * 32, "3" * 32])
+        assert w.drop(["b", "zz"]) == 1
+        assert w.ids == {"a", "c"} and w.hashes == {"a": "1" * 32, "c": "3" * 32}
+        b2 = _batch(rng, ["b"], [6])
+        _append(w, b2, input_index=[1])
+    with EmbeddingStore(path) as store:
+        assert store.ids == ["a", "b", "c"]
+        _check(store, b, 0)
+        _check(store, b, 2)
+        _check(store, b2, 0)
+        assert store._f["per_tok/0"].shape[0] == 3 + 2 + 6
+
+
+def test_an_older_store_is_read_but_not_resumed(tmp_path):
+    rng = np.random.default_rng(7)
+    path = tmp_path / "v1.h5"
+    with _writer(path) as w:
+        _append(w, _batch(rng, ["a"], [2]))
+    with h5py.File(path, "r+") as f:
+        f.attrs["version"] = 1
+    with EmbeddingStore(path) as store:
+        assert store.ids == ["a"]
+    with pytest.raises(EmbeddingStoreError, match="older esm-dual"):
+        _writer(path)
+
+
+def _clean_store(tmp_path, batches):
+    clean = tmp_path / "clean.h5"
+    with _writer(clean) as w:
+        for b in batches:
+            _append(w, b)
+    return clean
+
+
+def _assert_committed_identical(path, clean):
+    """Every record the store marks committed is byte-identical to the clean run's."""
+    with EmbeddingStore(path) as got, EmbeddingStore(clean) as ref:
+        for rid in got.ids:
+            a, b = got[rid], ref[rid]
+            assert a["length"] == b["length"] and a["description"] == b["description"]
+            for kind in ("mean", "bos", "per_tok"):
+                for layer in LAYERS:
+                    assert a[kind][layer].tobytes() == b[kind][layer].tobytes(), (rid, kind, layer)
+            assert a["contacts"].tobytes() == b["contacts"].tobytes(), rid
+        return len(got)
+
+
+def test_a_write_that_fails_mid_batch_keeps_the_committed_records(tmp_path, monkeypatch):
+    """Fault injection past the free-space check (another process filled the disk): the dataset write raises
+    ENOSPC half-way through a batch. The error names the file and the count kept; the store reopens with the
+    committed records intact, and a rerun resumes to exactly the clean result."""
+    rng = np.random.default_rng(8)
+    batches = [_batch(rng, [f"r{i}a", f"r{i}b"], [30 + i, 20 + i]) for i in range(4)]
+    clean = _clean_store(tmp_path, batches)
+    path = tmp_path / "f.h5"
+    w = _writer(path)
+    _append(w, batches[0])
+    _append(w, batches[1])
+    real = h5py.Dataset.__setitem__
+    calls = {"n": 0}
+
+    def flaky(self, key, value):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", flaky)
+    with pytest.raises(StoreFullError) as err:
+        _append(w, batches[2])
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", real)
+    msg = str(err.value)
+    assert str(path) in msg and "disk is full" in msg and "keeps its 4 committed record(s)" in msg
+    with pytest.raises(EmbeddingStoreError, match="earlier batch failed"):
+        _append(w, batches[3])
+    w.close()
+    assert _assert_committed_identical(path, clean) == 4
+    with _writer(path) as w:
+        assert w.repaired == 4
+        _append(w, batches[2])
+        _append(w, batches[3])
+    assert _assert_committed_identical(path, clean) == 8
+
+
+@contextlib.contextmanager
+def _small_disk(tmp_path, size="3m"):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                                          capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("size", ["12m", "14m"])
+def test_a_full_disk_is_a_clean_error_and_the_store_resumes(tmp_path, size):
+    """A real full file system (tmpfs): the error comes before the file is touched, names it and the count
+    kept; the store reopens, committed records are byte-identical to a clean run, and after space is freed a
+    rerun completes it."""
+    rng = np.random.default_rng(9)
+    batches = [_batch(rng, [f"r{i}"], [300]) for i in range(30)]  # 360 KB of contacts per record
+    clean = _clean_store(tmp_path, batches)
+    with _small_disk(tmp_path, size) as disk:
+        ballast = disk / "ballast"
+        ballast.write_bytes(b"\0" * (1 << 20))
+        path = disk / "e.h5"
+        w = _writer(path)
+        done = 0
+        with pytest.raises(StoreFullError) as err:
+            for b in batches:
+                _append(w, b)
+                done += 1
+        w.close()
+        msg = str(err.value)
+        assert str(path) in msg and f"keeps its {done} committed record(s)" in msg
+        assert 0 < done < len(batches)
+        assert _assert_committed_identical(path, clean) == done
+        os.remove(ballast)
+        with _writer(path) as w:
+            for b in batches[done:]:
+                try:
+                    _append(w, b)
+                except StoreFullError:
+                    break
+                done += 1
+        assert _assert_committed_identical(path, clean) == done

@@ -192,3 +192,49 @@ def test_real_files(data_dir, name, count):
     if name == "P62593.fasta":
         assert records[1].id == "1|beta-lactamase_D207D|1.42563125"
         assert {len(r.sequence) for r in records} == {286}
+
+
+# ---- issue 19.2 / 19.11: one reader for counting and reading; every line-end convention, BOM, NBSP --------
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+@pytest.mark.parametrize("bom", [False, True])
+def test_line_ends_and_bom_read_and_counted_alike(tmp_path, newline, bom):
+    raw = MULTI.replace("\n", newline).encode("utf-8")
+    if bom:
+        raw = b"\xef\xbb\xbf" + raw
+    path = tmp_path / "x.fasta"
+    path.write_bytes(raw)
+    gz = tmp_path / "x.fasta.gz"
+    gz.write_bytes(gzip.compress(raw))
+    for src in (str(path), str(gz), io.BytesIO(raw), io.StringIO(raw.decode("utf-8"))):
+        assert list(read_fasta(src)) == EXPECTED, (newline, bom, src)
+    for src in (str(path), str(gz), io.BytesIO(raw), io.StringIO(raw.decode("utf-8"))):
+        assert count_fasta(src) == 3, (newline, bom, src)
+
+
+def test_non_breaking_spaces_read_and_counted_alike(tmp_path):
+    text = ">P1 first\nMKT\u00a0AYI\n\u00a0>P2\nACD\u00a0\n"
+    path = _write(tmp_path, "nbsp.fasta", text)
+    records = list(read_fasta(path))
+    assert records == [FastaRecord("P1", "P1 first", "MKTAYI"), FastaRecord("P2", "P2", "ACD")]
+    assert count_fasta(path) == 2
+
+
+def test_count_agrees_with_read_on_odd_files(tmp_path):
+    # the shapes that made count_fasta and read_fasta disagree: a '>' inside a sequence line after spaces,
+    # form feeds, mixed line ends in one file
+    text = ">a\nMK\r>b\r\nAC\n  >c desc\n\x0cDE\n"
+    path = _write(tmp_path, "mixed.fasta", text)
+    assert [r.id for r in read_fasta(path)] == ["a", "b", "c"]
+    assert count_fasta(path) == 3
+
+
+def test_nul_and_control_characters_in_a_header_are_named(tmp_path):
+    path = _write(tmp_path, "nul.fasta", ">good\nMKV\n>bad\x00id\nACD\n")
+    with pytest.raises(FastaError) as err:
+        list(read_fasta(path))
+    msg = str(err.value)
+    assert "nul.fasta:3" in msg and "NUL" in msg
+    with pytest.raises(FastaError):
+        count_fasta(path)  # the count runs the same checks, so a run fails before any model work

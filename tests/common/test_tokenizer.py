@@ -451,9 +451,9 @@ def test_from_pretrained_resolves_preset_names(tmp_path, monkeypatch):
         calls.append(name)
         return str(tmp_path / "preset")
 
-    fake = types.ModuleType("esm_dual.common.checkpoint")
+    fake = types.ModuleType("esm_dual.io.resolve")
     fake.resolve_checkpoint = resolve_checkpoint
-    monkeypatch.setitem(sys.modules, "esm_dual.common.checkpoint", fake)
+    monkeypatch.setitem(sys.modules, "esm_dual.io.resolve", fake)
     tok = EsmTokenizer.from_pretrained("facebook/esm2_t6_8M_UR50D")
     assert calls == ["facebook/esm2_t6_8M_UR50D"]
     assert tok.get_vocab() == EsmTokenizer().get_vocab()

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from esm_dual.common.checkpoint import load_checkpoint, save_checkpoint
+from esm_dual.io.hub import load_checkpoint, save_checkpoint
 from tests.conftest import tiny_config
 from tests.utils import random_hub_tensors
 

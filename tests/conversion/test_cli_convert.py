@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-import esm_dual.convert as conv
+import esm_dual.conversion as conv
 from esm_dual.cli.main import main
 from tests.conversion.helpers import assert_same_tensors, hub_tensors, leftovers, make_hub
 

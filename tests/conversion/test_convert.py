@@ -11,14 +11,10 @@ import numpy as np
 import pytest
 
 import esm_dual
-import esm_dual.convert as conv
-from esm_dual.common.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    read_fair_esm,
-    save_checkpoint,
-    save_fair_esm,
-)
+import esm_dual.conversion as conv
+from esm_dual.io.base import CheckpointError
+from esm_dual.io.fair_esm import read_fair_esm, save_fair_esm
+from esm_dual.io.hub import load_checkpoint, save_checkpoint
 from tests.conversion.helpers import assert_same_tensors, hub_tensors, leftovers, make_hub
 
 torch = pytest.importorskip("torch")
@@ -194,7 +190,7 @@ def test_fair_esm_source_with_contact_regression(tmp_path):
 
 def test_fair_esm_output_loads_in_fair_esm(hubs, tmp_path):
     esm = pytest.importorskip("esm")
-    from esm_dual.convert import verification_batch
+    from esm_dual.conversion import verification_batch
     from esm_dual.pt import EsmForMaskedLM
 
     for flavour in ("esm2", "esm1b"):
@@ -276,7 +272,7 @@ def test_keras_weights_source_needs_config(hubs, tmp_path):
 
 def test_module_is_callable_and_api():
     assert callable(esm_dual.convert)
-    assert esm_dual.convert.convert is conv.convert
+    assert esm_dual.convert is conv.convert
     assert set(conv.TARGETS) == {"hf", "keras", "tf-h5", "fair-esm"}
 
 

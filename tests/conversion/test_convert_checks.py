@@ -13,9 +13,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import esm_dual
-import esm_dual.convert as conv
+import esm_dual.conversion as conv
 from esm_dual.cli.main import main
-from esm_dual.common.checkpoint import CheckpointError, save_checkpoint
+from esm_dual.io.base import CheckpointError
+from esm_dual.io.hub import save_checkpoint
 from tests.conftest import tiny_config
 from tests.conversion.helpers import assert_same_tensors, hub_tensors, leftovers, make_hub
 from tests.utils import random_hub_tensors

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import esm_dual
-import esm_dual.convert as conv
-from esm_dual.common.checkpoint import CheckpointError, load_checkpoint
+import esm_dual.conversion as conv
+from esm_dual.io.base import CheckpointError
+from esm_dual.io.hub import load_checkpoint
 
 keras_hub = pytest.importorskip("keras_hub")
 

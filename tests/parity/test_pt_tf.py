@@ -229,7 +229,7 @@ def test_gradients_match_other_problem_types(hub_dir, variant):
 
 
 def test_gradients_match_base_model_with_pooler(hub_dir, flavour):
-    from esm_dual.common.checkpoint import load_checkpoint
+    from esm_dual.io.hub import load_checkpoint
 
     cfg = tiny_config(flavour)
     tensors = dict(load_checkpoint(hub_dir(flavour, "base")).tensors)
@@ -311,7 +311,7 @@ def test_pytorch_saved_model_loads_in_tf(tmp_path, head):
 
 
 def test_fair_esm_file_loads_in_tf_like_pt(tmp_path, flavour):
-    from esm_dual.common.checkpoint import save_fair_esm
+    from esm_dual.io.fair_esm import save_fair_esm
     from tests.utils import random_hub_tensors
 
     stem = {"esm2": "esm2_t3_18_tiny", "esm1b": "esm1b_t3_18_tiny", "esm1v": "esm1v_t3_18_tiny_1"}[flavour]

@@ -4,14 +4,13 @@ bounds (parts of the inference loop taken out), and the library unchanged afterw
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from esm_dual.pt.attention import triton_available  # noqa: E402
+from esm_dual.pt.fast.kernels import triton_available  # noqa: E402
 from tests.utils import load_benchmark  # noqa: E402
 
 
@@ -42,21 +41,22 @@ def test_cpu_smoke_with_bounds(tmp_path, one_torch_thread, capsys, monkeypatch):
     assert {"hf_sorted_budget2048", "hf_sorted_budget4096"} <= set(sh["training"])
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
-                    or not triton_available(), reason="needs CUDA or TRITON_INTERPRET=1")
 def test_bound_patch_changes_the_loop_and_restores_it():
+    """On a GPU with the Triton kernels; on the CPU with the inference loop forced on (torch fallbacks)."""
     bench = load_benchmark("encoder_gpu")
     from esm_dual.common.config import EsmConfig
-    from esm_dual.pt import EsmModel, modeling_esm, packing
-    from esm_dual.pt.packing import pack_sequences
+    from esm_dual.pt import EsmModel, fast
+    from esm_dual.pt.fast import epilogues
+    from esm_dual.pt.fast.packing import pack_sequences
 
     cfg = EsmConfig.from_dict(dict(bench.COMMON, **bench.SHAPES["tiny"]))
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = EsmModel(cfg).eval().to(device)
+    if not (torch.cuda.is_available() and triton_available()):
+        model.set_fast_path(fused_loop="on")
     p = pack_sequences(bench.make_sequences(5, seed=3, median=12.0)).to(device)
-    originals = (modeling_esm.packed_self_attention, packing.pending_layer_norm)
+    originals = (fast.packed_self_attention, epilogues.pending_layer_norm)
 
     def run():
         with torch.inference_mode():
@@ -69,7 +69,7 @@ def test_bound_patch_changes_the_loop_and_restores_it():
             outs[name] = run()
         assert calls[0] == 2 * cfg.num_hidden_layers, (name, calls)  # every LayerNorm of the loop reused
         assert torch.isfinite(outs[name]).all()
-        assert (modeling_esm.packed_self_attention, packing.pending_layer_norm) == originals
+        assert (fast.packed_self_attention, epilogues.pending_layer_norm) == originals
     # each bound computes something else than the model, and something else than the previous bound
     assert not torch.allclose(outs["no_layernorm"], ref)
     assert not torch.allclose(outs["no_layernorm_rotary"], outs["no_layernorm"])

@@ -78,7 +78,7 @@ def hub_tensors(hf) -> dict[str, np.ndarray]:
 
 def write_tiny_esmfold(directory: str, seed: int = 0, **fold_changes):
     """Write config.json + model.safetensors (facebook/esmfold_v1 layout); returns the HF reference."""
-    from esm_dual.common.checkpoint import save_checkpoint
+    from esm_dual.io.hub import save_checkpoint
 
     hf = hf_reference(seed, **fold_changes)
     cfg = EsmConfig.from_dict(
@@ -154,13 +154,13 @@ def test_hub_names_load_one_to_one(checkpoint, model, caplog):
 
 
 def test_unknown_or_missing_tensor_is_named(tmp_path, checkpoint):
-    from esm_dual.common.checkpoint import load_checkpoint, save_checkpoint
-    from esm_dual.common.loading import LoadingError
+    from esm_dual.io.hub import load_checkpoint, save_checkpoint
+    from esm_dual.io.schema import LoadingError
     from esm_dual.pt import EsmForProteinFolding
 
     ckpt_dir, _ = checkpoint
     cfg = EsmConfig.from_json_file(os.path.join(ckpt_dir, "config.json"))
-    from esm_dual.common.checkpoint import iter_checkpoint_tensors
+    from esm_dual.io.hub import iter_checkpoint_tensors
 
     tensors = dict(iter_checkpoint_tensors(ckpt_dir))
     tensors.pop("trunk.blocks.1.tri_att_end.linear.weight")
@@ -334,7 +334,7 @@ def test_chunked_matches_unchunked(model, outputs, chunk):
 
 
 @pytest.mark.parametrize("sdpa", ["0", "1"])
-def test_chunking_bounds_the_largest_intermediate(monkeypatch, sdpa):
+def test_chunking_bounds_the_largest_intermediate(monkeypatch, fast_path_defaults, sdpa):
     """Every tensor a folding block creates stays within the size of the pair state when chunked;
     unchunked, the triangle-attention scores and the pair transition are several times larger.
     (Updates under primitives.WHOLE_OP_ELEMENTS are not split: set to 0 here, so the tiny block is.)"""
@@ -344,7 +344,7 @@ def test_chunking_bounds_the_largest_intermediate(monkeypatch, sdpa):
     from esm_dual.pt.folding.trunk import TriangularSelfAttentionBlock
 
     monkeypatch.setattr(primitives, "WHOLE_OP_ELEMENTS", 0)
-    monkeypatch.setenv("ESM_DUAL_TRIANGLE_SDPA", sdpa)
+    fast_path_defaults(triangle_sdpa=sdpa == "1")  # ESM_DUAL_TRIANGLE_SDPA
 
     class LargestTensor(TorchFunctionMode):
         def __init__(self):
@@ -374,14 +374,14 @@ def test_chunking_bounds_the_largest_intermediate(monkeypatch, sdpa):
 
 
 @pytest.mark.parametrize("sdpa", ["0", "1"])
-def test_inplace_block_matches_out_of_place(monkeypatch, sdpa):
+def test_inplace_block_matches_out_of_place(monkeypatch, fast_path_defaults, sdpa):
     """Inference updates z in place, row block by row block (no full-size update tensors); the sums
     must be those of the out-of-place block, padded or not, chunked or not."""
     from esm_dual.pt.folding import primitives
     from esm_dual.pt.folding.trunk import TriangularSelfAttentionBlock
 
     monkeypatch.setattr(primitives, "WHOLE_OP_ELEMENTS", 0)  # so the tiny pair updates are chunked too
-    monkeypatch.setenv("ESM_DUAL_TRIANGLE_SDPA", sdpa)
+    fast_path_defaults(triangle_sdpa=sdpa == "1")  # ESM_DUAL_TRIANGLE_SDPA
     cfg = EsmConfig.from_dict(tiny_esmfold_config_dict()).esmfold_config.trunk
     torch.manual_seed(6)
     block = TriangularSelfAttentionBlock(cfg).eval()
@@ -475,7 +475,7 @@ def test_chunked_modules_match_transformers_modules():
 
 
 @pytest.mark.parametrize("starting", [True, False])
-def test_triangle_attention_sdpa_matches_explicit_scores(starting, monkeypatch):
+def test_triangle_attention_sdpa_matches_explicit_scores(starting, monkeypatch, fast_path_defaults):
     """The fused path (biases as SDPA's mask, no [*, H, N, N] scores) against the explicit softmax
     path, with and without padding, chunked and not; it is the path fp32 takes."""
     from esm_dual.pt.folding import primitives
@@ -494,10 +494,10 @@ def test_triangle_attention_sdpa_matches_explicit_scores(starting, monkeypatch):
     monkeypatch.setattr(primitives.Attention, "forward_rows", lambda self, x, b: calls.append(1) or real(self, x, b))
     with torch.no_grad():
         for m in (None, pair_mask):
-            monkeypatch.setenv("ESM_DUAL_TRIANGLE_SDPA", "0")
+            fast_path_defaults(triangle_sdpa=False)
             ref = att(z, m, None)
             assert not calls
-            monkeypatch.setenv("ESM_DUAL_TRIANGLE_SDPA", "1")
+            fast_path_defaults(triangle_sdpa=True)
             for chunk in (None, 1, 4):
                 got = att(z, m, chunk)
                 assert calls, "the SDPA path was not taken"
@@ -510,7 +510,7 @@ def test_triangle_attention_sdpa_matches_explicit_scores(starting, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("n", [37, 160])
-def test_triangle_attention_sdpa_on_gpu(n, monkeypatch):
+def test_triangle_attention_sdpa_on_gpu(n, fast_path_defaults):
     """On CUDA the fused path runs SDPA's memory-efficient fp32 kernel with a broadcast, padded-stride
     mask; it must agree with the explicit scores (N not a multiple of 16, padding, chunks)."""
     from esm_dual.pt.folding.triangular import TriangleAttention
@@ -523,9 +523,9 @@ def test_triangle_attention_sdpa_on_gpu(n, monkeypatch):
     pair_mask = mask[:, :, None] * mask[:, None, :]
     with torch.no_grad():
         for m in (None, pair_mask):
-            monkeypatch.setenv("ESM_DUAL_TRIANGLE_SDPA", "0")
+            fast_path_defaults(triangle_sdpa=False)
             ref = att(z, m, None)
-            monkeypatch.setenv("ESM_DUAL_TRIANGLE_SDPA", "1")
+            fast_path_defaults(triangle_sdpa=True)
             for chunk in (None, 16):
                 assert float((att(z, m, chunk) - ref).abs().max()) < 1e-4, (m is None, chunk)
 
@@ -754,7 +754,8 @@ def _fair_esmfold_cfg(cfg: EsmConfig) -> dict:
 def test_fair_esm_checkpoint(tmp_path):
     """fair-esm's layout: an esmfold .pt with the folding head only (+ cfg) and the ESM-2 stem in its own
     fair-esm .pt file; or the stem inside the esmfold file under fair-esm ESM-2 names."""
-    from esm_dual.common import checkpoint as ck
+    from esm_dual.io import fair_esm as ck
+    from esm_dual.io.base import CheckpointError
     from esm_dual.pt import EsmForProteinFolding
 
     stem_changes = {"intermediate_size": 72}  # fair-esm's ESM-2 hard-codes 4 * hidden
@@ -790,7 +791,7 @@ def test_fair_esm_checkpoint(tmp_path):
     # The stem inside the esmfold file, fair-esm ESM-2 names under "esm.".
     inside = dict(head)
     for k, v in stem.items():
-        fair = ck._hf_name_to_fair(k)
+        fair = ck.hf_name_to_fair(k)
         if fair is not None:
             inside["esm." + fair] = torch.from_numpy(v.copy())
     pt2 = tmp_path / "esmfold_full.pt"
@@ -825,7 +826,7 @@ def test_fair_esm_checkpoint(tmp_path):
     # Without a stem beside it (or in torch's hub cache), the error says what to pass.
     os.environ["TORCH_HOME"] = str(tmp_path / "no_cache")
     try:
-        with pytest.raises(ck.CheckpointError, match="esm_checkpoint"):
+        with pytest.raises(CheckpointError, match="esm_checkpoint"):
             EsmForProteinFolding.from_pretrained(str(pt))
     finally:
         del os.environ["TORCH_HOME"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from esm_dual.common.loading import LoadingError
+from esm_dual.io.schema import LoadingError
 from esm_dual.pt import EsmForMaskedLM, EsmForSequenceClassification, EsmForTokenClassification, EsmModel
 from tests.conftest import make_batch, tiny_config
 from tests.utils import hf_model, write_hub_checkpoint
@@ -212,7 +212,8 @@ def test_untied_config_without_decoder_in_file_is_refused(tmp_path):
 @pytest.mark.parametrize("flavour", ["esm2", "esm1b"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_torch_dtype_auto_uses_the_weights_dtype(tmp_path, flavour, dtype):
-    from esm_dual.common.checkpoint import cast_tensors, load_checkpoint, save_checkpoint
+    from esm_dual.io.dtypes import cast_tensors
+    from esm_dual.io.hub import load_checkpoint, save_checkpoint
 
     src, low = str(tmp_path / "fp32"), str(tmp_path / dtype)
     write_hub_checkpoint(src, tiny_config(flavour), head="mlm")
@@ -275,7 +276,7 @@ def test_unknown_tensor_in_a_known_head_is_named(tmp_path, caplog):
 def test_integer_weight_is_refused_naming_the_tensor(tmp_path):
     import numpy as np
 
-    from esm_dual.common.checkpoint import CheckpointError
+    from esm_dual.io.base import CheckpointError
 
     tensors = write_hub_checkpoint(str(tmp_path), tiny_config("esm2"), head="mlm")
     name = "esm.encoder.layer.0.attention.self.query.weight"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esm_dual.common.checkpoint import save_fair_esm
+from esm_dual.io.fair_esm import save_fair_esm
 from esm_dual.pt import EsmForMaskedLM, EsmModel
 from tests.conftest import make_batch, tiny_config
 from tests.utils import random_hub_tensors
@@ -84,7 +84,7 @@ def test_esm1b_mask_row_zeroed_like_fair_esm(tmp_path, flavour):
 
 def test_fair_esm_mlm_loss_gradients_match(tmp_path, flavour):
     """Gradients of the same MLM loss w.r.t. every weight, ours vs fair-esm (names mapped)."""
-    from esm_dual.common.checkpoint import _fair_name_to_hf
+    from esm_dual.io.fair_esm import fair_name_to_hf as _fair_name_to_hf
 
     path = _fair_esm_file(tmp_path, flavour)
     ref, _ = _fair_esm_model(path)

@@ -54,14 +54,25 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_runs_and_stays_close(dtype):
+    """Under CPU autocast the logits move from fp32 by no more than HF transformers' own do on the same
+    weights (autocast rounding, not a bug), and by a few ulps of the dtype at the logits' scale."""
+    transformers = pytest.importorskip("transformers")
     model = _model().eval()
+    hf = transformers.EsmForMaskedLM(
+        transformers.EsmConfig(**{k: v for k, v in model.config.to_dict().items() if k != "model_type"})).eval()
+    hf.load_state_dict(model.state_dict(), strict=False)
     ids, mask = _batch(2)
     with torch.no_grad():
         ref = model(ids, attention_mask=mask).logits
+        assert (hf(ids, attention_mask=mask).logits - ref).abs().max().item() < 1e-5
         with torch.autocast("cpu", dtype=dtype):
             out = model(ids, attention_mask=mask).logits
+            hf_out = hf(ids, attention_mask=mask).logits
     assert torch.isfinite(out).all()
-    assert (out.float() - ref).abs().max().item() < 0.1
+    ours, theirs = (out.float() - ref).abs().max().item(), (hf_out.float() - ref).abs().max().item()
+    assert ours > 0  # autocast did run in the lower precision
+    assert ours <= 1.5 * theirs + 1e-6, (ours, theirs)
+    assert ours < 4 * torch.finfo(dtype).eps * ref.abs().max().item()
 
 
 def test_half_precision_weights_run_on_cpu():
@@ -120,8 +131,30 @@ def test_training_loop_reduces_mlm_loss():
 
 
 def test_tied_decoder_stays_tied_in_training():
+    """After optimizer steps (Adam, MLM loss) the decoder is still the word embeddings: one tensor that
+    both uses' gradients moved, not two copies that drifted apart."""
     model = _model()
+    emb = model.esm.embeddings.word_embeddings.weight
+    assert model.lm_head.decoder.weight is emb
+    before = emb.detach().clone()
+    ids, mask = _batch(1)
+    labels = ids.masked_fill(mask == 0, -100)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        model(ids, attention_mask=mask, labels=labels).loss.backward()
+        opt.step()
+    assert sum(p is emb for p in model.parameters()) == 1  # listed (and stepped) once
     assert model.lm_head.decoder.weight is model.esm.embeddings.word_embeddings.weight
+    assert not torch.equal(before, emb.detach())
+    # the decoder's use contributes: logits equal hidden @ emb.T + bias with the trained tensor
+    model.eval()
+    with torch.no_grad():
+        h = model.esm(ids, attention_mask=mask).last_hidden_state
+        x = model.lm_head.layer_norm(torch.nn.functional.gelu(model.lm_head.dense(h)))
+        expect = x @ emb.T + model.lm_head.bias
+        assert torch.allclose(model(ids, attention_mask=mask).logits, expect, atol=1e-5)
 
 
 # ---- bad input -----------------------------------------------------------------------------------

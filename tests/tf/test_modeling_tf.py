@@ -13,13 +13,13 @@ keras = pytest.importorskip("keras")
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from esm_dual.common.loading import LoadingError  # noqa: E402
 from esm_dual.common.outputs import (  # noqa: E402
     BaseModelOutputWithPooling,
     MaskedLMOutput,
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
+from esm_dual.io.schema import LoadingError  # noqa: E402
 from esm_dual.tf import (  # noqa: E402
     TFEsmForMaskedLM,
     TFEsmForSequenceClassification,

@@ -34,8 +34,10 @@ from torch import nn
 
 from ...common import residue_constants as rc
 from ...common.config import EsmConfig
-from ...common.loading import LoadingError, describe_mismatch
-from ..modeling_esm import EsmModel, EsmPreTrainedModel, _torch_to_np, copy_numpy_into
+from ...io.base import Checkpoint
+from ...io.dtypes import torch_to_numpy
+from ...io.schema import LoadingError, describe_mismatch
+from ..modeling_esm import EsmModel, EsmPreTrainedModel, copy_numpy_into
 from .confidence import categorical_lddt, predicted_aligned_error, predicted_tm_score
 from .structure_module import residue_constant
 from .trunk import FoldingTrunk
@@ -519,7 +521,8 @@ class EsmForProteinFolding(EsmPreTrainedModel):
         The weights keep fp32 unless ``torch_dtype`` says otherwise; the stem's precision is chosen per
         device at run time (``set_esm_dtype``).
         """
-        from ...common.checkpoint import iter_checkpoint_tensors, read_checkpoint_config, resolve_checkpoint
+        from ...io.hub import iter_checkpoint_tensors, read_checkpoint_config
+        from ...io.resolve import resolve_checkpoint
 
         p = os.fspath(pretrained)
         if p.endswith(".pt"):
@@ -538,28 +541,20 @@ class EsmForProteinFolding(EsmPreTrainedModel):
             cfg = EsmConfig.from_dict(cfg.to_dict(), **config_overrides)
         if not cfg.is_folding_model:
             raise LoadingError(f"{source}: not an ESMFold checkpoint (config.is_folding_model is false)")
-        with torch.device("meta"):
-            model = cls(cfg)
-        model = model.to_empty(device=device or "cpu")
         torch_dtype = torch_dtype if torch_dtype is not None else dtype
-        if isinstance(torch_dtype, str) and torch_dtype != "auto":
-            from ..modeling_esm import _str_to_torch_dtype
+        return cls.from_checkpoint(Checkpoint(cfg, tensors, source, "esmfold"), config=cfg,
+                                   dtype=None if torch_dtype == "auto" else torch_dtype, device=device)
 
-            torch_dtype = _str_to_torch_dtype(torch_dtype)
-        if isinstance(torch_dtype, torch.dtype):
-            model = model.to(torch_dtype)
+    def _before_loading(self, device: torch.device) -> None:
         # Give the stem its run-time precision before the copy (fp16 on CUDA: no fp32 3B transient).
-        model._prepare_stem(torch.device(device or "cpu"))
-        for msg in model.load_hub_tensors(tensors, source=source):
-            logger.info(msg)
-        return model.eval()
+        self._prepare_stem(device)
 
     def save_pretrained(
         self, directory: str | os.PathLike, *, max_shard_size: int | str | None = None
     ) -> None:
         """Write ``config.json`` + ``model.safetensors`` in the ``facebook/esmfold_v1`` layout."""
-        from ...common.checkpoint import save_checkpoint
+        from ...io.hub import save_checkpoint
 
         cfg = self.config.copy(architectures=[type(self).__name__])
-        tensors = {k: _torch_to_np(v) for k, v in self.state_dict().items()}
+        tensors = {k: torch_to_numpy(v) for k, v in self.state_dict().items()}
         save_checkpoint(directory, cfg, tensors, max_shard_size=max_shard_size)

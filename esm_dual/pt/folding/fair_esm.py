@@ -6,7 +6,7 @@ folding head's tensor names are already those of ``facebook/esmfold_v1`` (HF's p
 mapping is the identity there; the stem comes from a separate ESM-2 checkpoint (fair-esm ``.pt`` or hub
 layout) or, if the file has ``esm.*`` tensors, from fair-esm ESM-2 names mapped to hub names.
 
-Files are read with ``torch.load(weights_only=True)`` and an allowlist (``esm_dual.common.checkpoint``),
+Files are read with ``torch.load(weights_only=True)`` and an allowlist (``esm_dual.io.torch_pickle``),
 so the omegaconf config is read through inert stand-ins, never executed.
 """
 
@@ -18,8 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from ...common import checkpoint as ck
 from ...common.config import DEFAULT_VOCAB, EsmConfig
+from ...io.base import CheckpointError
+from ...io.fair_esm import fair_name_to_hf, strip_v2
+from ...io.hub import load_checkpoint
+from ...io.torch_pickle import stand_in, tensor_to_numpy, to_plain, torch_load
 
 ESM_STEM_FILE = "esm2_t36_3B_UR50D.pt"
 _FAIR_CONFIG_CLASSES = (
@@ -142,7 +145,7 @@ def _default_stem(path: str) -> str:
             return cached
     except Exception:  # pragma: no cover
         pass
-    raise ck.CheckpointError(
+    raise CheckpointError(
         f"{path}: a fair-esm ESMFold file holds the folding head only; the ESM-2 stem ({ESM_STEM_FILE}) "
         "was not found beside it or in torch's hub cache. Pass esm_checkpoint= (a fair-esm esm2 .pt file "
         "or the hub directory facebook/esm2_t36_3B_UR50D)"
@@ -158,10 +161,10 @@ def read_fair_esmfold(
     path = os.fspath(path)
     # fair-esm's config dataclasses may be named in the pickle (directly or as omegaconf object types):
     # inert stand-ins record their fields; nothing from the file is executed.
-    with torch.serialization.safe_globals([ck._stand_in(n) for n in _FAIR_CONFIG_CLASSES]):
-        data = ck._plain(ck._torch_load(path))
+    with torch.serialization.safe_globals([stand_in(n) for n in _FAIR_CONFIG_CLASSES]):
+        data = to_plain(torch_load(path))
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-        raise ck.CheckpointError(
+        raise CheckpointError(
             f"{path}: not a fair-esm checkpoint (expected a dict with a 'model' state dict)"
         )
     cfg = data.get("cfg") if isinstance(data.get("cfg"), dict) else {}
@@ -169,25 +172,25 @@ def read_fair_esmfold(
     folding: dict[str, np.ndarray] = {}
     stem_fair: dict[str, np.ndarray] = {}
     for name, value in data["model"].items():
-        arr = ck._tensor_to_numpy(value, name, path)
+        arr = tensor_to_numpy(value, name, path)
         if name.startswith("esm."):
             stem_fair[name[len("esm.") :]] = arr
         else:
             folding[name] = arr
     if "trunk.blocks.0.layernorm_1.weight" not in folding:
-        raise ck.CheckpointError(f"{path}: not an ESMFold checkpoint (no trunk.blocks.* tensors)")
+        raise CheckpointError(f"{path}: not an ESMFold checkpoint (no trunk.blocks.* tensors)")
 
     if stem_fair:
         stem: dict[str, np.ndarray] = {}
         unknown = []
         for name, arr in stem_fair.items():
-            hf = ck._fair_name_to_hf(ck._strip_v2(name))
+            hf = fair_name_to_hf(strip_v2(name))
             if hf is None:
                 unknown.append(name)
             elif not hf.startswith("lm_head."):
                 stem[hf] = arr
         if unknown:
-            raise ck.CheckpointError(
+            raise CheckpointError(
                 f"{path}: unsupported ESM stem tensor(s): esm.{', esm.'.join(unknown[:8])}"
             )
         emb = stem["esm.embeddings.word_embeddings.weight"]
@@ -213,7 +216,7 @@ def read_fair_esmfold(
         )
     else:
         stem_path = os.fspath(esm_checkpoint) if esm_checkpoint is not None else _default_stem(path)
-        stem_ckpt = ck.load_checkpoint(stem_path)
+        stem_ckpt = load_checkpoint(stem_path)
         stem_cfg = stem_ckpt.config
         stem = {
             k if k.startswith("esm.") else "esm." + k: v

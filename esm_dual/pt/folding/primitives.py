@@ -4,12 +4,13 @@ row-chunking helpers that bound the memory of pair-representation updates."""
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..fast.options import default_options
 
 
 def row_chunks(n: int, chunk_size: int | None) -> Iterator[slice]:
@@ -53,8 +54,9 @@ def wide_op_rows(chunk_size: int | None, n: int, width: int) -> int | None:
 def sdpa_bias_ok(x: torch.Tensor) -> bool:
     """Triangle attention through ``F.scaled_dot_product_attention`` with the biases as its mask:
     fp32 outside autocast (the fused kernels never materialise the [*, H, N, N] scores). Off with
-    ESM_DUAL_TRIANGLE_SDPA=0 (the explicit scores / softmax path, as HF and OpenFold write it)."""
-    if os.environ.get("ESM_DUAL_TRIANGLE_SDPA", "1") in ("0", ""):
+    ``FastPathOptions.triangle_sdpa`` (``ESM_DUAL_TRIANGLE_SDPA=0``): the explicit scores / softmax path,
+    as HF and OpenFold write it."""
+    if not default_options().triangle_sdpa:
         return False
     return x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
 

@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import CheckpointError, validate_shapes
-from .config import CONFIG_NAME, ConfigError, EsmConfig
+from ..common.config import CONFIG_NAME, ConfigError, EsmConfig
+from .base import CheckpointError
+from .schema import validate_shapes
 
 TF_WEIGHTS_NAME = "tf_model.h5"
 HDF5_OBJECT_HEADER_LIMIT = 64512  # Keras' limit for one attribute
@@ -235,6 +236,7 @@ class TFH5File:
                 ds_path = f"{layer}/{wn}"
                 if ds_path not in f or not isinstance(f[ds_path], _import_h5py().Dataset):
                     raise CheckpointError(f"{file}: weight {wn!r} listed in layer {layer!r} has no dataset")
+                _check_own_bytes(f, ds_path, file)
                 self.model_name = self.model_name or wn.split("/")[0]
                 hub, transposed = tf_to_hub_name(wn)
                 if layer == "lm_head" and hub == _WORD_EMB:
@@ -308,6 +310,30 @@ class TFH5File:
         self.close()
 
 
+def _check_own_bytes(f: Any, ds_path: str, file: str) -> None:
+    """Refuse a dataset whose bytes would not come from ``file`` itself: HDF5 external storage (raw data in
+    another file, any file on this machine), a virtual dataset (mapped from other datasets or files), a link
+    into another file, or a non-numeric type (references, strings). Nothing is read before this check."""
+    h5py = _import_h5py()
+    link = f.get(ds_path, getlink=True)
+    if isinstance(link, h5py.ExternalLink):
+        raise CheckpointError(f"{file}: dataset {ds_path!r} is an external link to {link.filename!r}; "
+                              "refusing to read weights from outside the file")
+    ds = f[ds_path]
+    if os.path.realpath(ds.file.filename) != os.path.realpath(f.filename):
+        raise CheckpointError(f"{file}: dataset {ds_path!r} lives in another file ({ds.file.filename}); "
+                              "refusing to read weights from outside the file")
+    if ds.is_virtual:
+        raise CheckpointError(f"{file}: dataset {ds_path!r} is a virtual dataset (its data is mapped from other "
+                              "datasets or files); refusing to read weights from outside the file")
+    if ds.external:
+        where = ", ".join(str(e[0]) for e in ds.external)
+        raise CheckpointError(f"{file}: dataset {ds_path!r} uses HDF5 external storage (its data is read from "
+                              f"{where}); refusing to read weights from outside the file")
+    if ds.dtype.kind not in "fiub":
+        raise CheckpointError(f"{file}: dataset {ds_path!r} has dtype {ds.dtype}, not a numeric weight")
+
+
 class _Spec:
     """Shape-only stand-in for ``validate_shapes``."""
 
@@ -363,7 +389,9 @@ def write_tf_h5(
     word_emb: np.ndarray | None = None
     decoder: np.ndarray | None = None
     synthesized: list[str] = []
-    with h5py.File(path, "w") as f:
+    # Through a Python file object: a full disk is then an OSError from write(), where HDF5's own driver
+    # crashes the process (issue 19.1).
+    with open(path, "wb") as fo, h5py.File(fo, "w") as f:
         f.attrs["backend"] = b"tensorflow"
         f.attrs["keras_version"] = keras_version.encode()
 

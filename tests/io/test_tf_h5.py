@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import esm_dual
-from esm_dual.common.checkpoint import CheckpointError
-from esm_dual.common.tf_h5 import (
+from esm_dual.io.base import CheckpointError
+from esm_dual.io.tf_h5 import (
     HDF5_OBJECT_HEADER_LIMIT,
     TFH5File,
     _read_attr_list,
@@ -124,7 +124,7 @@ def test_chunked_attributes_and_synthesized_table(tmp_path):
     src = str(tmp_path / "src")
     tensors = make_hub(src, "esm2", "mlm")
     tensors.pop("esm.embeddings.position_embeddings.weight")
-    from esm_dual.common.checkpoint import load_checkpoint
+    from esm_dual.io.hub import load_checkpoint
 
     config = load_checkpoint(src).config
     h5 = str(tmp_path / "tf_model.h5")
@@ -176,7 +176,7 @@ def test_hub_to_tf_h5_round_trip_keeps_rotary_tables(tmp_path):
     """ESM-2's stored (fp16-rounded in real files) inv_freq tables survive: transformers 4.x TF stores them too."""
     src = str(tmp_path / "src")
     tensors = make_hub(src, "esm2", "mlm")
-    from esm_dual.common.checkpoint import load_checkpoint, save_checkpoint
+    from esm_dual.io.hub import load_checkpoint, save_checkpoint
 
     config = load_checkpoint(src).config
     for k in tensors:
@@ -187,3 +187,59 @@ def test_hub_to_tf_h5_round_trip_keeps_rotary_tables(tmp_path):
     esm_dual.convert(src, out, to="tf-h5", verify=True)
     esm_dual.convert(out, back, to="hf")
     assert_same_tensors(tensors, hub_tensors(back))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bytes only from the file itself (HDF5 external storage, virtual datasets, external links)
+# ------------------------------------------------------------------------------------------------
+
+QUERY = "esm/tf_esm_for_masked_lm/esm/encoder/layer_._0/attention/self/query/kernel:0"
+
+
+def _tf_h5_with(tmp_path, make_dataset) -> str:
+    """A converted tf_model.h5 whose first query kernel is replaced by what ``make_dataset(f, path, shape, dtype)``
+    creates; a "secret" file of the right size sits beside it."""
+    src, d = str(tmp_path / "src"), str(tmp_path / "tf")
+    make_hub(src, "esm2", "mlm")
+    esm_dual.convert(src, d, to="tf-h5")
+    h5 = os.path.join(d, "tf_model.h5")
+    with h5py.File(h5, "a") as f:
+        shape, dtype = f[QUERY].shape, f[QUERY].dtype
+        secret = tmp_path / "secret.bin"
+        secret.write_bytes(np.full(shape, 7.0, dtype).tobytes())
+        del f[QUERY]
+        make_dataset(f, QUERY, shape, dtype, str(secret))
+    return d
+
+
+def _external_storage(f, path, shape, dtype, secret):
+    f.create_dataset(path, shape=shape, dtype=dtype, external=[(secret, 0, int(np.prod(shape)) * dtype.itemsize)])
+
+
+def _virtual(f, path, shape, dtype, secret):
+    other = secret + ".h5"
+    with h5py.File(other, "w") as g:
+        g["data"] = np.full(shape, 7.0, dtype)
+    layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+    layout[:] = h5py.VirtualSource(other, "data", shape=shape)
+    f.create_virtual_dataset(path, layout)
+
+
+def _external_link(f, path, shape, dtype, secret):
+    other = secret + ".h5"
+    with h5py.File(other, "w") as g:
+        g["data"] = np.full(shape, 7.0, dtype)
+    f[path] = h5py.ExternalLink(other, "/data")
+
+
+@pytest.mark.parametrize("make_dataset,what", [(_external_storage, "external storage"),
+                                               (_virtual, "virtual dataset"),
+                                               (_external_link, "external link")])
+def test_weights_from_outside_the_file_are_refused(tmp_path, make_dataset, what):
+    d = _tf_h5_with(tmp_path, make_dataset)
+    with pytest.raises(CheckpointError, match=what) as e:
+        TFH5File(d)
+    assert QUERY in str(e.value) and "outside the file" in str(e.value)
+    with pytest.raises(CheckpointError, match=what):
+        esm_dual.convert(d, str(tmp_path / "out"), to="hf", verify=True)
+    assert not os.path.exists(tmp_path / "out") and not leftovers(str(tmp_path))

@@ -1,0 +1,131 @@
+"""``esm-dual convert`` under faults (issue 19.1, 19.5, 19.12): full disks, --overwrite of a directory that holds
+other files, staging directories that failed runs left. Promises of README "What is guaranteed"."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from esm_dual.cli.main import main
+from tests.conversion.helpers import assert_same_tensors, hub_tensors, leftovers, make_hub
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("faults") / "esm2")
+    make_hub(d, "esm2", "mlm", hidden_size=48, intermediate_size=192)
+    return d
+
+
+def _run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_overwrite_refuses_a_directory_holding_other_files(hub, tmp_path, capsys):
+    """Guarantee "--overwrite replaces only a checkpoint": notes beside the weights are never deleted silently."""
+    dst = tmp_path / "out"
+    assert _run(capsys, "convert", hub, dst, "--to", "hf", "-q")[0] == 0
+    (dst / "notes.txt").write_text("my results")
+    (dst / "results").mkdir()
+    rc, _, err = _run(capsys, "convert", hub, dst, "--to", "hf", "--overwrite")
+    assert rc == 2 and "notes.txt" in err and "results/" in err and "--overwrite-dir" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert (dst / "notes.txt").read_text() == "my results"
+    # a directory holding only checkpoint files is replaced by --overwrite
+    clean = tmp_path / "clean"
+    assert _run(capsys, "convert", hub, clean, "--to", "hf", "-q")[0] == 0
+    assert _run(capsys, "convert", hub, clean, "--to", "hf", "--overwrite", "--dtype", "fp16", "-q")[0] == 0
+    # --overwrite-dir replaces the whole directory, as asked
+    assert _run(capsys, "convert", hub, dst, "--to", "hf", "--overwrite-dir", "-q")[0] == 0
+    assert not (dst / "notes.txt").exists()
+    assert_same_tensors(hub_tensors(hub), hub_tensors(str(dst)))
+
+
+def test_stale_staging_directories_are_cleaned_by_the_next_run(hub, tmp_path, capsys):
+    """Guarantee "no litter": a killed run's `.DST.tmp-XXXXXXXX` is removed by the next conversion to DST; one of
+    a conversion still running (its owner pid alive) and directories of other names are left alone."""
+    stale = tmp_path / ".out.tmp-abc_1234"
+    (stale / "out").mkdir(parents=True)
+    (stale / "out" / "model.safetensors").write_bytes(b"partial")
+    live = tmp_path / ".out.tmp-live0000"
+    live.mkdir()
+    (live / ".owner").write_text(str(os.getpid()))
+    other = tmp_path / ".other.tmp-abc_1234"
+    other.mkdir()
+    assert _run(capsys, "convert", hub, tmp_path / "out", "--to", "hf", "-q")[0] == 0
+    assert not stale.exists() and live.exists() and other.exists()
+    assert sorted(leftovers(str(tmp_path))) == [".other.tmp-abc_1234", ".out.tmp-live0000"]
+
+
+@contextlib.contextmanager
+def _small_disk(tmp_path, size):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                                          capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("to, name", [("tf-h5", "out"), ("fair-esm", "esm2_t3_tiny.pt"), ("hf", "out")])
+def test_convert_onto_a_full_disk_is_one_clear_error(hub, tmp_path, to, name):
+    """Guarantee "a full disk is an error, not a crash": one line naming DST, nothing left behind, no segfault
+    (in a subprocess, so a crash would show)."""
+    with _small_disk(tmp_path, "200k") as disk:
+        dst = disk / name
+        p = subprocess.run([sys.executable, "-m", "esm_dual.cli.main", "convert", hub, str(dst), "--to", to],
+                           capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+        assert str(dst) in p.stderr and "free space" in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert os.listdir(disk) == []
+
+
+@pytest.mark.parametrize("size", ["300k", "400k"])  # the disk fills in the middle of the file (h5py crashed)
+def test_tf_h5_on_a_disk_that_fills_during_the_write_raises(hub, tmp_path, size):
+    """The library call (no room check) onto a full disk: an OSError, no segfault, nothing left behind."""
+    with _small_disk(tmp_path, size) as disk:
+        code = ("import esm_dual.conversion as c\n"
+                "try:\n"
+                f"    c.convert({hub!r}, {str(disk / 'out')!r}, to='tf-h5')\n"
+                "except OSError as e:\n"
+                "    print('raised', e.errno)\n")
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0 and "raised 28" in p.stdout, (p.returncode, p.stderr[-2000:])
+        assert os.listdir(disk) == []
+
+
+def test_disk_filling_during_the_write_is_one_clear_error(hub, tmp_path, capsys, monkeypatch):
+    """The room check passes but the disk fills while writing (another process): one line naming DST and the
+    full disk; the staging directory is removed."""
+    import esm_dual.conversion as conv
+
+    real = conv._get_hook
+
+    def failing_get(source):
+        get = real(source)
+        calls = {"n": 0}
+
+        def get_or_fail(name):
+            calls["n"] += 1
+            if calls["n"] > 5:
+                raise OSError(28, "No space left on device")
+            return get(name)
+
+        return get_or_fail
+
+    monkeypatch.setattr(conv, "_get_hook", failing_get)
+    for to, name in (("hf", "a"), ("fair-esm", "esm2_t3_x.pt")):
+        rc, _, err = _run(capsys, "convert", hub, tmp_path / name, "--to", to)
+        assert rc == 2 and "the disk is full" in err and str(tmp_path / name) in err, err
+        assert "Traceback" not in err and "internal error" not in err
+        assert leftovers(str(tmp_path)) == [] and not (tmp_path / name).exists()
