@@ -99,3 +99,17 @@ def test_no_file_above_the_line_limit():
         if n > MAX_LINES and rel not in MODEL_FILES:
             long[rel] = n
     assert set(long) <= KNOWN_LONG, {k: v for k, v in long.items() if k not in KNOWN_LONG}
+
+
+def test_models_are_built_from_tensors_in_one_place_per_framework():
+    """Only the factories (``from_checkpoint`` in the two model files) and ESMFold's own loader (which hands its
+    stem to the encoder's) copy tensors into a model: the CLI, conversion and ESMFold call ``from_checkpoint``."""
+    allowed = {"esm_dual/pt/modeling_esm.py", "esm_dual/tf/modeling_esm.py", "esm_dual/pt/folding/esmfold.py"}
+    callers = set()
+    for path in _modules().values():
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr == "load_hub_tensors":
+                callers.add(os.path.relpath(path, ROOT).replace(os.sep, "/"))
+    assert callers <= allowed, callers - allowed

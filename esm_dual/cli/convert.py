@@ -99,6 +99,9 @@ def _disk_full(e: BaseException) -> bool:
         msg = str(e)
         if "No space left on device" in msg or "errno = 28" in msg or "Disk quota exceeded" in msg:
             return True
+        # torch's zip writer on a short write: "[enforce fail ...] unexpected pos N vs M" or "file write failed"
+        if isinstance(e, RuntimeError) and ("unexpected pos" in msg or "file write failed" in msg):
+            return True
         e = e.__cause__ or e.__context__
     return False
 

@@ -833,7 +833,7 @@ def run(args: argparse.Namespace) -> int:
             sink = _H5Sink(path, include, layers, runner, args, args.compression, identity, redo)
         except BaseException:
             if created and os.path.exists(path):
-                _remove_if_empty(path)
+                os.remove(path)  # this run made it and it holds nothing (a full disk, a refused option...)
             raise
         if world > 1 and os.path.isfile(args.output):  # records an earlier merge already holds
             from ..common.embeddings import EmbeddingStore

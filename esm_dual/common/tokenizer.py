@@ -22,7 +22,7 @@ import gc
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from typing import Any
 
 import numpy as np
@@ -134,7 +134,8 @@ class EsmTokenizer:
         model_max_length: as in HF; ``max_length=None`` with truncation/``padding="max_length"`` uses it.
     """
 
-    model_input_names = ("input_ids", "attention_mask")
+    model_input_names = ["input_ids", "attention_mask"]
+    is_fast = False
 
     def __init__(
         self,
@@ -224,6 +225,12 @@ class EsmTokenizer:
     # ESM has no separate BOS/SEP: <cls> starts a sequence and <eos> ends it (aliases, not in HF).
     bos_token_id = property(lambda self: self._id("cls_token"))
     sep_token_id = property(lambda self: self._id("eos_token"))
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The special-token attributes that are set (HF's ``special_tokens_map``)."""
+        return {a: self._special[a] for a in ("unk_token", "pad_token", "cls_token", "mask_token", "eos_token")
+                if self._special[a]}
 
     @property
     def all_special_tokens(self) -> list[str]:
@@ -509,6 +516,10 @@ class EsmTokenizer:
     def _strategies(
         self, padding: Any, truncation: Any, max_length: int | None, pad_to_multiple_of: int | None
     ) -> tuple[str, str, int | None]:
+        check_pad_to_multiple_of(pad_to_multiple_of)
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer))
+                                       or max_length < 0):
+            raise ValueError(f"max_length must be a non-negative integer, got {max_length!r}")
         # HF: max_length alone (no padding, truncation unset) means truncation.
         if max_length is not None and padding is False and truncation is None:
             truncation = "longest_first"
@@ -573,6 +584,8 @@ class EsmTokenizer:
         ``strict``/``ids``: see the class; ``ids`` names the records in error messages.
         """
         pad, trunc, max_length = self._strategies(padding, truncation, max_length, pad_to_multiple_of)
+        if padding_side is not None and padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         batched = isinstance(text, (list, tuple)) and (
             not text or isinstance(text[0], (str, list, tuple, np.ndarray)))
         if batched:
@@ -645,6 +658,11 @@ class EsmTokenizer:
         ns = (3 if pair else 2) if add_special_tokens else 0
         k0, k1 = n0.copy(), n1.copy()  # lengths kept after truncation
         if trunc != "do_not_truncate" and max_length is not None:
+            if max_length < ns:
+                raise ValueError(
+                    f"max_length={max_length} with truncation leaves no room for the {ns} special tokens "
+                    f"(<cls>, <eos>{', <eos>' if pair else ''}); use max_length >= {ns + 1} to keep residues, "
+                    "or add_special_tokens=False")
             remove = np.maximum(n0 + n1 + ns - max_length, 0)
             if trunc == "only_first" or (trunc == "longest_first" and not pair):
                 k0 = np.maximum(n0 - remove, 0)
@@ -796,6 +814,101 @@ class EsmTokenizer:
             res[key] = v
         return BatchEncoding({k: _to_framework(v, kind) for k, v in res.items()})
 
+    # ---- padding (HF collators) ----------------------------------------------------------------
+    def pad(
+        self,
+        encoded_inputs: Any,
+        padding: bool | str = True,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_attention_mask: bool | None = None,
+        return_tensors: str | None = None,
+        verbose: bool = True,
+    ) -> BatchEncoding:
+        """Pad encoded rows to one length, as ``transformers.PreTrainedTokenizerBase.pad`` (what HF's data
+        collators call).
+
+        ``encoded_inputs``: one encoding (a dict of id lists), a dict of batched lists, or a list of such
+        dicts (``datasets`` rows). ``input_ids``, ``attention_mask`` (created when missing),
+        ``token_type_ids`` and ``special_tokens_mask`` are padded; other keys (``labels``) are passed through.
+        Tensor or array inputs come back as the same kind unless ``return_tensors`` says otherwise.
+        """
+        del verbose
+        if isinstance(encoded_inputs, (list, tuple)) and encoded_inputs and isinstance(encoded_inputs[0], Mapping):
+            encoded_inputs = {key: [row[key] for row in encoded_inputs] for key in encoded_inputs[0].keys()}
+        main = self.model_input_names[0]
+        if not isinstance(encoded_inputs, Mapping) or main not in encoded_inputs:
+            keys = list(encoded_inputs.keys()) if isinstance(encoded_inputs, Mapping) else type(encoded_inputs).__name__
+            raise ValueError("You should supply an encoding or a list of encodings to this method "
+                             f"that includes {main}, but you provided {keys}")
+        encoded = dict(encoded_inputs)
+        if padding_side is not None and padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        required = encoded[main]
+        if required is None or (isinstance(required, Sized) and len(required) == 0):
+            if return_attention_mask:
+                encoded["attention_mask"] = []
+            return BatchEncoding(encoded)
+        first = required[0]
+        if isinstance(first, (list, tuple)):
+            first = next((row[0] for row in required if len(row)), first)
+        if not isinstance(first, (int, list, tuple)):
+            if type(first).__module__.startswith("torch"):
+                return_tensors = "pt" if return_tensors is None else return_tensors
+            elif isinstance(first, (np.ndarray, np.generic)):
+                return_tensors = "np" if return_tensors is None else return_tensors
+            elif type(first).__module__.startswith("tensorflow"):
+                return_tensors = "tf" if return_tensors is None else return_tensors
+            else:
+                raise ValueError(f"{main}: element of unknown type {type(first).__name__}; expected python ints, "
+                                 "numpy arrays or torch tensors")
+            encoded = {k: _to_py(v) for k, v in encoded.items()}
+        pad, _, max_length = self._strategies(padding, False, max_length, pad_to_multiple_of)
+        required = encoded[main]
+        if required and not isinstance(required[0], (list, tuple)):
+            return _convert(self._pad_one(encoded, pad, max_length, pad_to_multiple_of, padding_side,
+                                          return_attention_mask), return_tensors)
+        B = len(required)
+        for key, value in encoded.items():
+            if len(value) != B:
+                raise ValueError(f"{key!r} has {len(value)} rows, {main!r} has {B}")
+        if pad == "longest":
+            max_length = max(len(row) for row in required)
+            pad = "max_length"
+        batch: dict[str, list] = {}
+        for i in range(B):
+            row = self._pad_one({k: v[i] for k, v in encoded.items()}, pad, max_length, pad_to_multiple_of,
+                                padding_side, return_attention_mask)
+            for key, value in row.items():
+                batch.setdefault(key, []).append(value)
+        return _convert(batch, return_tensors)
+
+    def _pad_one(self, row: dict[str, Any], pad: str, max_length: int | None, pad_to_multiple_of: int | None,
+                 padding_side: str | None, return_attention_mask: bool | None) -> dict[str, Any]:
+        """One encoding's lists padded to ``max_length`` (HF's ``_pad``)."""
+        if return_attention_mask is None:
+            return_attention_mask = "attention_mask" in self.model_input_names
+        main = self.model_input_names[0]
+        ids = list(row[main])
+        if pad == "longest":
+            max_length = len(ids)
+        if max_length is not None and pad_to_multiple_of is not None and max_length % pad_to_multiple_of:
+            max_length = (max_length // pad_to_multiple_of + 1) * pad_to_multiple_of
+        if return_attention_mask and "attention_mask" not in row:
+            row["attention_mask"] = [1] * len(ids)
+        extra = (max_length - len(ids)) if pad != "do_not_pad" and max_length is not None else 0
+        if extra > 0:
+            left = (padding_side or self.padding_side) == "left"
+            fills = {main: self.pad_token_id, "token_type_ids": self.pad_token_type_id, "special_tokens_mask": 1}
+            if return_attention_mask:
+                fills["attention_mask"] = 0
+            for key, value in fills.items():
+                if key in row:
+                    cur = list(row[key])
+                    row[key] = [value] * extra + cur if left else cur + [value] * extra
+        return row
+
     # ---- decoding ------------------------------------------------------------------------------
     def decode(self, token_ids: Any, skip_special_tokens: bool = False,
                clean_up_tokenization_spaces: bool | None = None) -> str:
@@ -845,14 +958,32 @@ class EsmTokenizer:
             f.write("\n")
         return (cfg_path, map_path) + self.save_vocabulary(d)
 
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token: str | bool | None = None, revision: str | None = None, create_pr: bool = False) -> Any:
+        """Upload the tokenizer files (``save_pretrained``'s) to the HF hub through ``huggingface_hub``."""
+        from .hf_hub import push_folder_to_hub
+
+        return push_folder_to_hub(self.save_pretrained, repo_id, commit_message=commit_message, private=private,
+                                  token=token, revision=revision, create_pr=create_pr, what="tokenizer")
+
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> EsmTokenizer:
-        """Load from a directory holding ``vocab.txt``, a ``vocab.txt`` file, or a preset name / hub id."""
+        """Load from a directory holding ``vocab.txt``, a ``vocab.txt`` file, or a preset name / hub id.
+
+        transformers' hub arguments (``revision``, ``cache_dir``, ``token``, ``local_files_only``,
+        ``force_download``, ``subfolder``, ``proxies``) are passed to huggingface_hub; other keyword arguments
+        are the constructor's (``strict``, ``model_max_length``, special tokens ...)."""
+        from .hf_hub import HUB_ARGS, NO_OP_ARGS
+
+        hub = {k: kwargs.pop(k) for k in HUB_ARGS if k in kwargs}
+        hub = {k: v for k, v in hub.items() if v is not None}
+        for k in NO_OP_ARGS:
+            kwargs.pop(k, None)
         path = os.fspath(name_or_path)
-        if not os.path.exists(path):
+        if not os.path.exists(path) or hub.get("subfolder"):
             from ..io.resolve import resolve_checkpoint
 
-            path = os.fspath(resolve_checkpoint(path))
+            path = os.fspath(resolve_checkpoint(path, **hub))
         if os.path.isfile(path):
             return cls(path, **kwargs)
         vocab = os.path.join(path, VOCAB_FILE_NAME)
@@ -904,6 +1035,57 @@ def _as_id_array(seq: Any, index: int) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def check_pad_to_multiple_of(value: Any) -> None:
+    """``pad_to_multiple_of`` must be None or a positive integer (0 would divide by zero)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"pad_to_multiple_of must be a positive integer or None, got {value!r}")
+
+
+def _to_py(value: Any) -> Any:
+    """Tensors and arrays (or lists of them) as python lists, as HF's ``to_py_obj``."""
+    if hasattr(value, "tolist") and not isinstance(value, list):
+        return value.tolist()
+    if hasattr(value, "numpy") and not isinstance(value, list):
+        return value.numpy().tolist()
+    if isinstance(value, (list, tuple)):
+        return [_to_py(v) for v in value]
+    return value
+
+
+def _convert(data: dict[str, Any], return_tensors: Any) -> BatchEncoding:
+    """HF's ``BatchEncoding(data, tensor_type=...)``: python lists, or every value as np/pt/tf."""
+    if return_tensors is None:
+        return BatchEncoding(data)
+    kind = str(getattr(return_tensors, "value", return_tensors))
+    if kind not in ("np", "pt", "tf"):
+        raise ValueError(f"return_tensors must be None, 'np', 'pt' or 'tf', got {return_tensors!r}")
+    out = {}
+    for key, value in data.items():
+        try:
+            arr = np.asarray(value)
+        except ValueError:
+            arr = None
+        if arr is None or arr.dtype == object:
+            raise ValueError(
+                "Unable to create tensor, you should probably activate truncation and/or padding with "
+                f"'padding=True' 'truncation=True' to have batched tensors with the same length (`{key}` has rows "
+                "of different lengths).")
+        if arr.dtype.kind in "iu":
+            arr = arr.astype(np.int64)
+        elif arr.dtype == np.float64 and kind == "pt":
+            arr = arr.astype(np.float32)  # torch.tensor of python floats gives float32
+        out[key] = _to_framework(arr, kind) if arr.dtype.kind in "iub" or kind != "tf" else _tf_float(arr)
+    return BatchEncoding(out)
+
+
+def _tf_float(arr: np.ndarray) -> Any:
+    import tensorflow as tf
+
+    return tf.convert_to_tensor(arr.astype(np.float32))
+
+
 def _to_framework(arr: np.ndarray, kind: str) -> Any:
     if kind == "np":
         return arr
@@ -930,4 +1112,5 @@ def encode_residues_np(seqs: Iterable[str], strict: bool = False, ids: Sequence[
     return _DEFAULT.encode_residues_np(seqs, strict=strict, ids=ids)
 
 
-__all__ = ["BatchEncoding", "EsmTokenizer", "TokenizerError", "encode_residues_np", "load_vocab_file"]
+__all__ = ["BatchEncoding", "EsmTokenizer", "TokenizerError", "check_pad_to_multiple_of", "encode_residues_np",
+           "load_vocab_file"]

@@ -265,10 +265,13 @@ def tf_model_class(config: EsmConfig):
 
 
 def tf_model_tensors(model: Any) -> dict[str, np.ndarray]:
+    """Hub-named arrays (PyTorch orientation) of an ``esm_dual.tf`` model's variables."""
     import keras
 
+    from esm_dual.tf import hub_variable_map
+
     out = {}
-    for name, (var, transposed) in model._hub_state().items():
+    for name, (var, transposed) in hub_variable_map(model).items():
         arr = keras.ops.convert_to_numpy(var)
         out[name] = np.ascontiguousarray(arr.T) if transposed else arr
     return out

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..common import config as _config
 from ..common.config import CONFIG_NAME
+from ..common.hf_hub import local_subfolder
 from ..common.presets import get_preset
 from .base import PT_WEIGHTS_INDEX_NAME, PT_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, CheckpointError
 
@@ -49,7 +50,17 @@ def _manual_instructions(hub_id: str) -> str:
     return "\n".join(lines)
 
 
-def resolve_checkpoint(x: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> str:
+def resolve_checkpoint(
+    x: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+    subfolder: str | None = None,
+    proxies: dict[str, str] | None = None,
+) -> str:
     """Turn ``x`` into a local path.
 
     An existing file or directory is returned as is; a preset name becomes its hub id; a hub id
@@ -57,10 +68,13 @@ def resolve_checkpoint(x: str | os.PathLike, *, cache_dir: str | os.PathLike | N
     ``config.json``, ``*.safetensors``, ``*.json``, ``vocab.txt``; ``pytorch_model*.bin`` only when the repo
     has no safetensors). Offline (``HF_HUB_OFFLINE=1``), without ``huggingface_hub``, or on a connection
     error, a cached snapshot is used if there is one, else ``CheckpointError`` says what to pass instead.
+    HF's hub arguments (``revision``, ``token``, ``local_files_only``, ``force_download``, ``proxies``) go to
+    ``snapshot_download``; ``subfolder`` selects a directory inside the checkpoint (local or downloaded). A
+    token never appears in an error message.
     """
     s = os.fspath(x)
     if os.path.exists(s):
-        return s
+        return local_subfolder(s, subfolder)
     preset = get_preset(s, missing_ok=True)
     if preset is not None:
         hub_id = preset.hub_id
@@ -80,28 +94,42 @@ def resolve_checkpoint(x: str | os.PathLike, *, cache_dir: str | os.PathLike | N
     kwargs: dict[str, Any] = {"repo_id": hub_id}
     if cache_dir is not None:
         kwargs["cache_dir"] = os.fspath(cache_dir)
-    patterns = [CONFIG_NAME, "*.safetensors", "*.json", "vocab.txt"]
-    bin_patterns = [PT_WEIGHTS_NAME, "pytorch_model-*.bin", PT_WEIGHTS_INDEX_NAME]
+    for key, value in (("revision", revision), ("token", token), ("proxies", proxies)):
+        if value is not None:
+            kwargs[key] = value
+    if force_download:
+        kwargs["force_download"] = True
+    prefix = subfolder.strip("/") + "/" if subfolder else ""
+    patterns = [prefix + p for p in (CONFIG_NAME, "*.safetensors", "*.json", "vocab.txt")]
+    bin_patterns = [prefix + p for p in (PT_WEIGHTS_NAME, "pytorch_model-*.bin", PT_WEIGHTS_INDEX_NAME)]
 
     def has_weights(d: str) -> bool:
         return any(os.path.isfile(os.path.join(d, n)) for n in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME))
 
+    offline = _offline() or bool(local_files_only)
     try:
-        if _offline():
+        if offline:
             path = huggingface_hub.snapshot_download(
                 **kwargs, allow_patterns=patterns + bin_patterns, local_files_only=True
             )
         else:
             path = huggingface_hub.snapshot_download(**kwargs, allow_patterns=patterns)
-            if not has_weights(path):
+            if not has_weights(os.path.join(path, prefix)):
                 path = huggingface_hub.snapshot_download(**kwargs, allow_patterns=patterns + bin_patterns)
     except Exception as e:  # offline mode, connection errors, missing repos: all end the same way
-        reason = (
-            "offline mode (HF_HUB_OFFLINE=1) and no cached copy" if _offline() else f"{type(e).__name__}: {e}"
-        )
+        if offline:
+            reason = ("local_files_only=True" if local_files_only else "offline mode (HF_HUB_OFFLINE=1)") + \
+                " and no cached copy"
+        else:
+            reason = f"{type(e).__name__}: {e}"
+        if isinstance(token, str) and token:
+            reason = reason.replace(token, "***")
+        if revision is not None:
+            reason += f" (revision {revision!r})"
         raise CheckpointError(
             f"cannot fetch {hub_id!r} from the Hugging Face hub ({reason}).\n" + _manual_instructions(hub_id)
         ) from None
+    path = os.path.join(path, prefix.rstrip("/")) if prefix else path
     if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
         raise CheckpointError(
             f"{hub_id!r}: the downloaded snapshot at {path} has no {CONFIG_NAME}.\n"

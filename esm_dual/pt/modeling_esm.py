@@ -25,6 +25,7 @@ from ..common.outputs import (
 )
 from ..io.dtypes import numpy_to_torch, torch_to_numpy, weights_dtype
 from ..io.schema import LoadingError, check_finite, checkpoint_has_pooler, match_state, rotary_inv_freq
+from . import pytree  # noqa: F401  (registers the output dataclasses as torch pytree nodes)
 
 logger = logging.getLogger("esm_dual")
 
@@ -84,10 +85,44 @@ def symmetric_apc_regression(x: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 
 def _is_compiling() -> bool:
+    """True under torch.compile / torch.export (dynamo), TorchScript or fx tracing: data-dependent checks
+    (a device sync and a Python branch on tensor values) are skipped there."""
     try:
-        return torch.compiler.is_compiling()
+        if torch.compiler.is_compiling():
+            return True
     except AttributeError:  # pragma: no cover - torch < 2.3
-        return False
+        pass
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    from torch.fx import _symbolic_trace
+
+    symbolic = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None)
+    return bool(symbolic()) if symbolic is not None else False
+
+
+def check_attention_rows(attention_mask: torch.Tensor, name: str = "attention_mask") -> None:
+    """A row with no real token (all zeros) would give NaN (token dropout divides by its length) or
+    meaningless numbers: a ValueError naming the rows (one device sync; skipped while compiling)."""
+    empty = ~attention_mask.bool().any(-1)
+    if bool(empty.any()):
+        rows = empty.nonzero().flatten().tolist()
+        shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+        raise ValueError(f"{name}: row{'s' if len(rows) > 1 else ''} {shown} of the batch "
+                         f"{'have' if len(rows) > 1 else 'has'} no real token (all padding); every sequence needs at "
+                         "least one position with attention_mask 1 (<cls> and <eos> count)")
+
+
+def as_tensor_input(x: Any, name: str, device: torch.device | None = None) -> torch.Tensor | None:
+    """A model input as a tensor: tensors pass, numpy arrays (what ``return_tensors="np"`` gives) are converted
+    (onto ``device``); anything else is a TypeError naming the argument."""
+    if x is None or isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        if x.dtype == object:
+            raise TypeError(f"{name}: a numpy array of objects (ragged rows?) cannot be a model input; pad the batch")
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        return t.to(device) if device is not None else t
+    raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(x).__name__}")
 
 
 # ================================================================================================
@@ -308,17 +343,28 @@ class EsmEncoder(nn.Module):
         self.layer = nn.ModuleList([EsmLayer(config) for _ in range(config.num_hidden_layers)])
         self.emb_layer_norm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
+        # Set by activation_checkpointing_enable: torch.utils.checkpoint keyword arguments, every n-th layer,
+        # activations offloaded to CPU.
+        self.checkpoint_kwargs: dict[str, Any] = {"use_reentrant": False}
+        self.checkpoint_every_n_layers = 1
+        self.checkpoint_offload = False
 
     def forward(self, hidden_states, attention_bias, positions, output_hidden_states=False,
                 output_attentions=False):
         all_hidden = [] if output_hidden_states else None
         all_attn = [] if output_attentions else None
-        for layer in self.layer:
+        for i, layer in enumerate(self.layer):
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden_states, probs = _checkpoint(layer, hidden_states, attention_bias, positions,
-                                                   output_attentions, use_reentrant=False)
+            if (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+                    and i % self.checkpoint_every_n_layers == 0):
+                if self.checkpoint_offload:
+                    with torch.autograd.graph.save_on_cpu():
+                        hidden_states, probs = _checkpoint(layer, hidden_states, attention_bias, positions,
+                                                           output_attentions, **self.checkpoint_kwargs)
+                else:
+                    hidden_states, probs = _checkpoint(layer, hidden_states, attention_bias, positions,
+                                                       output_attentions, **self.checkpoint_kwargs)
             else:
                 hidden_states, probs = layer(hidden_states, attention_bias, positions, output_attentions)
             if all_attn is not None:
@@ -374,14 +420,26 @@ class EsmPreTrainedModel(nn.Module):
     config_class = EsmConfig
     base_model_prefix = "esm"
     _tied = ("lm_head.decoder.weight",)
+    # HF attributes that Trainer, PEFT, accelerate and pipelines read.
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["EsmLayer", "EsmEmbeddings"]
+    _supports_sdpa = True
 
     def __init__(self, config: EsmConfig):
-        super().__init__()
+        # nn.Module's __init__ by name: esm_dual.pt.hf puts transformers.PreTrainedModel after this class in the
+        # MRO, and its __init__ (which wants a transformers config) must not run.
+        nn.Module.__init__(self)
         if not isinstance(config, EsmConfig):
             raise TypeError(f"{type(self).__name__} takes an EsmConfig, got {type(config).__name__}")
         if config.vocab_size is None:
             raise ValueError("config.vocab_size must be set")
         self.config = config
+        self.name_or_path = ""
+        # The tied decoder is left out of state_dict() (safetensors refuses shared tensors: Trainer's checkpoints
+        # and torch's save_file) and filled back in by load_state_dict, so either side may hold it.
+        self.register_state_dict_post_hook(_drop_tied_on_save)
+        self.register_load_state_dict_pre_hook(_fill_tied_on_load)
 
     # ---- init ----------------------------------------------------------------------------------
     def _init_weights(self, module: nn.Module) -> None:
@@ -408,25 +466,162 @@ class EsmPreTrainedModel(nn.Module):
     def tie_weights(self) -> None:
         pass
 
+    def _tied_keys(self) -> tuple[str, ...]:
+        """State-dict names that alias another tensor right now (the decoder tied to the word embeddings)."""
+        if not self.config.tie_word_embeddings or not hasattr(self, "lm_head"):
+            return ()
+        return self._tied if self.lm_head.decoder.weight is self.get_input_embeddings().weight else ()
+
+    @property
+    def _keys_to_ignore_on_save(self) -> list[str] | None:
+        """HF's name for the keys a saved state dict leaves out (Trainer re-ties them after resuming)."""
+        return list(self._tied_keys()) or None
+
+    @property
+    def _tied_weights_keys(self) -> dict[str, str] | None:
+        """transformers 5's map of tied parameters (target -> source), read by PEFT."""
+        if not self._tied_keys():
+            return None
+        return {"lm_head.decoder.weight": "esm.embeddings.word_embeddings.weight"}
+
     # ---- training conveniences -----------------------------------------------------------------
     @property
     def base_model(self) -> EsmModel:
         return self if isinstance(self, EsmModel) else getattr(self, self.base_model_prefix)
 
-    def gradient_checkpointing_enable(self) -> None:
-        self.base_model.encoder.gradient_checkpointing = True
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute encoder layers in the backward pass (what Trainer's ``gradient_checkpointing=True``
+        calls). ``activation_checkpointing_kwargs`` go to ``torch.utils.checkpoint.checkpoint`` (default
+        ``use_reentrant=False``); every ``every_n_layers``-th layer is checkpointed; ``offload`` keeps the saved
+        activations on the CPU."""
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        if not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
+        encoder = self.base_model.encoder
+        encoder.checkpoint_kwargs = kwargs
+        encoder.checkpoint_every_n_layers = every_n_layers
+        encoder.checkpoint_offload = bool(offload)
+        encoder.gradient_checkpointing = True
+        if kwargs.get("use_reentrant"):
+            # Reentrant checkpointing only back-propagates when a layer input requires grad (a frozen
+            # embedding under PEFT does not): as transformers does, make the embedding output require it.
+            self.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+                                      **kwargs: Any) -> None:
+        """transformers' older name of ``activation_checkpointing_enable`` (same arguments)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.base_model.encoder.gradient_checkpointing = False
 
     def gradient_checkpointing_disable(self) -> None:
-        self.base_model.encoder.gradient_checkpointing = False
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(self.base_model.encoder.gradient_checkpointing)
+
+    def enable_input_require_grads(self) -> None:
+        """Make the word-embedding output require grad (PEFT with reentrant gradient checkpointing)."""
+        def hook(module, inputs, output):
+            output.requires_grad_(True)
+
+        self.disable_input_require_grads()
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(hook)
+
+    def disable_input_require_grads(self) -> None:
+        handle = self.__dict__.pop("_require_grads_hook", None)
+        if handle is not None:
+            handle.remove()
 
     def freeze_base_model(self, frozen: bool = True) -> None:
         """Freeze (or unfreeze) the encoder for head-only fine-tuning."""
         for p in self.base_model.parameters():
             p.requires_grad_(not frozen)
 
-    def num_parameters(self, only_trainable: bool = False) -> int:
-        params = {id(p): p for p in self.parameters() if p.requires_grad or not only_trainable}
-        return sum(p.numel() for p in params.values())
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameter count as transformers counts it: shared (tied) tensors once; ``exclude_embeddings``
+        leaves out every ``nn.Embedding`` table; ``only_trainable`` counts those that require grad."""
+        embedding_names = {f"{name}.weight" for name, m in self.named_modules() if isinstance(m, nn.Embedding)}
+        return sum(p.numel() for name, p in self.named_parameters()
+                   if (not exclude_embeddings or name not in embedding_names)
+                   and (p.requires_grad or not only_trainable))
+
+    def estimate_tokens(self, input_dict: dict[str, Any]) -> int:
+        """Tokens in a batch (``input_ids.numel()``), as transformers estimates them."""
+        x = input_dict.get(self.main_input_name) if hasattr(input_dict, "get") else None
+        return int(x.numel()) if x is not None and hasattr(x, "numel") else 0
+
+    def floating_point_ops(self, input_dict: dict[str, Any], exclude_embeddings: bool = True) -> int:
+        """6 * tokens * parameters (forward + backward), transformers' estimate that Trainer logs."""
+        return 6 * self.estimate_tokens(input_dict) * self.num_parameters(exclude_embeddings=exclude_embeddings)
+
+    # ---- embeddings --------------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.base_model.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.base_model.embeddings.word_embeddings = value
+        self.tie_weights()
+
+    def get_output_embeddings(self) -> nn.Linear | None:
+        """The LM decoder (tied to the input embeddings), or None for heads without one."""
+        head = getattr(self, "lm_head", None)
+        return head.decoder if head is not None else None
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        head = getattr(self, "lm_head", None)
+        if head is None:
+            raise AttributeError(f"{type(self).__name__} has no output embeddings")
+        head.decoder = value
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Grow or shrink the vocabulary (after adding tokens to the tokenizer), as transformers does: kept
+        rows are copied, new rows get the mean of the old ones (``mean_resizing``) or the init
+        distribution; the LM decoder stays tied and its bias is resized; ``config.vocab_size`` follows."""
+        old = self.get_input_embeddings()
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return old
+        n = old.num_embeddings if new_num_tokens is None else int(new_num_tokens)
+        if pad_to_multiple_of is not None:
+            if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) \
+                    or pad_to_multiple_of <= 0:
+                raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
+            n = -(-n // pad_to_multiple_of) * pad_to_multiple_of
+        if n <= 0:
+            raise ValueError(f"new_num_tokens must be positive, got {n}")
+        keep = min(n, old.num_embeddings)
+        pad_idx = old.padding_idx if old.padding_idx is not None and old.padding_idx < n else None
+        new = nn.Embedding(n, old.embedding_dim, padding_idx=pad_idx, device=old.weight.device,
+                           dtype=old.weight.dtype)
+        with torch.no_grad():
+            self._init_weights(new)
+            new.weight[:keep] = old.weight[:keep]
+            if n > keep and mean_resizing:
+                new.weight[keep:] = old.weight.float().mean(0).to(old.weight.dtype)
+        new.weight.requires_grad_(old.weight.requires_grad)
+        self.base_model.embeddings.word_embeddings = new
+        head = getattr(self, "lm_head", None)
+        if head is not None:
+            old_bias = head.bias
+            bias = nn.Parameter(torch.zeros(n, device=old_bias.device, dtype=old_bias.dtype),
+                                requires_grad=old_bias.requires_grad)
+            with torch.no_grad():
+                bias[:keep] = old_bias[:keep]
+            head.bias = bias
+            if not self.config.tie_word_embeddings:
+                dec = nn.Linear(head.decoder.in_features, n, bias=False, device=old.weight.device,
+                                dtype=head.decoder.weight.dtype)
+                with torch.no_grad():
+                    self._init_weights(dec)
+                    dec.weight[:keep] = head.decoder.weight[:keep]
+                head.decoder = dec
+        self.config.vocab_size = n
+        self.tie_weights()
+        return new
 
     @property
     def device(self) -> torch.device:
@@ -483,24 +678,47 @@ class EsmPreTrainedModel(nn.Module):
     def from_pretrained(
         cls,
         pretrained: str | os.PathLike,
-        *,
+        *model_args: Any,
         config: EsmConfig | None = None,
         torch_dtype: torch.dtype | str | None = None,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
-        **config_overrides: Any,
+        **kwargs: Any,
     ):
         """Load from a hub-layout directory, a hub id, a fair-esm ``.pt`` file or a preset name.
 
         A checkpoint's head that this class lacks is dropped; a head this class has and the file
         lacks is initialised fresh; both are said in one log line. Config fields may be overridden
         (``num_labels=3``, ``problem_type="regression"``, dropout probabilities ...).
-        """
-        from ..io.hub import load_checkpoint
 
-        ckpt = load_checkpoint(pretrained)
-        return cls.from_checkpoint(ckpt, dtype=torch_dtype if torch_dtype is not None else dtype, device=device,
-                                   config=config, **config_overrides)
+        transformers' loading arguments are honoured: ``revision``, ``cache_dir``, ``token``,
+        ``local_files_only``, ``force_download``, ``subfolder``, ``proxies`` (through huggingface_hub),
+        ``device_map`` (a device, or "auto": the GPU if there is one, else the CPU), ``attn_implementation``
+        ("sdpa"/"eager": padded attention; "flash_attention_2"/"packed": the packed varlen path; "auto").
+        Any other argument that is not a config field is an error naming it; none is written into the config.
+        """
+        from ..common.hf_hub import split_pretrained_kwargs
+        from ..io.hub import load_checkpoint
+        from ..io.resolve import resolve_checkpoint
+
+        where = f"{cls.__name__}.from_pretrained"
+        if model_args:
+            raise TypeError(f"{where}: unexpected positional arguments {model_args!r}; pass config fields by name")
+        # add_pooling_layer (the encoder alone) is from_checkpoint's, as in transformers' EsmModel.
+        fields = EsmConfig._field_names() + (["add_pooling_layer"] if issubclass(cls, EsmModel) else [])
+        hub_kwargs, framework, config_overrides = split_pretrained_kwargs(kwargs, fields, where)
+        attn = _attn_implementation(framework.get("attn_implementation"))
+        if "device_map" in framework:
+            if device is not None:
+                raise ValueError(f"{where}: pass device= or device_map=, not both")
+            device = _device_from_map(framework["device_map"])
+        ckpt = load_checkpoint(resolve_checkpoint(pretrained, **hub_kwargs))
+        model = cls.from_checkpoint(ckpt, dtype=torch_dtype if torch_dtype is not None else dtype, device=device,
+                                    config=config, **config_overrides)
+        model.name_or_path = os.fspath(pretrained)
+        if attn is not None:
+            model.base_model.attn_implementation = attn
+        return model
 
     @classmethod
     def from_checkpoint(
@@ -569,15 +787,83 @@ class EsmPreTrainedModel(nn.Module):
         return result.messages
 
     # ---- saving ---------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int | str | None = None) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        save_function: Any = None,
+        push_to_hub: bool = False,
+        max_shard_size: int | str | None = None,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        token: str | bool | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Write ``config.json`` + ``model.safetensors`` in the hub layout (readable by transformers,
-        fair-esm converters and ``esm_dual.tf``)."""
+        fair-esm converters and ``esm_dual.tf``), with transformers' arguments: ``is_main_process`` (False:
+        write nothing, for the other ranks), ``state_dict`` (these tensors instead of the model's own, e.g. a
+        gathered or merged one; module names), ``max_shard_size`` (sharded files + index),
+        ``safe_serialization=False`` (``pytorch_model.bin``), ``push_to_hub`` (then ``repo_id``,
+        ``commit_message``, ``private``, ``token``, ``revision``, ``create_pr`` as for ``push_to_hub``)."""
         from ..io.hub import save_checkpoint
 
+        push_args = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "revision", "create_pr")
+                     if k in kwargs}
+        if kwargs:
+            raise TypeError(f"save_pretrained: unexpected argument(s) {', '.join(map(repr, sorted(kwargs)))}")
+        if save_function is not None:
+            raise ValueError("save_pretrained: save_function is not supported; files are written as safetensors")
+        if variant is not None:
+            raise ValueError("save_pretrained: variant is not supported; esm-dual writes model.safetensors")
+        if push_args and not push_to_hub:
+            raise TypeError(f"save_pretrained: {sorted(push_args)} only apply with push_to_hub=True")
+        if not is_main_process:
+            return
         cfg = with_recorded_dtype(self.config.copy(architectures=[type(self).__name__]),
                                   str(self.dtype).split(".")[-1])
-        tensors = {k: torch_to_numpy(v) for k, v in self._hub_state().items()}
-        save_checkpoint(directory, cfg, tensors, max_shard_size=max_shard_size)
+        if state_dict is None:
+            state = self._hub_state()
+        else:
+            tied = set(self._tied_keys())
+            state = {k: v for k, v in state_dict.items() if k not in tied}
+        # Shared storage (a tied tensor passed in state_dict) is written once per name, as its own copy.
+        tensors = {k: torch_to_numpy(v).copy() if state_dict is not None else torch_to_numpy(v)
+                   for k, v in state.items()}
+        if safe_serialization:
+            save_checkpoint(save_directory, cfg, tensors, max_shard_size=max_shard_size)
+        else:
+            if max_shard_size is not None:
+                raise ValueError("save_pretrained: max_shard_size needs safe_serialization=True")
+            os.makedirs(save_directory, exist_ok=True)
+            torch.save({k: v.detach().cpu().clone() for k, v in state.items()},
+                       os.path.join(save_directory, "pytorch_model.bin"))
+            cfg.save_pretrained(save_directory)
+        if push_to_hub:
+            repo_id = push_args.pop("repo_id", None) or os.path.basename(os.path.abspath(os.fspath(save_directory)))
+            self.push_to_hub(repo_id, token=token, max_shard_size=max_shard_size,
+                             safe_serialization=safe_serialization, **push_args)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "5GB",
+        safe_serialization: bool = True,
+    ) -> Any:
+        """Upload the model (``config.json`` + safetensors, as ``save_pretrained`` writes them) to the HF hub
+        through ``huggingface_hub``, creating the repo if needed; returns the commit info."""
+        from ..common.hf_hub import push_folder_to_hub
+
+        return push_folder_to_hub(
+            lambda d: self.save_pretrained(d, max_shard_size=max_shard_size, safe_serialization=safe_serialization),
+            repo_id, commit_message=commit_message, private=private, token=token, revision=revision,
+            create_pr=create_pr)
 
     # ---- input checks ---------------------------------------------------------------------------
     def _check_inputs(self, input_ids, attention_mask, inputs_embeds) -> None:
@@ -607,6 +893,21 @@ class EsmPreTrainedModel(nn.Module):
                 f"({limit - 2} residues + BOS/EOS); got a batch of length {L}. Truncate the sequences.")
 
 
+def _drop_tied_on_save(module: EsmPreTrainedModel, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+                       ) -> None:
+    for key in module._tied_keys():
+        state_dict.pop(prefix + key, None)
+
+
+def _fill_tied_on_load(module: EsmPreTrainedModel, state_dict: dict[str, Any], prefix: str, local_metadata: Any,
+                       strict: bool, missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]
+                       ) -> None:
+    embeddings = prefix + ("" if isinstance(module, EsmModel) else "esm.") + "embeddings.word_embeddings.weight"
+    for key in module._tied_keys():
+        if prefix + key not in state_dict and embeddings in state_dict:
+            state_dict[prefix + key] = state_dict[embeddings]
+
+
 def copy_numpy_into(own: dict[str, torch.Tensor], tensors: dict[str, np.ndarray], source: str) -> None:
     """Copy numpy arrays into the model tensors of the same name, checking shapes (names must match)."""
     with torch.no_grad():
@@ -624,6 +925,42 @@ def _auto_dtype(config: EsmConfig, tensors: dict[str, np.ndarray]) -> torch.dtyp
     integer buffers do not count)."""
     name = recorded_dtype(config) or weights_dtype(tensors)
     return _str_to_torch_dtype(name) if name is not None else None
+
+
+_ATTN_IMPLEMENTATIONS = {"auto": "auto", "sdpa": "sdpa", "eager": "sdpa", "packed": "packed",
+                         "flash_attention_2": "packed", "flash_attention_3": "packed"}
+
+
+def _attn_implementation(name: Any) -> str | None:
+    """transformers' ``attn_implementation`` as esm-dual's back end ("auto", "sdpa" or "packed")."""
+    if name is None:
+        return None
+    if name not in _ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation={name!r} is not supported; choose one of "
+                         f"{', '.join(map(repr, _ATTN_IMPLEMENTATIONS))} ('eager' runs the padded SDPA path, which "
+                         "gives the same numbers; 'flash_attention_2'/'flash_attention_3' the packed varlen path)")
+    return _ATTN_IMPLEMENTATIONS[name]
+
+
+def _device_from_map(device_map: Any) -> torch.device:
+    """transformers' ``device_map`` when it names one device: a device (str, int, torch.device), "auto"
+    (the GPU if there is one, else the CPU) or a dict whose values are all the same device."""
+    if isinstance(device_map, dict):
+        devices = {str(v) for v in device_map.values()}
+        if len(devices) != 1:
+            raise ValueError(f"device_map={device_map!r} splits the model over {sorted(devices)}; esm-dual places "
+                             "a model on one device (pass one device, or 'auto')")
+        device_map = next(iter(device_map.values()))
+    if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if isinstance(device_map, bool):
+        raise ValueError(f"device_map={device_map!r} is not a device")
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map={device_map!r} is not a device, a dict of one device, or 'auto'") from None
 
 
 def _str_to_torch_dtype(s: str) -> torch.dtype:
@@ -653,9 +990,6 @@ class EsmModel(EsmPreTrainedModel):
         self._fast_path = None  # this model's FastPathOptions (None: the process default); see set_fast_path
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embeddings.word_embeddings
-
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -666,8 +1000,14 @@ class EsmModel(EsmPreTrainedModel):
         output_attentions: bool = False,
         return_dict: bool = True,
     ) -> BaseModelOutputWithPooling:
-        """input_ids [B, L]; attention_mask [B, L] (1 real, 0 padding; default: input_ids != pad)."""
+        """input_ids [B, L]; attention_mask [B, L] (1 real, 0 padding; default: input_ids != pad). Numpy arrays
+        are taken as well as tensors."""
+        dev = self.embeddings.word_embeddings.weight.device
+        input_ids = as_tensor_input(input_ids, "input_ids", dev)
+        attention_mask = as_tensor_input(attention_mask, "attention_mask", dev)
+        position_ids = as_tensor_input(position_ids, "position_ids", dev)
         self._check_inputs(input_ids, attention_mask, inputs_embeds)
+        mask_name = "attention_mask" if attention_mask is not None else "input_ids (no attention_mask given)"
         x = input_ids if input_ids is not None else inputs_embeds
         B, L = x.shape[0], x.shape[1]
         if attention_mask is None:
@@ -675,6 +1015,8 @@ class EsmModel(EsmPreTrainedModel):
                 attention_mask = input_ids.ne(self.config.pad_token_id)
             else:
                 attention_mask = torch.ones(B, L, dtype=torch.long, device=x.device)
+        if not _is_compiling():
+            check_attention_rows(attention_mask, mask_name)
         if position_ids is None and self.config.position_embedding_type == "absolute":
             if input_ids is not None:
                 position_ids = learned_position_ids(input_ids, self.config.pad_token_id)
@@ -771,6 +1113,7 @@ class EsmForMaskedLM(EsmPreTrainedModel):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.decoder.weight = self.esm.embeddings.word_embeddings.weight
+            self.lm_head.decoder.out_features = self.lm_head.decoder.weight.shape[0]
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                 output_hidden_states=False, output_attentions=False, return_dict=True) -> MaskedLMOutput:
@@ -779,6 +1122,7 @@ class EsmForMaskedLM(EsmPreTrainedModel):
                            output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
+        labels = as_tensor_input(labels, "labels")
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, self.config.vocab_size).float(),
                                    labels.reshape(-1).to(logits.device), ignore_index=-100)
@@ -851,6 +1195,7 @@ class EsmForSequenceClassification(EsmPreTrainedModel):
         outputs = self.esm(input_ids, attention_mask, position_ids, inputs_embeds,
                            output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         logits = self.classifier(outputs.last_hidden_state)
+        labels = as_tensor_input(labels, "labels")
         loss = sequence_classification_loss(self.config, logits, labels) if labels is not None else None
         out = SequenceClassifierOutput(loss, logits, outputs.hidden_states, outputs.attentions)
         return out if return_dict else out.to_tuple()
@@ -875,6 +1220,7 @@ class EsmForTokenClassification(EsmPreTrainedModel):
                            output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
         loss = None
+        labels = as_tensor_input(labels, "labels")
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, self.num_labels).float(),
                                    labels.reshape(-1).to(logits.device).long(), ignore_index=-100)

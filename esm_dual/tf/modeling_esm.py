@@ -684,7 +684,7 @@ class TFEsmPreTrainedModel(keras.Model):
         *,
         config: EsmConfig | None = None,
         dtype: str | keras.DTypePolicy | None = None,
-        **config_overrides: Any,
+        **kwargs: Any,
     ):
         """Load from a hub-layout directory, a hub id, a fair-esm ``.pt`` file or a preset name.
 
@@ -692,11 +692,40 @@ class TFEsmPreTrainedModel(keras.Model):
         lacks is initialised fresh; both are said in one log line. Config fields may be overridden
         (``num_labels=3``, ``problem_type="regression"``, dropout probabilities ...). ``dtype`` is a
         Keras dtype policy ("float32", "mixed_bfloat16", ...).
-        """
-        from ..io.hub import load_checkpoint
 
-        ckpt = load_checkpoint(pretrained)
-        return cls.from_checkpoint(ckpt, dtype=dtype, config=config, **config_overrides)
+        transformers' loading arguments are honoured as in ``esm_dual.pt``: ``revision``, ``cache_dir``,
+        ``token``, ``local_files_only``, ``force_download``, ``subfolder``, ``proxies`` (through
+        huggingface_hub), ``device_map`` (a device such as "cpu" or "/GPU:0", built under ``tf.device``; "auto"
+        keeps Keras' placement) and ``attn_implementation`` ("auto", "sdpa" or "eager": the one attention path
+        here). Any other argument that is not a config field is an error naming it; none reaches the config.
+        """
+        from ..common.hf_hub import split_pretrained_kwargs
+        from ..io.hub import load_checkpoint
+        from ..io.resolve import resolve_checkpoint
+
+        where = f"{cls.__name__}.from_pretrained"
+        # add_pooling_layer (the encoder alone) is from_checkpoint's, as in transformers' EsmModel.
+        fields = EsmConfig._field_names() + (["add_pooling_layer"] if issubclass(cls, TFEsmModel) else [])
+        hub_kwargs, framework, config_overrides = split_pretrained_kwargs(kwargs, fields, where)
+        attn = framework.get("attn_implementation")
+        if attn is not None and attn not in ("auto", "sdpa", "eager"):
+            raise ValueError(f"attn_implementation={attn!r} is not supported by the Keras models; choose one of "
+                             "'auto', 'sdpa', 'eager' (all run the same attention)")
+        device_map = framework.get("device_map")
+        if isinstance(device_map, dict):
+            devices = {str(v) for v in device_map.values()}
+            if len(devices) != 1:
+                raise ValueError(f"device_map={device_map!r} splits the model over {sorted(devices)}; esm-dual "
+                                 "places a model on one device")
+            device_map = next(iter(device_map.values()))
+        if device_map is not None and not isinstance(device_map, str):
+            raise ValueError(f"device_map={device_map!r}: the Keras models take a device name ('cpu', 'gpu:0') "
+                             "or 'auto'")
+        device = device_map if device_map not in (None, "auto") else None
+        ckpt = load_checkpoint(resolve_checkpoint(pretrained, **hub_kwargs))
+        model = cls.from_checkpoint(ckpt, dtype=dtype, device=device, config=config, **config_overrides)
+        model.name_or_path = os.fspath(pretrained)
+        return model
 
     @classmethod
     def from_checkpoint(
@@ -755,6 +784,17 @@ class TFEsmPreTrainedModel(keras.Model):
         return result.messages
 
     # ---- saving ---------------------------------------------------------------------------------
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token: str | bool | None = None, revision: str | None = None, create_pr: bool = False,
+                    max_shard_size: int | str | None = "5GB") -> Any:
+        """Upload the model (``config.json`` + safetensors, as ``save_pretrained`` writes them) to the HF hub
+        through ``huggingface_hub``, creating the repo if needed; returns the commit info."""
+        from ..common.hf_hub import push_folder_to_hub
+
+        return push_folder_to_hub(lambda d: self.save_pretrained(d, max_shard_size=max_shard_size), repo_id,
+                                  commit_message=commit_message, private=private, token=token, revision=revision,
+                                  create_pr=create_pr)
+
     def save_pretrained(self, directory: str | os.PathLike, *,
                         max_shard_size: int | str | None = None) -> None:
         """Write ``config.json`` + ``model.safetensors`` in the hub layout (readable by transformers,

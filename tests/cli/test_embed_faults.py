@@ -351,3 +351,16 @@ def test_a_rank_with_no_records_still_finishes_its_shard(tmp_path, capsys, monke
         assert rc == 0, err
     with EmbeddingStore(out) as s:
         assert s.ids == ["only"]
+
+
+def test_ranks_cut_a_cr_only_file_as_one_process_reads_it(tmp_path, capsys, monkeypatch, hub):
+    """Guarantee "one FASTA reader" under sharding: each rank counts and reads the CR-only file alike, so the
+    merged store holds every record once."""
+    fa = _fasta(tmp_path / "x.fa", newline="\r", bom=True)
+    out = tmp_path / "o.h5"
+    for rank in (0, 1):
+        _world(monkeypatch, rank, 2)
+        rc, _, err = _run(capsys, "embed", fa, out, "-m", hub[0], "-q")
+        assert rc == 0, err
+    with EmbeddingStore(out) as s:
+        assert s.ids == list(SEQS)

@@ -204,7 +204,7 @@ CALL_OPTIONS = [
     dict(padding="max_length"),  # no max_length and no model_max_length: no padding (HF)
     dict(truncation=True, max_length=6),
     dict(truncation=True, max_length=2),
-    dict(truncation=True, max_length=1),
+    dict(truncation=True, max_length=1, add_special_tokens=False),
     dict(truncation=True),
     dict(truncation=False, max_length=4),
     dict(max_length=4),  # max_length alone truncates (HF's backward-compatible rule)
@@ -261,7 +261,7 @@ PAIR_OPTIONS = [
     dict(truncation="longest_first", max_length=6),
     dict(truncation="only_first", max_length=9),
     dict(truncation="only_second", max_length=9),
-    dict(truncation=True, max_length=2),
+    dict(truncation=True, max_length=3),
     dict(padding="max_length", truncation=True, max_length=10, return_token_type_ids=True),
 ]
 

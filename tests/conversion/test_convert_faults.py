@@ -77,16 +77,13 @@ def _small_disk(tmp_path, size):
 
 
 @pytest.mark.parametrize("to, name", [("tf-h5", "out"), ("fair-esm", "esm2_t3_tiny.pt"), ("hf", "out")])
-def test_convert_onto_a_full_disk_is_one_clear_error(hub, tmp_path, to, name):
-    """Guarantee "a full disk is an error, not a crash": one line naming DST, nothing left behind, no segfault
-    (in a subprocess, so a crash would show)."""
+def test_convert_onto_a_full_disk_is_one_clear_error(hub, tmp_path, capsys, to, name):
+    """Guarantee "a full disk is an error, not a crash": a destination without room is refused before anything
+    is written, in one line naming DST; nothing is left behind."""
     with _small_disk(tmp_path, "200k") as disk:
         dst = disk / name
-        p = subprocess.run([sys.executable, "-m", "esm_dual.cli.main", "convert", hub, str(dst), "--to", to],
-                           capture_output=True, text=True, timeout=300,
-                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-        assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
-        assert str(dst) in p.stderr and "free space" in p.stderr and "Traceback" not in p.stderr, p.stderr
+        rc, _, err = _run(capsys, "convert", hub, dst, "--to", to)
+        assert rc == 2 and str(dst) in err and "free space" in err and "Traceback" not in err, err
         assert os.listdir(disk) == []
 
 
@@ -101,6 +98,20 @@ def test_tf_h5_on_a_disk_that_fills_during_the_write_raises(hub, tmp_path, size)
                 "    print('raised', e.errno)\n")
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert p.returncode == 0 and "raised 28" in p.stdout, (p.returncode, p.stderr[-2000:])
+        assert os.listdir(disk) == []
+
+
+def test_fair_esm_on_a_disk_that_fills_during_the_write(hub, tmp_path, capsys, monkeypatch):
+    """Past the room check (another process fills the disk): torch's zip writer fails with an 'enforce fail'
+    message; the command says the disk is full, in one line naming DST, and leaves nothing behind."""
+    from esm_dual.cli import convert as cli_convert
+
+    monkeypatch.setattr(cli_convert, "_check_room", lambda *a: None)
+    with _small_disk(tmp_path, "200k") as disk:
+        dst = disk / "esm2_t3_x.pt"
+        rc, _, err = _run(capsys, "convert", hub, dst, "--to", "fair-esm")
+        assert rc == 2 and "the disk is full" in err and str(dst) in err, err
+        assert "internal error" not in err and "Traceback" not in err
         assert os.listdir(disk) == []
 
 

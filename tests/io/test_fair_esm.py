@@ -9,7 +9,6 @@ import os
 import numpy as np
 import pytest
 
-from esm_dual.common.config import EsmConfig
 from esm_dual.io.base import CheckpointError
 from esm_dual.io.fair_esm import read_fair_esm, save_fair_esm
 from esm_dual.io.hub import (
@@ -18,6 +17,7 @@ from esm_dual.io.hub import (
     save_checkpoint,
 )
 from tests.conftest import tiny_config
+from tests.io.helpers import assert_same, fair_config
 from tests.utils import hf_model, random_hub_tensors
 
 torch = pytest.importorskip("torch")
@@ -29,24 +29,6 @@ EMB = "esm.embeddings.word_embeddings.weight"
 FAIR_STEMS = {"esm2": "esm2_t3_tiny", "esm1b": "esm1b_t3_tiny", "esm1v": "esm1v_t3_tiny_1"}
 
 
-def _fair_config(flavour: str) -> EsmConfig:
-    # fair-esm's ESM2 hard-codes the FFN width to 4 * embed_dim
-    return tiny_config(flavour, intermediate_size=72) if flavour == "esm2" else tiny_config(flavour)
-
-
-def _bits(a: np.ndarray) -> np.ndarray:
-    """The raw bits of an array (bit-exact comparisons, NaN-safe, dtype-agnostic)."""
-    return np.ascontiguousarray(a).view(f"u{a.dtype.itemsize}")
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert set(a) == set(b), set(a) ^ set(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype, (k, a[k].dtype, b[k].dtype)
-        assert a[k].shape == b[k].shape, k
-        np.testing.assert_array_equal(_bits(a[k]), _bits(b[k]), err_msg=k)
-
-
 def _fair_esm_load(path):
     esm = pytest.importorskip("esm")
     # fair-esm calls torch.load without weights_only; torch >= 2.6 then needs Namespace allowlisted
@@ -55,12 +37,9 @@ def _fair_esm_load(path):
     return model.eval(), alphabet
 
 
-torch = pytest.importorskip("torch")
-
-
 @pytest.mark.filterwarnings("ignore:Regression weights not found")
 def test_fair_esm_roundtrip_matches_fair_esm_and_transformers(tmp_path, flavour, batch):
-    cfg = _fair_config(flavour)
+    cfg = fair_config(flavour)
     tensors = random_hub_tensors(cfg)
     path = tmp_path / f"{FAIR_STEMS[flavour]}.pt"
     assert save_fair_esm(str(path), cfg, tensors) == str(path)
@@ -84,7 +63,7 @@ def test_fair_esm_roundtrip_matches_fair_esm_and_transformers(tmp_path, flavour,
     else:
         expected[EMB][32] = 0.0
         assert np.abs(tensors[EMB][32]).sum() > 0
-    _assert_same(ck.tensors, expected)
+    assert_same(ck.tensors, expected)
     c = ck.config
     for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                   "position_embedding_type", "emb_layer_norm_before", "token_dropout", "vocab_size",
@@ -110,14 +89,14 @@ def test_fair_esm_roundtrip_matches_fair_esm_and_transformers(tmp_path, flavour,
     # and the file written back from what was read is read identically
     path2 = tmp_path / "again" / path.name
     save_fair_esm(str(path2), ck.config, ck.tensors)
-    _assert_same(read_fair_esm(str(path2)).tensors, ck.tensors)
-    _assert_same(dict(iter_checkpoint_tensors(str(path2))), ck.tensors)
+    assert_same(read_fair_esm(str(path2)).tensors, ck.tensors)
+    assert_same(dict(iter_checkpoint_tensors(str(path2))), ck.tensors)
     assert load_checkpoint(str(path2)).config == ck.config
 
 
 def test_fair_esm_file_layout(tmp_path):
     """What save_fair_esm writes is shaped like the released files (as fair-esm's loader expects)."""
-    cfg = _fair_config("esm2")
+    cfg = fair_config("esm2")
     path = tmp_path / "esm2_t3_tiny.pt"
     save_fair_esm(str(path), cfg, random_hub_tensors(cfg))
     with torch.serialization.safe_globals([argparse.Namespace]):
@@ -135,7 +114,7 @@ def test_fair_esm_file_layout(tmp_path):
     assert not any("embed_positions" in k or "contact_head" in k for k in sd)
     assert set(reg["model"]) == {"contact_head.regression.weight", "contact_head.regression.bias"}
 
-    cfg1 = _fair_config("esm1b")
+    cfg1 = fair_config("esm1b")
     p1 = tmp_path / "esm1b_t3_tiny.pt"
     save_fair_esm(str(p1), cfg1, random_hub_tensors(cfg1))
     with torch.serialization.safe_globals([argparse.Namespace]):
@@ -146,7 +125,7 @@ def test_fair_esm_file_layout(tmp_path):
 
 
 def test_fair_esm_untied_decoder_kept(tmp_path):
-    cfg = _fair_config("esm1b")
+    cfg = fair_config("esm1b")
     tensors = random_hub_tensors(cfg)
     path = tmp_path / "esm1b_t3_tiny.pt"
     save_fair_esm(str(path), cfg, tensors)
@@ -163,11 +142,11 @@ def test_fair_esm_untied_decoder_kept(tmp_path):
 
 
 def test_save_fair_esm_refuses_what_fair_esm_cannot_load(tmp_path):
-    cfg = _fair_config("esm2")
+    cfg = fair_config("esm2")
     tensors = random_hub_tensors(cfg)
     with pytest.raises(CheckpointError, match="start with 'esm2'"):
         save_fair_esm(str(tmp_path / "model.pt"), cfg, tensors)
-    cfg1 = _fair_config("esm1b")
+    cfg1 = fair_config("esm1b")
     with pytest.raises(CheckpointError, match="not start with 'esm2'"):
         save_fair_esm(str(tmp_path / "esm2_fake.pt"), cfg1, random_hub_tensors(cfg1))
     cfg37 = tiny_config("esm2")  # FFN 37 != 4 * 18
@@ -186,7 +165,7 @@ def test_save_fair_esm_refuses_what_fair_esm_cannot_load(tmp_path):
 
 
 def test_fair_esm_without_regression_file(tmp_path):
-    cfg = _fair_config("esm2")
+    cfg = fair_config("esm2")
     tensors = {k: v for k, v in random_hub_tensors(cfg).items() if "contact_head" not in k}
     path = tmp_path / "esm2_t3_tiny.pt"
     with pytest.warns(UserWarning, match="contact-regression"):
@@ -196,7 +175,7 @@ def test_fair_esm_without_regression_file(tmp_path):
 
 
 def test_fair_esm_esm1v_regression_not_needed(tmp_path, recwarn):
-    cfg = _fair_config("esm1v")
+    cfg = fair_config("esm1v")
     tensors = {k: v for k, v in random_hub_tensors(cfg).items() if "contact_head" not in k}
     save_fair_esm(str(tmp_path / "esm1v_t3_tiny_1.pt"), cfg, tensors)
     assert not [w for w in recwarn if "contact-regression" in str(w.message)]

@@ -21,6 +21,7 @@ from esm_dual.io.hub import (
     save_checkpoint,
 )
 from tests.conftest import make_batch, tiny_config
+from tests.io.helpers import assert_same, bits, torch_bits
 from tests.utils import hf_model, random_hub_tensors, write_hub_checkpoint
 
 torch = pytest.importorskip("torch")
@@ -35,34 +36,12 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _bits(a: np.ndarray) -> np.ndarray:
-    """The raw bits of an array (bit-exact comparisons, NaN-safe, dtype-agnostic)."""
-    return np.ascontiguousarray(a).view(f"u{a.dtype.itemsize}")
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert set(a) == set(b), set(a) ^ set(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype, (k, a[k].dtype, b[k].dtype)
-        assert a[k].shape == b[k].shape, k
-        np.testing.assert_array_equal(_bits(a[k]), _bits(b[k]), err_msg=k)
-
-
-def _torch_to_numpy_bits(t) -> np.ndarray:
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return _bits(t.numpy())
-
-
 def _state_dict_bin(tensors: dict, dtype=None) -> dict:
     out = {}
     for k, v in tensors.items():
         t = torch.from_numpy(v.copy())
         out[k] = t.to(dtype) if dtype is not None else t
     return out
-
-
-torch = pytest.importorskip("torch")
 
 
 @pytest.mark.parametrize("head", ["mlm", "base", "seq", "tok"])
@@ -73,7 +52,7 @@ def test_hub_layout_roundtrip_is_bit_exact(tmp_path, flavour, head):
     ckpt = load_checkpoint(str(src))
     assert isinstance(ckpt, Checkpoint) and ckpt.layout == "safetensors" and ckpt.source == str(src)
     assert ckpt.config == EsmConfig.from_json_file(str(src / "config.json"))
-    _assert_same(ckpt.tensors, tensors)  # names kept as stored (no esm. prefix for EsmModel files)
+    assert_same(ckpt.tensors, tensors)  # names kept as stored (no esm. prefix for EsmModel files)
     if head == "base":
         assert "embeddings.word_embeddings.weight" in ckpt.tensors
     if flavour == "esm2":  # what real facebook/esm2 files hold
@@ -83,7 +62,7 @@ def test_hub_layout_roundtrip_is_bit_exact(tmp_path, flavour, head):
     assert save_checkpoint(str(out), ckpt.config, ckpt.tensors) == str(out)
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     again = load_checkpoint(str(out))
-    _assert_same(again.tensors, tensors)
+    assert_same(again.tensors, tensors)
     assert again.config == ckpt.config
     with open(src / "config.json") as f1, open(out / "config.json") as f2:
         assert json.load(f1) == json.load(f2)
@@ -131,16 +110,16 @@ def test_sharded_write_and_read(tmp_path):
 
     ck = load_checkpoint(str(out))
     assert ck.layout == "safetensors-sharded"
-    _assert_same(ck.tensors, tensors)
+    assert_same(ck.tensors, tensors)
     streamed = list(iter_checkpoint_tensors(str(out)))
     assert sorted(k for k, _ in streamed) == sorted(tensors)
-    _assert_same(dict(streamed), tensors)
+    assert_same(dict(streamed), tensors)
     assert read_checkpoint_config(str(out)) == cfg
 
     # one shard only -> plain model.safetensors, and the stale shards + index of the earlier save go
     save_checkpoint(str(out), cfg, tensors, max_shard_size="1GB")
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
-    _assert_same(load_checkpoint(str(out)).tensors, tensors)
+    assert_same(load_checkpoint(str(out)).tensors, tensors)
 
 
 def test_parse_size():
@@ -202,8 +181,8 @@ def test_pytorch_model_bin(tmp_path, dtype):
     assert set(ck.tensors) == set(tensors)
     for k, t in sd.items():
         assert ck.tensors[k].dtype == (BF16 if dtype is not None else np.float32)
-        np.testing.assert_array_equal(_bits(ck.tensors[k]), _torch_to_numpy_bits(t), err_msg=k)
-    _assert_same(dict(iter_checkpoint_tensors(str(d))), ck.tensors)
+        np.testing.assert_array_equal(bits(ck.tensors[k]), torch_bits(t), err_msg=k)
+    assert_same(dict(iter_checkpoint_tensors(str(d))), ck.tensors)
 
     # sharded .bin with an index (what the 3B and 15B repos hold)
     s = tmp_path / "bin_sharded"
@@ -218,7 +197,7 @@ def test_pytorch_model_bin(tmp_path, dtype):
     (s / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     ck2 = load_checkpoint(str(s))
     assert ck2.layout == "pytorch-bin-sharded"
-    _assert_same(ck2.tensors, ck.tensors)
+    assert_same(ck2.tensors, ck.tensors)
 
 
 def test_safetensors_preferred_and_explicit_file(tmp_path):
@@ -227,11 +206,11 @@ def test_safetensors_preferred_and_explicit_file(tmp_path):
     tensors = write_hub_checkpoint(str(d), cfg)
     other = {k: v + 1.0 for k, v in tensors.items()}
     torch.save(_state_dict_bin(other), str(d / "pytorch_model.bin"))
-    _assert_same(load_checkpoint(str(d)).tensors, tensors)  # safetensors first
+    assert_same(load_checkpoint(str(d)).tensors, tensors)  # safetensors first
     ck = load_checkpoint(str(d / "pytorch_model.bin"))  # but an explicit file is honoured
     assert ck.layout == "pytorch-bin"
-    _assert_same(ck.tensors, other)
-    _assert_same(load_checkpoint(str(d / "config.json")).tensors, tensors)
+    assert_same(ck.tensors, other)
+    assert_same(load_checkpoint(str(d / "config.json")).tensors, tensors)
 
 
 def test_missing_config_and_weights(tmp_path):

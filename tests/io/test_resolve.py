@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 
-import numpy as np
 import pytest
 
 from esm_dual.io.base import CheckpointError
@@ -14,20 +13,8 @@ from esm_dual.io.hub import (
 )
 from esm_dual.io.resolve import resolve_checkpoint
 from tests.conftest import tiny_config
+from tests.io.helpers import assert_same
 from tests.utils import write_hub_checkpoint
-
-
-def _bits(a: np.ndarray) -> np.ndarray:
-    """The raw bits of an array (bit-exact comparisons, NaN-safe, dtype-agnostic)."""
-    return np.ascontiguousarray(a).view(f"u{a.dtype.itemsize}")
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert set(a) == set(b), set(a) ^ set(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype, (k, a[k].dtype, b[k].dtype)
-        assert a[k].shape == b[k].shape, k
-        np.testing.assert_array_equal(_bits(a[k]), _bits(b[k]), err_msg=k)
 
 
 def test_offline_hub_id_says_what_to_pass(tmp_path, monkeypatch):
@@ -65,7 +52,7 @@ def test_offline_uses_a_cached_snapshot(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text(commit)
     path = resolve_checkpoint("esm2_t6_8M_UR50D", cache_dir=cache)
     assert os.path.samefile(path, snap)
-    _assert_same(load_checkpoint(path).tensors, tensors)
+    assert_same(load_checkpoint(path).tensors, tensors)
 
 
 def test_without_huggingface_hub(monkeypatch, tmp_path):

@@ -15,6 +15,7 @@ from esm_dual.io.hub import (
     save_checkpoint,
 )
 from tests.conftest import tiny_config
+from tests.io.helpers import assert_same, bits, torch_bits
 from tests.utils import random_hub_tensors, write_hub_checkpoint
 
 torch = pytest.importorskip("torch")
@@ -24,28 +25,6 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-
-
-def _bits(a: np.ndarray) -> np.ndarray:
-    """The raw bits of an array (bit-exact comparisons, NaN-safe, dtype-agnostic)."""
-    return np.ascontiguousarray(a).view(f"u{a.dtype.itemsize}")
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert set(a) == set(b), set(a) ^ set(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype, (k, a[k].dtype, b[k].dtype)
-        assert a[k].shape == b[k].shape, k
-        np.testing.assert_array_equal(_bits(a[k]), _bits(b[k]), err_msg=k)
-
-
-def _torch_to_numpy_bits(t) -> np.ndarray:
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return _bits(t.numpy())
-
-
-torch = pytest.importorskip("torch")
 
 
 NAME = "esm.encoder.layer.0.LayerNorm.bias"
@@ -89,7 +68,7 @@ def test_low_precision_roundtrip_and_interop_with_safetensors(tmp_path, dtype):
     # ours -> ours
     save_checkpoint(str(tmp_path / "a"), cfg, cast, metadata={"note": "x"})
     ck = load_checkpoint(str(tmp_path / "a"))
-    _assert_same(ck.tensors, cast)
+    assert_same(ck.tensors, cast)
     assert all(v.dtype == np_dtype for v in ck.tensors.values())
 
     # ours -> safetensors' own reader (via torch): bit-identical, metadata as HF writes it
@@ -97,7 +76,7 @@ def test_low_precision_roundtrip_and_interop_with_safetensors(tmp_path, dtype):
     assert set(theirs) == set(cast)
     for k, t in theirs.items():
         assert str(t.dtype) == f"torch.{dtype}"
-        np.testing.assert_array_equal(_torch_to_numpy_bits(t), _bits(cast[k]), err_msg=k)
+        np.testing.assert_array_equal(torch_bits(t), bits(cast[k]), err_msg=k)
     with safe_open(str(tmp_path / "a" / "model.safetensors"), framework="pt") as f:
         assert f.metadata() == {"format": "pt", "note": "x"}
 
@@ -109,7 +88,7 @@ def test_low_precision_roundtrip_and_interop_with_safetensors(tmp_path, dtype):
     ck = load_checkpoint(str(tmp_path / "b"))
     for k, t in tt.items():
         assert ck.tensors[k].dtype == np_dtype
-        np.testing.assert_array_equal(_bits(ck.tensors[k]), _torch_to_numpy_bits(t), err_msg=k)
+        np.testing.assert_array_equal(bits(ck.tensors[k]), torch_bits(t), err_msg=k)
 
 
 def test_truncated_and_corrupt_safetensors(tmp_path):

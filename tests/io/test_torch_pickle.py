@@ -9,37 +9,18 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 
-from esm_dual.common.config import EsmConfig
 from esm_dual.io.base import CheckpointError
 from esm_dual.io.fair_esm import read_fair_esm, save_fair_esm
 from esm_dual.io.hub import (
     load_checkpoint,
 )
 from tests.conftest import tiny_config
+from tests.io.helpers import assert_same, fair_config
 from tests.utils import random_hub_tensors
 
 torch = pytest.importorskip("torch")
-
-
-def _fair_config(flavour: str) -> EsmConfig:
-    # fair-esm's ESM2 hard-codes the FFN width to 4 * embed_dim
-    return tiny_config(flavour, intermediate_size=72) if flavour == "esm2" else tiny_config(flavour)
-
-
-def _bits(a: np.ndarray) -> np.ndarray:
-    """The raw bits of an array (bit-exact comparisons, NaN-safe, dtype-agnostic)."""
-    return np.ascontiguousarray(a).view(f"u{a.dtype.itemsize}")
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert set(a) == set(b), set(a) ^ set(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype, (k, a[k].dtype, b[k].dtype)
-        assert a[k].shape == b[k].shape, k
-        np.testing.assert_array_equal(_bits(a[k]), _bits(b[k]), err_msg=k)
 
 
 class _Evil:
@@ -117,9 +98,6 @@ _FAKE_OMEGACONF = {
 }
 
 
-torch = pytest.importorskip("torch")
-
-
 @pytest.mark.parametrize("zipfile", [True, False])
 def test_malicious_pickle_is_refused_without_running_it(tmp_path, zipfile):
     marker = tmp_path / "pwned"
@@ -156,7 +134,7 @@ def test_fairseq_omegaconf_cfg_without_omegaconf(tmp_path):
     """ESM-2 files may carry fairseq's cfg as an omegaconf DictConfig: read it with stand-ins, executing
     nothing and without omegaconf installed (the writer runs in a subprocess with a mimic package whose
     pickles name the same omegaconf classes)."""
-    cfg = _fair_config("esm2")
+    cfg = fair_config("esm2")
     tensors = random_hub_tensors(cfg)
     plain = tmp_path / "esm2_t3_plain.pt"
     save_fair_esm(str(plain), cfg, tensors)
@@ -186,7 +164,7 @@ def test_fairseq_omegaconf_cfg_without_omegaconf(tmp_path):
     ref = read_fair_esm(str(plain))
     assert ck.config == ref.config
     expected = {k: v for k, v in ref.tensors.items() if "contact_head" not in k}  # regression file not beside it
-    _assert_same(ck.tensors, expected)
+    assert_same(ck.tensors, expected)
     assert "omegaconf" not in sys.modules
 
 
@@ -206,7 +184,7 @@ def test_shared_references_are_not_expanded(tmp_path):
 
     from esm_dual.io.torch_pickle import to_plain
 
-    cfg = _fair_config("esm2")
+    cfg = fair_config("esm2")
     path = tmp_path / "esm2_t3_tiny.pt"
     save_fair_esm(str(path), cfg, random_hub_tensors(cfg))
     with torch.serialization.safe_globals([argparse.Namespace]):

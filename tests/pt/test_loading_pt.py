@@ -286,3 +286,22 @@ def test_integer_weight_is_refused_naming_the_tensor(tmp_path):
     model = EsmForMaskedLM(tiny_config("esm2"))
     with pytest.raises(LoadingError, match=rf"{name} \(int32\)"):
         model.load_hub_tensors({**tensors, name: tensors[name].astype(np.int32)})
+
+
+def test_from_checkpoint_builds_what_from_pretrained_builds(tmp_path):
+    """from_pretrained = read + from_checkpoint: the factory gives the same weights from the loaded tensors, and
+    takes a dtype, config overrides and add_pooling_layer."""
+    from esm_dual.io.hub import load_checkpoint
+
+    write_hub_checkpoint(str(tmp_path), tiny_config("esm2"), head="mlm")
+    ck = load_checkpoint(str(tmp_path))
+    a, b = EsmForMaskedLM.from_pretrained(str(tmp_path)), EsmForMaskedLM.from_checkpoint(ck)
+    assert not b.training and a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    c = EsmForSequenceClassification.from_checkpoint(ck, dtype="bf16", num_labels=3)
+    assert c.dtype == torch.bfloat16 and c.config.num_labels == 3 and c.classifier.out_proj.out_features == 3
+    assert torch.equal(c.esm.encoder.layer[1].output.dense.weight,
+                       a.esm.encoder.layer[1].output.dense.weight.to(torch.bfloat16))
+    assert EsmModel.from_checkpoint(ck).pooler is None
+    assert EsmModel.from_checkpoint(ck, add_pooling_layer=True).pooler is not None
+    assert "add_pooling_layer" not in EsmForMaskedLM.from_checkpoint(ck, add_pooling_layer=False).config.extra
