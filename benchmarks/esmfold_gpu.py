@@ -3,7 +3,7 @@
 Both models get the same random weights of the real ``facebook/esmfold_v1`` shape (ESM-2 3B stem in
 fp16, 48-block trunk and structure module in fp32; nothing is downloaded) and fold the same random
 sequences, one structure at a time, interleaved, after a warm-up. Lengths: the real sequences of
-../shared/data/some_proteins.fasta (UniRef50 representatives) or ``--lognormal N`` draws from a
+tests/data/some_proteins.fasta (UniRef50 representatives) or ``--lognormal N`` draws from a
 UniRef50-like log-normal (median ~270, clipped to 30..1022). The JSON lists, per length, seconds per
 structure and peak GPU memory (total and above the resident weights) for both, the ratio
 (HF / esm-dual: > 1 means esm-dual is faster or leaner), and the largest coordinate difference.
@@ -36,7 +36,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-DEFAULT_FASTA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "some_proteins.fasta"))
+DEFAULT_FASTA = os.path.join(HERE, "..", "tests", "data", "some_proteins.fasta")
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
 
 

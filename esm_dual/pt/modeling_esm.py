@@ -468,8 +468,8 @@ class EsmPreTrainedModel(nn.Module):
 
     def _tied_keys(self) -> tuple[str, ...]:
         """State-dict names that alias another tensor right now (the decoder tied to the word embeddings)."""
-        if not self.config.tie_word_embeddings or not hasattr(self, "lm_head"):
-            return ()
+        if not self._tied or not self.config.tie_word_embeddings or not hasattr(self, "lm_head"):
+            return ()  # ESMFold has no tied decoder: its lm_head is a plain Linear
         return self._tied if self.lm_head.decoder.weight is self.get_input_embeddings().weight else ()
 
     @property

@@ -142,7 +142,9 @@ def test_out_of_memory_record_is_reported_and_others_continue(
         (">dna\nACGTACGTACGTACGTACGTACGTAGCTAGCTAGCAT\n", "nucleotide"),
         (">ok\nMKV\n>nothing\n\n>x\nMK\n", "nothing"),
         (">xs\nXXXXBZ\n", "no standard amino acid"),
-        (">big\n" + ":".join(["MKTAYIAKQR" * 30] * 20) + "\n", "beyond the PDB format's 9999"),
+        (">big\n" + "MKTAYIAKQR" * 1000 + "\n", "a chain of 10000 residues; the PDB format numbers at most 9999"),
+        (">lower\nMKVtay\n", "record 'lower', residue 4: lower-case 't'"),
+        (">stop\nMKV*\n", "record 'stop', residue 4: '*'"),
     ],
 )
 def test_bad_sequences_are_refused_before_loading(tmp_path, content, message, capsys, monkeypatch):
@@ -164,7 +166,7 @@ def test_unknown_residues_fold_as_x_and_main_entry(tmp_path, tiny_model_dir):
     from esm_dual.cli.main import main
 
     fasta = tmp_path / "in.fasta"
-    fasta.write_text(">weird|id/1 description\nMKBZUOX*\n>dimer\nMKTAYIAK:GSHMLED\n")
+    fasta.write_text(">weird|id/1 description\nMKBZUOX\n>dimer\nMKTAYIAK:GSHMLED\n")
     out = tmp_path / "out"
     rc = main(
         [

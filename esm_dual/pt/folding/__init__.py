@@ -1,6 +1,6 @@
 """ESMFold in PyTorch (paper-shaped modules: trunk, triangular updates, structure module, rigids)."""
 
-from .batching import DEFAULT_MAX_TOKENS_PER_BATCH, fold_batches
+from .batching import DEFAULT_MAX_TOKENS_PER_BATCH, fold_batches, folded_length
 from .esmfold import EsmForProteinFolding, EsmForProteinFoldingOutput, encode_sequences
 
 __all__ = [
@@ -9,4 +9,5 @@ __all__ = [
     "EsmForProteinFoldingOutput",
     "encode_sequences",
     "fold_batches",
+    "folded_length",
 ]

@@ -19,9 +19,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 DEFAULT_MAX_TOKENS_PER_BATCH = 1024
+DEFAULT_CHAIN_LINKER = "G" * 25  # ESMFold's (fair-esm's) poly-G linker between the chains of a multimer
 # One fold's fixed cost in units of pair elements (residues^2): a fold of up to ~256 residues on a GPU
 # takes about as long as a fold of one residue (launch-bound), so 256^2.
 FOLD_OVERHEAD_PAIRS = 256 * 256
+
+
+def folded_length(seq: str, chain_linker: str | None = DEFAULT_CHAIN_LINKER) -> int:
+    """Residues of ``seq`` as folded: ``:``-separated chains joined by ``chain_linker``."""
+    return len(seq.replace(":", "")) + len(chain_linker or "") * seq.count(":")
 
 
 def fold_cost(lengths: Sequence[int], overhead: int = FOLD_OVERHEAD_PAIRS) -> int:

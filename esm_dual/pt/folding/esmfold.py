@@ -40,7 +40,7 @@ from ...io.base import Checkpoint
 from ...io.dtypes import torch_to_numpy
 from ...io.schema import LoadingError, describe_mismatch
 from ..modeling_esm import EsmModel, EsmPreTrainedModel, copy_numpy_into
-from .batching import DEFAULT_MAX_TOKENS_PER_BATCH, fold_batches
+from .batching import DEFAULT_MAX_TOKENS_PER_BATCH, fold_batches, folded_length
 from .confidence import categorical_lddt, predicted_aligned_error, predicted_tm_score
 from .structure_module import residue_constant
 from .trunk import FoldingTrunk
@@ -550,9 +550,7 @@ class EsmForProteinFolding(EsmPreTrainedModel):
     @staticmethod
     def _batches(seqs: list[str], max_tokens_per_batch: int | None, chain_linker: str | None) -> list[list[int]]:
         """Length buckets of ``seqs`` (lengths as folded: chains joined by the linker)."""
-        link = len(chain_linker or "")
-        lengths = [len(s.replace(":", "")) + link * s.count(":") for s in seqs]
-        return fold_batches(lengths, max_tokens_per_batch)
+        return fold_batches([folded_length(s, chain_linker) for s in seqs], max_tokens_per_batch)
 
     def _infer_batch(
         self,
