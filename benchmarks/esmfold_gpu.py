@@ -425,7 +425,7 @@ def suite(args, cfg: dict, device, models=None) -> dict:
         recycles = args.num_recycles if n <= args.full_recycles_max else 0
         row: dict = {"length": n, "num_recycles": recycles}
         outs = {}
-        for name in ("esm_dual", "esm_dual_fast", "hf"):
+        for name in args.suite_impls.split(","):
             if name == "hf" and n > args.hf_max_len:
                 continue
             if name.startswith("esm_dual"):
@@ -699,6 +699,7 @@ def main(argv=None) -> int:
     p.add_argument("--suite", action="store_true",
                    help="the issue-22 table: HF infer vs esm-dual default and fast mode at --lengths")
     p.add_argument("--lengths", default="256,512,1022")
+    p.add_argument("--suite-impls", default="esm_dual,esm_dual_fast,hf", help="--suite: which models per length")
     p.add_argument("--full-recycles-max", type=int, default=1022,
                    help="--suite: longer sequences run one trunk pass (num_recycles 0) for every model")
     p.add_argument("--hf-max-len", type=int, default=4096, help="--suite: HF only up to this length")
