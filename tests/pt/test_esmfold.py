@@ -1062,3 +1062,62 @@ def test_fair_esm_checkpoint(tmp_path):
             EsmForProteinFolding.from_pretrained(str(pt))
     finally:
         del os.environ["TORCH_HOME"]
+
+
+def test_cueq_call_plumbing_on_cpu(monkeypatch):
+    """The cuEquivariance calls' plumbing (weights as the kernels take them, the q/k/v/bias/mask layouts,
+    N padded to a multiple of 16 for the multiplication, row chunks, the ending-node transpose), checked
+    on the CPU by standing in for the two kernels with their documented formulas in plain torch."""
+    import types
+
+    from esm_dual.pt.folding import kernels, triangular
+
+    def tri_att(q, k, v, bias, mask=None, scale=None, return_aux=False, **_):
+        # (B, N, H, Q, D) q/k/v; bias (B, 1, H, Q, K); mask (B, N, 1, 1, K): softmax_k(s q.k + b), -1e9 masked
+        s = torch.einsum("bnhqd,bnhkd->bnhqk", q.float(), k.float()) * scale + bias.float()
+        if mask is not None:
+            s = s.masked_fill(~mask.bool(), -1e9)
+        return torch.einsum("bnhqk,bnhkd->bnhqd", s.softmax(-1), v.float()).to(q.dtype)
+
+    def tri_mul(x, direction, mask, norm_in_weight, norm_in_bias, p_in_weight, p_in_bias, g_in_weight, g_in_bias,
+                norm_out_weight, norm_out_bias, p_out_weight, p_out_bias, g_out_weight, g_out_bias, eps, **_):
+        f = torch.nn.functional
+        xn = f.layer_norm(x, x.shape[-1:], norm_in_weight, norm_in_bias, eps)
+        ab = torch.sigmoid(f.linear(xn, g_in_weight, g_in_bias)) * f.linear(xn, p_in_weight, p_in_bias)
+        ab = ab * mask.unsqueeze(-1)
+        a, b = ab.chunk(2, dim=-1)
+        eq = "bikc,bjkc->bijc" if direction == "outgoing" else "bkic,bkjc->bijc"
+        p = torch.einsum(eq, a, b)
+        p = f.linear(f.layer_norm(p, p.shape[-1:], norm_out_weight, norm_out_bias, eps), p_out_weight, p_out_bias)
+        return p * torch.sigmoid(f.linear(xn, g_out_weight, g_out_bias))
+
+    fake = types.ModuleType("cuequivariance_torch")
+    fake.triangle_attention, fake.triangle_multiplicative_update = tri_att, tri_mul
+    monkeypatch.setitem(__import__("sys").modules, "cuequivariance_torch", fake)
+    monkeypatch.setattr(triangular, "use_cueq", lambda k, x: k == "cueq")
+    seen = []
+    real_mul = kernels.cueq_triangle_multiplication
+    monkeypatch.setattr(triangular, "cueq_triangle_multiplication",
+                        lambda m, z, mask: seen.append(tuple(z.shape)) or real_mul(m, z, mask))
+    block = _kernel_modules("cpu")
+    g = torch.Generator().manual_seed(2)
+    n = 37
+    z = torch.randn(2, n, n, 64, generator=g)
+    mask = torch.ones(2, n)
+    mask[1, 30:] = 0
+    pm = mask[:, :, None] * mask[:, None, :]
+    valid = pm.bool()
+    with torch.no_grad():
+        for name in ("tri_mul_out", "tri_mul_in", "tri_att_start", "tri_att_end"):
+            m = getattr(block, name)
+            ref = m(z, pm, None)
+            m.kernels = "cueq"
+            for chunk in (None, 16):
+                got = m(z, pm, chunk)
+                zz = z.clone()
+                m.add_into(zz, pm, chunk)
+                for out in (got, zz - z):
+                    assert float((out - ref)[valid].abs().max()) < 1e-4, (name, chunk)
+            m.kernels = "torch"
+    # the multiplication went through the stand-in, N padded to 48 (unchunked calls only)
+    assert seen and set(seen) == {(2, 48, 48, 64)}
