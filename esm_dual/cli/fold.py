@@ -2,7 +2,8 @@
 
 One ``<id>.pdb`` per record (pLDDT in the B-factor column; multimers as ``:``-separated chains get
 chains A, B, ...) and ``summary.tsv`` (id, length, mean_plddt, ptm) in OUTDIR. Records are folded
-shortest first in batches of at most ``--max-tokens-per-batch`` residues. A batch that runs out of
+shortest first in length buckets of at most ``--max-tokens-per-batch`` residues (``infer``'s
+buckets: never a batch that costs more than folding its members one by one). A batch that runs out of
 GPU memory is retried one record at a time; a record that still does not fit is reported and skipped,
 and the rest continue (exit status 1 at the end). Re-running skips records whose PDB exists and is
 listed in ``summary.tsv``, unless its sequence changed since (``.fold_sequences.tsv`` records a hash of
@@ -36,7 +37,6 @@ from ._common import (
     progress,
     residue_problem,
     resolve_positionals,
-    token_batches,
     warn,
     warn_if_random,
 )
@@ -77,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-tokens-per-batch",
         type=positive_int,
         default=1024,
-        help="most residues per batch (padded); shorter sequences are batched together",
+        help="most residues per batch (padded, fair-esm's option); sequences of similar length are batched "
+        "together only where that costs less than folding them one by one (1: one at a time)",
     )
     parser.add_argument(
         "--chunk-size",
@@ -89,9 +90,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-offload", action="store_true", help=argparse.SUPPRESS)  # fair-esm's; refused
     parser.add_argument(
         "--trunk-dtype",
-        choices=("fp32", "bf16"),
-        default="fp32",
-        help="precision of the folding trunk (the structure module always runs in fp32)",
+        choices=("auto", "fast", "fp32", "bf16"),
+        default="auto",
+        help="the folding trunk: fast = bf16 with fused triangle kernels (cuEquivariance where installed: "
+        "the fold-gpu extra), fp32 = the fp32 trunk that matches HF transformers, bf16 = bf16 with the fp32 "
+        "path's kernels; auto = fast on GPU, fp32 on CPU (the structure module always runs in fp32)",
     )
     parser.add_argument(
         "--esm-dtype",
@@ -331,7 +334,7 @@ def _fold_into(args: argparse.Namespace, records: list[tuple[str, str, str]]) ->
 
     import torch
 
-    from ..pt.folding import EsmForProteinFolding
+    from ..pt.folding import EsmForProteinFolding, fold_batches, folded_length
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu_only else "cpu"
     note(f"loading {args.model} on {device}", args.quiet)
@@ -341,7 +344,12 @@ def _fold_into(args: argparse.Namespace, records: list[tuple[str, str, str]]) ->
     warn_if_random(args.model, model.config)
     model.set_chunk_size(args.chunk_size)
     model.set_esm_dtype(args.esm_dtype)
-    model.set_trunk_dtype(torch.bfloat16 if args.trunk_dtype == "bf16" else None)
+    if args.trunk_dtype == "auto":
+        model.set_fast(None)
+    elif args.trunk_dtype == "fast":
+        model.set_fast(True)
+    else:
+        model.set_trunk_dtype(torch.bfloat16 if args.trunk_dtype == "bf16" else None)
 
     new_file = not os.path.isfile(summary_path) or os.path.getsize(summary_path) == 0
     seq_log = open(os.path.join(args.outdir, SEQUENCES), "a", encoding="utf-8")
@@ -351,7 +359,8 @@ def _fold_into(args: argparse.Namespace, records: list[tuple[str, str, str]]) ->
         writer.writerow(SUMMARY_FIELDS)
         summary.flush()
     lengths = [len(seq.replace(":", "")) for _, _, seq in todo]
-    batches = token_batches(lengths, args.max_tokens_per_batch, extra_toks_per_seq=0)
+    # Buckets as infer() makes them (lengths as folded: chains joined by the poly-G linker).
+    batches = fold_batches([folded_length(seq) for _, _, seq in todo], args.max_tokens_per_batch)
     failed: list[str] = []
     bar = progress(len(todo), "fold", "seq", args.quiet)
     t0 = time.time()
@@ -359,7 +368,7 @@ def _fold_into(args: argparse.Namespace, records: list[tuple[str, str, str]]) ->
     def fold(batch: list[int]) -> None:
         seqs = [todo[i][2] for i in batch]
         with torch.no_grad():
-            out = model.infer(seqs, num_recycles=args.num_recycles)
+            out = model.infer(seqs, num_recycles=args.num_recycles, max_tokens_per_batch=args.max_tokens_per_batch)
         pdbs = model.output_to_pdb(out)
         cifs = model.output_to_mmcif(out, [todo[i][1] for i in batch]) if args.mmcif else None
         mean_plddt = out["mean_plddt"].float().cpu().tolist()

@@ -192,3 +192,34 @@ def test_unknown_residues_fold_as_x_and_main_entry(tmp_path, tiny_model_dir):
     rows = {r["id"]: r for r in _summary(out)}
     assert rows["weird|id/1"]["length"] == "7" and rows["dimer"]["length"] == "15"
     shutil.rmtree(out)
+
+
+def test_fold_batches_by_length_and_fast_mode_option(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    """Records go to infer() in fold_batches' buckets (the one bucketing helper); --trunk-dtype fast
+    runs the fast mode (bf16, SDPA kernels on the CPU) and is recorded with the structures."""
+    import json
+
+    from esm_dual.cli import fold
+    from esm_dual.pt import EsmForProteinFolding
+    from esm_dual.pt.folding import fold_batches
+
+    fasta = os.path.join(data_dir, "few_proteins.fasta")
+    records = list(read_fasta(fasta))
+    seen: list[tuple[list[str], bool]] = []
+    real_infer = EsmForProteinFolding.infer
+
+    def infer(self, seqs, *args, **kwargs):
+        seen.append((list(seqs), self.fast))
+        return real_infer(self, seqs, *args, **kwargs)
+
+    monkeypatch.setattr(EsmForProteinFolding, "infer", infer)
+    out = tmp_path / "out"
+    budget = 2 * max(len(r.sequence) for r in records)
+    assert fold.run(_args(fasta, out, tiny_model_dir, "--num-recycles", "0", "--trunk-dtype", "fast",
+                          "--max-tokens-per-batch", str(budget))) == 0
+    lengths = [len(r.sequence) for r in records]
+    expected = [[records[i].sequence.upper() for i in b] for b in fold_batches(lengths, budget)]
+    assert [s for s, _ in seen] == expected
+    assert all(fast for _, fast in seen)
+    assert json.loads((out / "fold_options.json").read_text())["trunk_dtype"] == "fast"
+    assert len(_summary(out)) == len(records)
