@@ -188,3 +188,24 @@ def test_quiet_silences_tensorflow(tmp_path, model):
     assert p.returncode == 0, p.stderr
     assert p.stderr == "" and p.stdout == ""
     assert os.path.isfile(tmp_path / "m.keras")
+
+
+def test_tensorflow_files_name_the_convert_command(tmp_path, capsys, model, fasta):
+    """info, embed and from_pretrained do not read .keras / tf_model.h5 themselves: they say which command
+    turns them into a directory they read."""
+    keras_file = tmp_path / "m.keras"
+    keras_file.write_bytes(b"PK")
+    tf_dir = tmp_path / "tfh5"
+    tf_dir.mkdir()
+    (tf_dir / "config.json").write_text(open(os.path.join(model, "config.json")).read())
+    (tf_dir / "tf_model.h5").write_bytes(b"")
+    for path, stem in ((keras_file, "m"), (tf_dir, "tfh5")):
+        want = f"esm-dual convert {path} {stem}_hf --to hf"
+        rc, _, err = _run(capsys, "info", path)
+        assert rc == 2 and want in err, err
+        rc, _, err = _run(capsys, "embed", fasta, tmp_path / "o.h5", "--model", path, "-q")
+        assert rc == 2 and want in err, err
+        from esm_dual.pt import EsmModel
+
+        with pytest.raises(Exception, match=want.replace(".", r"\.")):
+            EsmModel.from_pretrained(str(path))

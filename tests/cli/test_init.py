@@ -65,7 +65,7 @@ def test_init_needs_random_and_a_preset(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_init_tiny_esmfold_folds_and_info_reads_it(tmp_path, capsys, one_torch_thread):
+def test_init_tiny_esmfold_folds_and_info_reads_it(tmp_path, capsys, one_torch_thread, monkeypatch):
     d = tmp_path / "fold_tiny"
     rc, _, err = _run(capsys, "init", "esmfold_v1", d, "--random", "--tiny")
     assert rc == 0 and "RANDOM" in err
@@ -76,9 +76,12 @@ def test_init_tiny_esmfold_folds_and_info_reads_it(tmp_path, capsys, one_torch_t
     assert "ESMFold" in out and "RANDOM" in out and "folding trunk 1 blocks" in out
     fasta = tmp_path / "two.fasta"
     fasta.write_text(">a\nMKTAYIAKQR\n>b\nGSHMLE:MKVL\n")
+    monkeypatch.setenv("ESM_DUAL_PROGRESS_INTERVAL", "0")
     rc, _, err = _run(capsys, "fold", "-i", fasta, "-o", tmp_path / "out", "--model-location", d, "--cpu-only",
-                      "--num-recycles", "0", "-q")
+                      "--num-recycles", "0")
     assert rc == 0, err
+    # stderr is not a terminal here: plain progress lines, no carriage returns; the random weights named
+    assert "esm-dual: fold: 2/2 seq (100%)" in err and "\r" not in err and "RANDOM weights" in err
     files = sorted(n for n in os.listdir(tmp_path / "out") if not n.startswith("."))
     assert files == ["a.pdb", "b.pdb", "fold_options.json", "summary.tsv"]
 
