@@ -29,7 +29,7 @@ starts as a hub-layout directory (config.json + model.safetensors + vocab.txt) a
 (``esm_dual.io.fair_esm.save_fair_esm``). Every tool first runs once, untimed, on a small warm-up FASTA.
 
 Datasets (``--fasta``, repeatable; default ``some_proteins.fasta`` and ``P62593.fasta`` from ``--data-dir``,
-else ``$ESM_DUAL_SHARED_DATA``, else ``../shared/data``; missing files are skipped with a note) plus
+default the repository's ``tests/data``; missing files are skipped with a note) plus
 ``--lognormal N`` random UniRef50-like sequences (log-normal lengths, median 270, sigma 0.75, clipped to
 30..1022, seeded). ``--max-records N`` keeps the first N records of each. Per dataset and tool: records,
 residues (after truncation to 1022), seconds and residues/s, the ratios esm-dual / fair-esm and esm-dual /
@@ -125,8 +125,8 @@ def lognormal_records(n: int, seed: int, prefix: str = "lognormal", lengths=None
 
 
 def default_data_dir(repo_root: str) -> str:
-    d = os.environ.get("ESM_DUAL_SHARED_DATA") or os.path.join(repo_root, "..", "shared", "data")
-    return os.path.normpath(d)
+    """The real FASTA files shipped with the repository (tests/data)."""
+    return os.path.join(repo_root, "tests", "data")
 
 
 # ---- weights ---------------------------------------------------------------------------------------
@@ -414,7 +414,7 @@ def main(argv=None) -> dict:
     p.add_argument("--fasta", action="append", default=None, metavar="FASTA",
                    help="a dataset (repeatable); default: some_proteins.fasta and P62593.fasta from --data-dir")
     p.add_argument("--data-dir", default=None,
-                   help="where the default FASTAs are (default $ESM_DUAL_SHARED_DATA, else ../shared/data)")
+                   help="where the default FASTAs are (default: the repository's tests/data)")
     p.add_argument("--lognormal", type=int, default=2000, metavar="N",
                    help="also N random UniRef50-like sequences (0: none; default 2000)")
     p.add_argument("--max-records", type=int, default=2000, metavar="N",

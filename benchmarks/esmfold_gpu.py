@@ -3,7 +3,7 @@
 Both models get the same random weights of the real ``facebook/esmfold_v1`` shape (ESM-2 3B stem in
 fp16, 48-block trunk and structure module in fp32; nothing is downloaded) and fold the same random
 sequences, one structure at a time, interleaved, after a warm-up. Lengths: the real sequences of
-../shared/data/some_proteins.fasta (UniRef50 representatives) or ``--lognormal N`` draws from a
+tests/data/some_proteins.fasta (UniRef50 representatives) or ``--lognormal N`` draws from a
 UniRef50-like log-normal (median ~270, clipped to 30..1022). The JSON lists, per length, seconds per
 structure and peak GPU memory (total and above the resident weights) for both, the ratio
 (HF / esm-dual: > 1 means esm-dual is faster or leaner), and the largest coordinate difference.
@@ -36,7 +36,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-DEFAULT_FASTA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "some_proteins.fasta"))
+DEFAULT_FASTA = os.path.join(HERE, "..", "tests", "data", "some_proteins.fasta")
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
 
 
@@ -153,6 +153,15 @@ def build_ours(cfg: dict, device, source_state: dict | None = None, seed: int = 
     return model.eval()
 
 
+def set_trunk(model, trunk_dtype: str) -> None:
+    import torch
+
+    if trunk_dtype in ("fast", "auto"):
+        model.set_fast(True if trunk_dtype == "fast" else None)
+    else:
+        model.set_trunk_dtype(torch.bfloat16 if trunk_dtype == "bf16" else None)
+
+
 def sync(device) -> None:
     import torch
 
@@ -160,8 +169,9 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def fold(model, seq: str, num_recycles, device) -> tuple[float, float | None, float | None, object]:
-    """(seconds, peak GB, peak GB above the memory held before the call, positions)."""
+def fold(model, seq: str, num_recycles, device, full: bool = False):
+    """(seconds, peak GB, peak GB above the memory held before the call, positions); with ``full`` the
+    positions are replaced by (final positions [N, 14, 3], mean pLDDT (0-100), pTM) on the CPU."""
     import torch
 
     cuda = torch.device(device).type == "cuda"
@@ -181,10 +191,19 @@ def fold(model, seq: str, num_recycles, device) -> tuple[float, float | None, fl
             out = _hf_infer(model, seq, num_recycles)
     sync(device)
     dt = time.perf_counter() - t
+    pos = out["positions"][-1].float().cpu()
+    if full:
+        plddt = out["plddt"].float()
+        if plddt.max() <= 1.0:  # HF: 0-1
+            plddt = plddt * 100
+        exists = out["atom37_atom_exists"].float()
+        mean_plddt = float((plddt * exists).sum() / exists.sum())
+        ptm = float(out["ptm"].float().reshape(-1)[0])
+        pos = (pos[0], mean_plddt, ptm)
     if cuda:
         peak = torch.cuda.max_memory_allocated()
-        return dt, peak / 2**30, (peak - base) / 2**30, out["positions"][-1].float().cpu()
-    return dt, None, None, out["positions"][-1].float().cpu()
+        return dt, peak / 2**30, (peak - base) / 2**30, pos
+    return dt, None, None, pos
 
 
 def _hf_infer(hf, seq: str, num_recycles):
@@ -285,7 +304,7 @@ def max_length_search(args, cfg: dict, device) -> dict:
         )
         if impl == "ours":
             model.set_chunk_size(args.chunk_size)
-            model.set_trunk_dtype(torch.bfloat16 if args.trunk_dtype == "bf16" else None)
+            set_trunk(model, args.trunk_dtype)
         else:
             model.trunk.set_chunk_size(args.chunk_size)
         verify = None
@@ -326,7 +345,7 @@ def profile_fold(args, cfg: dict, device) -> dict:
     hf = build_hf(cfg, device, args.seed)
     ours = build_ours(cfg, device, hf.state_dict())
     ours.set_chunk_size(args.chunk_size)
-    ours.set_trunk_dtype(torch.bfloat16 if args.trunk_dtype == "bf16" else None)
+    set_trunk(ours, args.trunk_dtype)
     hf.trunk.set_chunk_size(args.chunk_size)
     seq = random_seq(args.profile_length, rng)
     cuda = torch.device(device).type == "cuda"
@@ -347,6 +366,301 @@ def profile_fold(args, cfg: dict, device) -> dict:
     return res
 
 
+def _rmsd(a, b) -> tuple[float, float]:
+    """(RMSD, max deviation) in Angstrom of two [N, 14, 3] coordinate sets (atom14 slots as folded)."""
+    d = (a - b).norm(dim=-1)
+    return float(d.pow(2).mean().sqrt()), float(d.max())
+
+
+def _compare(a, b) -> dict:
+    """Two `fold(..., full=True)` results: RMSD / max deviation of the coordinates, pLDDT and pTM diffs."""
+    rmsd, mx = _rmsd(a[0], b[0])
+    return {"rmsd_angstrom": round(rmsd, 4), "max_dev_angstrom": round(mx, 4),
+            "mean_plddt_diff": round(a[1] - b[1], 3), "ptm_diff": round(a[2] - b[2], 4),
+            "finite": bool(a[0].isfinite().all())}
+
+
+def _timed(model, seq, num_recycles, device) -> tuple[dict, tuple]:
+    dt, peak, act, res = fold(model, seq, num_recycles, device, full=True)
+    return ({"seconds": round(dt, 3), "peak_gb": None if peak is None else round(peak, 3),
+             "activation_peak_gb": None if act is None else round(act, 3)}, res)
+
+
+def _free() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def build_pair(cfg: dict, device, seed: int):
+    """(HF's model, esm-dual's model with the same weights)."""
+    hf = build_hf(cfg, device, seed)
+    return hf, build_ours(cfg, device, hf.state_dict())
+
+
+def suite(args, cfg: dict, device, models=None) -> dict:
+    """The issue-22 table: per length, HF's ``infer`` (defaults), esm-dual's ``infer`` defaults and its
+    fast mode (``set_fast``), same weights and sequences; fast-vs-fp32-trunk numerics; optionally the
+    drift of each model's fp16 stem against an fp32-stem fold of the same weights and a set of
+    ``--set N`` UniRef-like sequences (``infer_pdbs`` against an HF ``infer_pdb`` loop)."""
+    import torch
+
+    rng = np.random.default_rng(args.seed)
+    hf, ours = models if models is not None else build_pair(cfg, device, args.seed)
+    ours.set_chunk_size(args.chunk_size)
+    if args.hf_chunk_size:
+        hf.trunk.set_chunk_size(args.hf_chunk_size)
+    warm = random_seq(48, rng)
+    for m, fast in ((ours, False), (ours, True), (hf, False)):
+        if m is ours:
+            ours.set_fast(fast)
+        fold(m, warm, 0, device)
+    ours.set_fast(False)
+    res: dict = {"per_length": [], "kernels": {"cueq_available": _cueq_available()}}
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    for n in lengths:
+        seq = random_seq(n, rng)
+        recycles = args.num_recycles if n <= args.full_recycles_max else 0
+        row: dict = {"length": n, "num_recycles": recycles}
+        outs = {}
+        for name in args.suite_impls.split(","):
+            if name == "hf" and n > args.hf_max_len:
+                continue
+            if name.startswith("esm_dual"):
+                ours.set_fast(name == "esm_dual_fast")
+            m = hf if name == "hf" else ours
+            try:
+                row[name], outs[name] = _timed(m, seq, recycles, device)
+            except Exception as e:
+                if not is_oom(e):
+                    raise
+                row[name] = {"oom": True}
+            _free()
+        ours.set_fast(False)
+        for name in ("esm_dual", "esm_dual_fast"):
+            if "hf" in outs and name in outs:
+                row[f"time_ratio_hf_over_{name}"] = round(row["hf"]["seconds"] / row[name]["seconds"], 3)
+                row[f"{name}_vs_hf"] = _compare(outs[name], outs["hf"])
+        if "esm_dual" in outs and "esm_dual_fast" in outs:
+            row["fast_vs_fp32_trunk"] = _compare(outs["esm_dual_fast"], outs["esm_dual"])
+        res["per_length"].append(row)
+        _emit(row, args.attempts_out)
+
+    if args.drift_lengths:
+        # Each model's fp16 stem against its own fp32-stem fold of the same (fp16-rounded) weights.
+        drift = []
+        for n in [int(x) for x in args.drift_lengths.split(",") if x]:
+            seq = random_seq(n, rng)
+            row = {"length": n}
+            _, o16 = _timed(ours, seq, args.num_recycles, device)
+            ours.set_esm_dtype(torch.float32)
+            _, o32 = _timed(ours, seq, args.num_recycles, device)
+            ours.set_esm_dtype(None)
+            ours._prepare_stem(torch.device(device))
+            _free()
+            _, h16 = _timed(hf, seq, args.num_recycles, device)
+            hf.esm.float()
+            _, h32 = _timed(hf, seq, args.num_recycles, device)
+            hf.esm.half()
+            _free()
+            row["esm_dual_fp16_stem_vs_fp32_stem"] = _compare(o16, o32)
+            row["hf_fp16_stem_vs_fp32_stem"] = _compare(h16, h32)
+            row["fp32_stems_esm_dual_vs_hf"] = _compare(o32, h32)
+            row["fp16_stems_esm_dual_vs_hf"] = _compare(o16, h16)
+            drift.append(row)
+            _emit({"drift": row}, args.attempts_out)
+        res["drift"] = drift
+
+    if args.set:
+        lengths = np.clip(rng.lognormal(np.log(270), 0.6, args.set).astype(int), 30, args.max_len).tolist()
+        seqs = [random_seq(n, rng) for n in lengths]
+        row = {"sequences": len(seqs), "residues": int(sum(lengths)), "max_length": int(max(lengths))}
+        for name in ("hf", "esm_dual_fast", "esm_dual"):
+            if name in args.set_skip.split(","):
+                continue
+            sync(device)
+            t = time.perf_counter()
+            with torch.no_grad():
+                if name == "hf":
+                    pdbs = [hf.infer_pdb(s) for s in seqs]
+                else:
+                    ours.set_fast(name == "esm_dual_fast")
+                    pdbs = ours.infer_pdbs(seqs, num_recycles=args.num_recycles)
+            sync(device)
+            row[name] = {"seconds": round(time.perf_counter() - t, 2), "pdbs": len(pdbs)}
+            ours.set_fast(False)
+            _free()
+            _emit({"set": row}, args.attempts_out)
+        for name in ("esm_dual", "esm_dual_fast"):
+            if name in row and "hf" in row:
+                row[f"time_ratio_hf_over_{name}"] = round(row["hf"]["seconds"] / row[name]["seconds"], 3)
+        res["set"] = row
+    return res
+
+
+def _cueq_available() -> bool:
+    from esm_dual.pt.folding.kernels import cueq_available
+
+    return cueq_available()
+
+
+def profile_breakdown(args, cfg: dict, device, models=None) -> dict:
+    """Where one fold's time goes, per part: the ESM stem, the trunk's updates by kind (sequence
+    attention + its MLP, sequence->pair, triangle multiplications, triangle attentions, pair
+    transition), the structure module, the rest (heads, recycling, embeddings). Each part is timed
+    with a device synchronisation around it (the outermost call only), for esm-dual's default, its
+    fast mode and HF, at each of ``--profile-lengths`` with ``--profile-recycles`` (0: one pass)."""
+
+    rng = np.random.default_rng(args.seed)
+    hf, ours = models if models is not None else build_pair(cfg, device, args.seed)
+    parts = {
+        "stem": lambda m: [m.esm],
+        "seq_attention+mlp": lambda m: [
+            x for b in m.trunk.blocks for x in (b.pair_to_sequence, b.seq_attention, b.mlp_seq)
+        ],
+        "seq_to_pair": lambda m: [b.sequence_to_pair for b in m.trunk.blocks],
+        "tri_mul": lambda m: [x for b in m.trunk.blocks for x in (b.tri_mul_out, b.tri_mul_in)],
+        "tri_att": lambda m: [x for b in m.trunk.blocks for x in (b.tri_att_start, b.tri_att_end)],
+        "pair_mlp": lambda m: [b.mlp_pair for b in m.trunk.blocks],
+        "structure_module": lambda m: [m.trunk.structure_module],
+    }
+    acc: dict = {}
+    depth = [0]
+
+    def wrap(mod, key, attr):
+        fn = getattr(mod, attr)
+
+        def timed(*a, **k):
+            if depth[0]:
+                return fn(*a, **k)
+            depth[0] += 1
+            sync(device)
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                sync(device)
+                acc[key] = acc.get(key, 0.0) + time.perf_counter() - t
+                depth[0] -= 1
+
+        setattr(mod, attr, timed)
+        wrapped.append((mod, attr))
+
+    wrapped: list = []
+
+    for m in (ours, hf):
+        for key, get in parts.items():
+            for mod in get(m):
+                for attr in ("forward", "add_into"):
+                    if hasattr(mod, attr):
+                        wrap(mod, key, attr)
+    out = []
+    for n in [int(x) for x in args.profile_lengths.split(",") if x]:
+        seq = random_seq(n, rng)
+        for name in args.profile_impls.split(","):
+            m = hf if name == "hf" else ours
+            if m is ours:
+                ours.set_fast(name == "esm_dual_fast")
+            fold(m, seq[:64], 0, device)
+            acc.clear()
+            dt, _, _, _ = fold(m, seq, args.profile_recycles, device)
+            row = {"impl": name, "length": n, "num_recycles": args.profile_recycles, "seconds": round(dt, 3)}
+            row.update({k: round(v, 3) for k, v in acc.items()})
+            row["rest"] = round(dt - sum(acc.values()), 3)
+            out.append(row)
+            _emit({"profile": row}, args.attempts_out)
+            _free()
+        ours.set_fast(False)
+    for mod, attr in wrapped:  # back to the class's methods
+        delattr(mod, attr)
+    return {"breakdown": out}
+
+
+def check_kernels(args, device) -> dict:
+    """Each fused triangle kernel (SDPA in bf16, cuEquivariance where installed) against the fp32
+    module at the real ESMFold widths (C_z 128, 4 heads of 32), with padding: relative error and time."""
+    import torch
+
+    from esm_dual.common.config import EsmConfig
+    from esm_dual.pt.folding.trunk import TriangularSelfAttentionBlock
+
+    cfg = EsmConfig.from_dict(config_dict(False)).esmfold_config.trunk
+    torch.manual_seed(0)
+    block = TriangularSelfAttentionBlock(cfg).eval().to(device)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    out = []
+    for n in [int(x) for x in args.kernel_lengths.split(",") if x]:
+        z = torch.randn(1, n, n, 128, device=device)
+        mask = torch.ones(1, n, device=device)
+        pm = mask[:, :, None] * mask[:, None, :]
+        for name in ("tri_mul_out", "tri_mul_in", "tri_att_start", "tri_att_end"):
+            m = getattr(block, name)
+            with torch.no_grad():
+                m.kernels = "torch"
+                ref = m(z, pm, None)
+                row = {"op": name, "n": n}
+                for k in ("torch", "sdpa", "cueq"):
+                    if k == "cueq" and not _cueq_available():
+                        continue
+                    m.kernels = k
+                    ctx = torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+                    with ctx:
+                        got = m(z, pm, None).float()
+                        sync(device)
+                        t = time.perf_counter()
+                        for _ in range(5):
+                            m(z, pm, None)
+                        sync(device)
+                    row[k] = {"ms": round((time.perf_counter() - t) / 5 * 1e3, 3),
+                              "rel_err": float((got - ref).norm() / ref.norm())}
+                m.kernels = "torch"
+            out.append(row)
+            _emit({"kernel": row}, args.attempts_out)
+    return {"kernels": out}
+
+
+def markdown_table(meta: dict, res: dict) -> str:
+    """The README table from a suite result."""
+    lines = [f"Card: {meta['card']}, torch {meta['torch']}, transformers {meta['transformers']}; "
+             f"cuEquivariance: {'yes' if res.get('kernels', {}).get('cueq_available') else 'no'}", "",
+             "| length | recycles | HF infer | esm-dual fp32 trunk | esm-dual default (fast mode) | HF / fp32 trunk "
+             "| HF / default | act. peak fp32 / fast / HF (GiB) | fast vs fp32 trunk: RMSD / max (A), pLDDT, pTM |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def sec(r, k):
+        v = r.get(k, {})
+        return "OOM" if v.get("oom") else (f"{v['seconds']:.2f} s" if "seconds" in v else "-")
+
+    def act(r, k):
+        v = r.get(k, {})
+        return f"{v['activation_peak_gb']:.2f}" if v.get("activation_peak_gb") is not None else "-"
+
+    for r in res.get("per_length", []):
+        f = r.get("fast_vs_fp32_trunk", {})
+        lines.append(
+            f"| {r['length']} | {r['num_recycles'] if r['num_recycles'] is not None else 'default'} "
+            f"| {sec(r, 'hf')} | {sec(r, 'esm_dual')} | {sec(r, 'esm_dual_fast')} "
+            f"| {r.get('time_ratio_hf_over_esm_dual', '-')}x | {r.get('time_ratio_hf_over_esm_dual_fast', '-')}x "
+            f"| {act(r, 'esm_dual')} / {act(r, 'esm_dual_fast')} / {act(r, 'hf')} "
+            f"| {f.get('rmsd_angstrom', '-')} / {f.get('max_dev_angstrom', '-')}, "
+            f"{f.get('mean_plddt_diff', '-')}, {f.get('ptm_diff', '-')} |")
+    st = res.get("set")
+    if st:
+        for k in ("esm_dual", "esm_dual_fast"):
+            if "seconds" in st.get(k, {}) and "seconds" in st.get("hf", {}):
+                st[f"time_ratio_hf_over_{k}"] = round(st["hf"]["seconds"] / st[k]["seconds"], 2)
+        lines += ["", f"Set of {st['sequences']} UniRef-like sequences ({st['residues']} residues, longest "
+                  f"{st['max_length']}): HF infer_pdb loop {st.get('hf', {}).get('seconds', '-')} s; esm-dual "
+                  f"infer_pdbs, default (fast mode) {st.get('esm_dual_fast', {}).get('seconds', '-')} s "
+                  f"({st.get('time_ratio_hf_over_esm_dual_fast', '-')}x), fp32 trunk "
+                  f"{st.get('esm_dual', {}).get('seconds', '-')} s ({st.get('time_ratio_hf_over_esm_dual', '-')}x)"]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test)")
@@ -359,7 +673,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-recycles", type=int, default=None, help="default: the model's (4 trunk passes)")
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument(
-        "--trunk-dtype", choices=("fp32", "bf16"), default="fp32", help="esm-dual's trunk precision"
+        "--trunk-dtype", choices=("fp32", "bf16", "fast", "auto"), default="fp32",
+        help="esm-dual's trunk: fp32, bf16 (today's kernels), fast (set_fast), auto (the default: fast on GPU)"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -381,6 +696,23 @@ def main(argv=None) -> int:
     p.add_argument("--profile-length", type=int, default=0, help="profile one fold of this length instead")
     p.add_argument("--profile-dir", default=None, help="write the profile tables here")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; 1 with --tiny)")
+    p.add_argument("--suite", action="store_true",
+                   help="the issue-22 table: HF infer vs esm-dual default and fast mode at --lengths")
+    p.add_argument("--lengths", default="256,512,1022")
+    p.add_argument("--suite-impls", default="esm_dual,esm_dual_fast,hf", help="--suite: which models per length")
+    p.add_argument("--full-recycles-max", type=int, default=1022,
+                   help="--suite: longer sequences run one trunk pass (num_recycles 0) for every model")
+    p.add_argument("--hf-max-len", type=int, default=4096, help="--suite: HF only up to this length")
+    p.add_argument("--hf-chunk-size", type=int, default=None, help="--suite: HF's trunk chunk size")
+    p.add_argument("--drift-lengths", default="", help="--suite: fp16- vs fp32-stem folds at these lengths")
+    p.add_argument("--set", type=int, default=0, help="--suite: also fold N UniRef-like sequences as a set")
+    p.add_argument("--set-skip", default="", help="--suite: comma-separated impls to leave out of the set")
+    p.add_argument("--profile-lengths", default="", help="per-part time breakdown at these lengths")
+    p.add_argument("--profile-recycles", type=int, default=0, help="--profile-lengths: recycles (0: one pass)")
+    p.add_argument("--profile-impls", default="esm_dual,esm_dual_fast,hf", help="--profile-lengths: which models")
+    p.add_argument("--kernel-lengths", default="256,512", help="--check-kernels: pair lengths")
+    p.add_argument("--check-kernels", action="store_true", help="fused triangle kernels vs fp32 modules")
+    p.add_argument("--markdown", default=None, help="--suite: also write the README table here")
     args = p.parse_args(argv)
 
     import torch
@@ -415,6 +747,24 @@ def main(argv=None) -> int:
         "trunk_dtype": args.trunk_dtype,
         "tf32": args.tf32,
     }
+    if args.check_kernels:
+        print(json.dumps({**meta, "mode": "check_kernels", "results": check_kernels(args, device)}, indent=2))
+    models = build_pair(cfg, device, args.seed) if (args.profile_lengths and args.suite) else None
+    if args.profile_lengths:
+        res = profile_breakdown(args, cfg, device, models)
+        print(json.dumps({**meta, "mode": "breakdown", "results": res}, indent=2))
+        _free()
+    if args.suite:
+        res = suite(args, cfg, device, models)
+        print(json.dumps({**meta, "mode": "suite", "results": res}, indent=2))
+        table = markdown_table(meta, res)
+        print(table, file=sys.stderr)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(table + "\n")
+        return 0
+    if args.check_kernels or args.profile_lengths:
+        return 0
     if args.profile_length:
         print(json.dumps({**meta, "mode": "profile", "results": profile_fold(args, cfg, device)}, indent=2))
         return 0
@@ -441,7 +791,7 @@ def main(argv=None) -> int:
     hf = build_hf(cfg, device, args.seed)
     ours = build_ours(cfg, device, hf.state_dict())
     ours.set_chunk_size(args.chunk_size)
-    ours.set_trunk_dtype(torch.bfloat16 if args.trunk_dtype == "bf16" else None)
+    set_trunk(ours, args.trunk_dtype)
     hf.trunk.set_chunk_size(args.chunk_size)
     warm = random_seq(32, rng)
     for m in (ours, hf):

@@ -1,7 +1,7 @@
 """CPU forward pass: esm_dual.pt.EsmModel vs HF transformers' EsmModel, same weights, same batches.
 
 ESM-2 35M shape (480 hidden, 12 layers, 20 heads), random weights, the real sequences of
-../shared/data/some_proteins.fasta in length-sorted batches. Both models run in this process,
+tests/data/some_proteins.fasta in length-sorted batches. Both models run in this process,
 interleaved, after a warm-up; the JSON has the median seconds per pass over all batches and the
 ratio (HF / esm-dual: > 1 means esm-dual is faster).
 
@@ -19,7 +19,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_FASTA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "some_proteins.fasta"))
+DEFAULT_FASTA = os.path.join(HERE, "..", "tests", "data", "some_proteins.fasta")
 
 
 def read_sequences(path: str) -> list[str]:

@@ -4,7 +4,7 @@ Both models get the ESM-2 35M shape (hidden 480, 12 layers, 20 heads, FFN 1920, 
 random weights: ours are drawn in the hub layout and loaded with ``load_hub_tensors``; keras-hub's are
 copied from the same arrays with the variable mapping of keras-hub's own HF converter
 (``keras_hub/src/utils/transformers/convert_esm.py``). Inputs are the real sequences of
-``../shared/data/some_proteins.fasta``, sorted by length and cut into the same batches (each padded to
+``tests/data/some_proteins.fasta``, sorted by length and cut into the same batches (each padded to
 its longest sequence) for both models. Each model runs as a ``tf.function`` (``--mode graph``, the
 default) or XLA-compiled (``--mode xla``) or eagerly; every batch shape is traced/compiled in warm-up
 passes; then ``--runs`` timed passes over all batches, the two models alternating batch by batch;
@@ -41,7 +41,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import numpy as np  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_FASTA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "some_proteins.fasta"))
+DEFAULT_FASTA = os.path.join(HERE, "..", "tests", "data", "some_proteins.fasta")
 
 ESM2_35M = dict(
     vocab_size=33, hidden_size=480, num_hidden_layers=12, num_attention_heads=20, intermediate_size=1920,

@@ -12,8 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from esm_dual.common.config import EsmConfig  # noqa: E402
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
-DATA_DIR = os.path.normpath(os.environ.get("ESM_DUAL_SHARED_DATA", DATA_DIR))
+# Small real FASTA files shipped with the repository (tests/data/README.md names their source).
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 # Odd sizes on purpose: 3 heads (not a power of two), head dim 6 (even, for rotary).
 _BASE = dict(
@@ -30,6 +30,35 @@ TINY_CONFIGS = {
     # ESM-1v: learned positions, no embedding LayerNorm, token dropout.
     "esm1v": dict(_BASE, position_embedding_type="absolute", token_dropout=True, emb_layer_norm_before=False),
 }
+
+
+# The longest end-to-end tests: multi-process training and embedding, whole fit loops, the benchmarks' CPU smoke
+# runs. The README's test command (-m "not gpu and not slow") leaves them out so that it stays under five minutes
+# on a 2-core machine; CI (.ci/run, -m "not gpu") runs them too. Node-id prefixes; tests can also be marked
+# with @pytest.mark.slow where they are written (the README's blocks are).
+SLOW_TESTS = (
+    "tests/distributed/",
+    "tests/tf/test_fit_e2e.py",
+    "tests/pt/test_encoder_gpu_bench.py::test_cpu_smoke_with_bounds",
+    "tests/cli/test_embed_gpu_bench.py::test_cpu_smoke",
+    "tests/pt/test_training_pt.py::test_training_loop_reduces_mlm_loss",
+    "tests/tf/test_keras_training.py::test_mlm_trains_on_its_own_loss_with_labels_as_y",
+    "tests/tf/test_keras_training.py::test_keras_loss_and_metrics_on_the_logits",
+    "tests/tf/test_keras_training.py::test_labels_in_the_input_dict",
+    "tests/tf/test_keras_training.py::test_fit_on_the_tf_data_pipeline",
+    "tests/tf/test_keras_training.py::test_mixed_bfloat16_close_to_float32",
+    "tests/tf/test_keras_training.py::test_xla_jit_compile_fit_matches_eager_fit",
+    "tests/tf/test_keras_training.py::test_compile_without_a_loss_returns_to_the_own_loss",
+    "tests/tf/test_keras_training.py::test_mirrored_strategy_build_compile_fit",
+    "tests/tf/test_modeling_tf.py::test_export_saved_model_serves_same_logits",
+    "tests/pt/test_training_pt.py::test_torch_compile_fullgraph_same_output",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.startswith(SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
 
 
 def tiny_config(flavour: str = "esm2", **changes) -> EsmConfig:
@@ -70,7 +99,6 @@ def batch():
 
 @pytest.fixture
 def data_dir() -> str:
-    assert os.path.isdir(DATA_DIR), f"shared data not found at {DATA_DIR}"
     return DATA_DIR
 
 

@@ -24,6 +24,10 @@ class CliError(Exception):
     """An error in the user's input or environment: printed as one line, exit status 2."""
 
 
+class UsageError(CliError):
+    """A wrong combination of arguments; ``main`` points at the subcommand's ``--help``."""
+
+
 def warn(msg: str) -> None:
     _write(f"{PROG}: warning: {msg}")
 
@@ -33,13 +37,18 @@ def note(msg: str, quiet: bool = False) -> None:
         _write(f"{PROG}: {msg}")
 
 
-def _write(line: str) -> None:
+def _write(line: str, stream=None) -> None:
+    stream = stream or sys.stderr
     try:
         from tqdm import tqdm
 
-        tqdm.write(line, file=sys.stderr)
+        tqdm.write(line, file=stream)
     except Exception:  # pragma: no cover - tqdm missing or closed stream
-        print(line, file=sys.stderr)
+        print(line, file=stream)
+    try:
+        stream.flush()  # a log file sees each line as it happens
+    except Exception:  # pragma: no cover
+        pass
 
 
 def name_list(names: Sequence[str], limit: int = 10) -> str:
@@ -58,24 +67,70 @@ def residue_problem(ch: str) -> str:
     return f"{ch!r}, not a residue of the model's vocabulary"
 
 
-def encode_records(tokenizer, records: Sequence[Any], source: str) -> list[np.ndarray]:
-    """Residue ids of FASTA records (no <cls>/<eos>); a character outside the vocabulary is a ``CliError``
-    naming the file, record, position and character (never a silent ``<unk>``, which would also fold a run
-    of such characters into one token and shift every later position)."""
+def encode_records(tokenizer, records: Sequence[Any], source: str, unknown: str = "error") -> list[np.ndarray]:
+    """Residue ids of FASTA records (no <cls>/<eos>). With ``unknown="error"`` a character outside the
+    vocabulary is a ``CliError`` naming the file, record, position and character (never a silent ``<unk>``,
+    which would also fold a run of such characters into one token and shift every later position);
+    ``unknown="unk"`` maps them to ``<unk>`` as HF's tokenizer does (``--unknown-residues unk``)."""
     from ..common.tokenizer import TokenizerError
 
+    strict = unknown != "unk"
     try:
-        return tokenizer.encode_residues_np([r.sequence for r in records], strict=True, ids=[r.id for r in records])
+        return tokenizer.encode_residues_np([r.sequence for r in records], strict=strict,
+                                            ids=[r.id for r in records])
     except TokenizerError as e:
         if e.index is None or e.character is None:
             raise CliError(f"{source}: {e}") from None
         raise CliError(f"{source}: record {records[e.index].id!r}, residue {e.position}: "
-                       f"{residue_problem(e.character)}") from None
+                       f"{residue_problem(e.character)}; --unknown-residues unk reads it as <unk>") from None
 
 
 # ================================================================================================
 # Arguments
 # ================================================================================================
+
+
+MODEL_HELP = "preset name, hub id, hub-layout directory or fair-esm .pt file"
+UNKNOWN_RESIDUES = ("error", "unk")
+
+
+def add_model_argument(parser, *, required: bool = False, default: str | None = None, help: str = MODEL_HELP,
+                       dest: str = "model", nargs: Any = None) -> None:
+    """The model option every command takes the same way: ``-m``/``--model``, and fair-esm's
+    ``--model-location`` as an alias."""
+    kw: dict[str, Any] = {"nargs": nargs} if nargs else {}
+    parser.add_argument("-m", "--model", "--model-location", dest=dest, metavar="MODEL", required=required,
+                        default=default, help=help, **kw)
+
+
+def add_unknown_residues_argument(parser) -> None:
+    parser.add_argument("--unknown-residues", choices=UNKNOWN_RESIDUES, default="error",
+                        help="a character outside the model's residues (lower-case, '*', digits): error (default, "
+                        "naming the record and position) or unk (read as <unk>/X, as HF and fair-esm do)")
+
+
+def resolve_positionals(args, names: Sequence[str], command: str) -> None:
+    """Fill ``args.<name>`` from the positionals in ``args._positionals`` and the options already given.
+
+    ``names`` lists the positional slots in order (e.g. ``("model", "fasta", "output")``); a slot already set
+    by its option is skipped, the rest are filled from left to right; too many or too few is a ``UsageError``.
+    Calling it twice is harmless.
+    """
+    given = getattr(args, "_positionals", None)
+    if given is None:
+        return
+    args._positionals = None
+    free = [n for n in names if getattr(args, n, None) is None]
+    if len(given) > len(free):
+        extra = " ".join(given[len(free):])
+        raise UsageError(f"{command}: unexpected argument(s) {extra!r}"
+                         + (f" ({', '.join(n.upper() for n in names if n not in free)} given as an option)"
+                            if len(free) < len(names) else ""))
+    for n, v in zip(free, given):
+        setattr(args, n, v)
+    missing = [n for n in names if getattr(args, n, None) is None]
+    if missing:
+        raise UsageError(f"{command}: missing {', '.join(n.upper() for n in missing)}")
 
 
 def add_model_runtime_arguments(parser, *, nogpu: bool = False) -> None:
@@ -439,6 +494,7 @@ def load_runner(location: str, *, backend: str = "pt", head: str = "base", devic
     dev = pick_device(device, backend, nogpu)
     dt = pick_dtype(dtype, dev)
     ckpt = _load_checkpoint(location)
+    warn_if_random(location, ckpt.config)
     if getattr(ckpt.config, "is_folding_model", False):
         raise CliError(f"{location} is an ESMFold checkpoint; use its language model, or `esm-dual fold`")
     if head == "mlm" and not has_lm_head(ckpt.tensors):
@@ -446,6 +502,114 @@ def load_runner(location: str, *, backend: str = "pt", head: str = "base", devic
                        "scoring needs a masked-LM checkpoint")
     cls = TorchRunner if backend == "pt" else TFRunner
     return cls(location, ckpt, head, dev, dt)
+
+
+def quiet_frameworks() -> None:
+    """``-q``: silence the frameworks' own log lines as well (TensorFlow's C++ logs are read from the environment
+    when TensorFlow loads, so this runs before any import of it; absl and the Python loggers of TensorFlow,
+    Keras, transformers and the hub client drop to errors). esm-dual's own warnings still show."""
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # its start-up notice is printed at level 0 regardless
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("tensorflow", "absl", "keras", "h5py", "transformers", "huggingface_hub", "jax"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:  # absl's handler, if absl is installed (TensorFlow pulls it in); it does not import TensorFlow
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:
+        pass
+
+
+# ================================================================================================
+# Progress
+# ================================================================================================
+
+
+class LogProgress:
+    """Progress for a stderr that is not a terminal (a log file, a batch system): one plain line every
+    ``interval`` seconds and one at the end, never a ``\r``. The subset of tqdm's interface the commands use."""
+
+    def __init__(self, total: int, desc: str, unit: str, interval: float, stream=None) -> None:
+        self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
+        self.n = 0
+        self.postfix = ""
+        self.stream = stream
+        self.t0 = self.last = _now()
+        self.closed = False
+        self.printed = 0  # n at the last line printed
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = _now()
+        if now - self.last >= self.interval:
+            self.last = now
+            self._line()
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self.postfix = s
+
+    def _line(self) -> None:
+        self.printed = self.n
+        dt = max(_now() - self.t0, 1e-9)
+        rate = self.n / dt
+        pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        left = (self.total - self.n) / rate if rate > 0 and self.total else None
+        eta = f", about {_duration(left)} left" if left is not None and self.n < self.total else ""
+        extra = f", {self.postfix}" if self.postfix else ""
+        _write(f"{PROG}: {self.desc}: {self.n}/{self.total} {self.unit}{pct} in {_duration(dt)}, "
+               f"{rate:.2f} {self.unit}/s{extra}{eta}", self.stream)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.n and self.n != self.printed:
+                self._line()
+
+    def write(self, line: str) -> None:
+        _write(line, self.stream)
+
+
+def _now() -> float:
+    import time
+
+    return time.monotonic()
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def progress(total: int, desc: str, unit: str = "seq", quiet: bool = False) -> Any:
+    """A progress bar on a terminal (tqdm), periodic one-line progress when stderr is not a terminal
+    (every ``ESM_DUAL_PROGRESS_INTERVAL`` seconds, default 30), nothing with ``quiet``."""
+    from tqdm import tqdm
+
+    if quiet:
+        return tqdm(total=total, disable=True)
+    if sys.stderr.isatty():
+        return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True)
+    try:
+        interval = float(os.environ.get("ESM_DUAL_PROGRESS_INTERVAL", "30"))
+    except ValueError:
+        interval = 30.0
+    return LogProgress(total, desc, unit, interval)
+
+
+def warn_if_random(location: str, config) -> None:
+    """Say so when ``location`` holds the random weights of ``esm-dual init --random``."""
+    from .init import random_warning
+
+    msg = random_warning(location, config)
+    if msg:
+        warn(msg)
 
 
 def configure_logging() -> logging.Handler:

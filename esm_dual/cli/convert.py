@@ -19,7 +19,7 @@ import os
 import re
 import sys
 
-from ._common import PROG, CliError
+from ._common import PROG, CliError, add_model_argument, resolve_positionals
 
 # The files a checkpoint directory consists of (what `--overwrite` may replace without --overwrite-dir).
 _CHECKPOINT_FILES = re.compile(
@@ -33,9 +33,10 @@ _DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="SRC", help="checkpoint to read (directory or file)")
-    parser.add_argument("dst", metavar="DST", help="where to write it (a directory for hf / tf-h5, a .keras or "
-                        ".pt file otherwise)")
+    parser.add_argument("_positionals", nargs="*", metavar="SRC DST",
+                        help="SRC: the checkpoint to read (directory or file; or give it as --model); DST: where to "
+                        "write it (a directory for hf / tf-h5, a .keras or .pt file otherwise)")
+    add_model_argument(parser, dest="src", help=argparse.SUPPRESS)
     parser.add_argument("--to", choices=("hf", "keras", "tf-h5", "fair-esm"), default=None,
                         help="destination layout (default: from DST's extension: .keras -> keras, .pt -> fair-esm)")
     parser.add_argument("--dtype", choices=_DTYPES, default=None,
@@ -53,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config.json for a source that has none (a Keras .weights.h5 file)")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="hf output: shard the safetensors above this size (default 5GB; 'none': one file)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print nothing but errors (the frameworks' log lines included)")
 
 
 def _foreign_files(dst: str) -> list[str]:
@@ -107,6 +109,7 @@ def _disk_full(e: BaseException) -> bool:
 def run(args: argparse.Namespace) -> int:
     import esm_dual.conversion as conv
 
+    resolve_positionals(args, ("src", "dst"), "convert")
     dst = args.dst
     if os.path.isdir(dst) and args.overwrite and not args.overwrite_dir:
         foreign = _foreign_files(dst)

@@ -51,12 +51,17 @@ import numpy as np
 
 from ._common import (
     CliError,
+    UsageError,
+    add_model_argument,
     add_model_runtime_arguments,
+    add_unknown_residues_argument,
     encode_records,
     load_runner,
     name_list,
     note,
     positive_int,
+    progress,
+    resolve_positionals,
     token_batches,
     warn,
 )
@@ -70,11 +75,10 @@ _MERGE_TIMEOUT_ENV = "ESM_DUAL_MERGE_TIMEOUT"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("fasta", metavar="FASTA", help="input FASTA file (plain or gzip)")
-    p.add_argument("output", metavar="OUTPUT",
-                   help="HDF5 file (--format h5) or directory of <label>.pt files (--format pt)")
-    p.add_argument("-m", "--model", required=True,
-                   help="preset name, hub id, hub-layout directory or fair-esm .pt file")
+    p.add_argument("_positionals", nargs="*", metavar="[MODEL] FASTA OUTPUT",
+                   help="input FASTA file (plain or gzip) and OUTPUT: an HDF5 file (--format h5) or a directory of "
+                   "<label>.pt files (--format pt); MODEL first, as in fair-esm's esm-extract, or as --model")
+    add_model_argument(p)
     p.add_argument("--repr-layers", "--repr_layers", dest="repr_layers", type=int, nargs="+", default=[-1],
                    metavar="LAYER", help="layers to extract, 0 (embeddings) to num_layers; negative counts "
                    "from the end (default: -1, the last)")
@@ -99,8 +103,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "first records; any other path is a directory with one PNG per record")
     p.add_argument("--plot-max", type=positive_int, default=4, metavar="N",
                    help="records shown in a single --plot PNG (default 4)")
+    add_unknown_residues_argument(p)
     p.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress bar or notes (warnings still shown)")
+                   help="no progress or notes (warnings still shown), and no log lines of the frameworks")
     p.add_argument("--devices", type=positive_int, default=1, metavar="N",
                    help="split the FASTA over N worker processes (one GPU each when GPUs are visible) and "
                    "merge their shard stores into OUTPUT (default 1). Under torchrun the ranks split it instead")
@@ -623,6 +628,17 @@ def _spawn(args: argparse.Namespace) -> int:
     return _merge(args, world_size=n)
 
 
+def finish_args(args: argparse.Namespace) -> None:
+    """``FASTA OUTPUT --model MODEL`` or esm-extract's ``MODEL FASTA OUTPUT``."""
+    given = getattr(args, "_positionals", None)
+    if given is None:
+        return
+    if args.model is None and len(given) == 2:
+        raise UsageError("embed: which model? Add --model MODEL (or put it first, as esm-extract: "
+                         "embed MODEL FASTA OUTPUT)")
+    resolve_positionals(args, ("model", "fasta", "output"), "embed")
+
+
 class _Scan(NamedTuple):
     total: int
     changed: list[str]  # ids (labels for --format pt) whose sequence differs from what OUTPUT holds
@@ -737,6 +753,8 @@ def run(args: argparse.Namespace) -> int:
     from ..common.embeddings import sequence_hash
     from ..common.fasta import read_fasta
 
+    finish_args(args)
+
     rank, world = _env_world()
     if getattr(args, "merge", False):
         return _merge(args)
@@ -828,10 +846,7 @@ def run(args: argparse.Namespace) -> int:
     note(f"{args.fasta}: {total} sequences; model {args.model} ({runner.num_layers} layers, "
          f"hidden {runner.hidden_size}) on {runner.backend}/{runner.device}/{runner.dtype}", args.quiet)
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(mine), unit="seq", disable=True if args.quiet else None, dynamic_ncols=True,
-               desc="embed")
+    bar = progress(len(mine), "embed", "seq", args.quiet)
     n_done = n_skipped = n_res = 0
     truncated: list[str] = []
     t0 = time.perf_counter()
@@ -864,7 +879,7 @@ def run(args: argparse.Namespace) -> int:
             first_window = False
             if not todo:
                 continue
-            enc = encode_records(runner.tokenizer, todo, args.fasta)
+            enc = encode_records(runner.tokenizer, todo, args.fasta, getattr(args, "unknown_residues", "error"))
             cut = [r.id for r, e in zip(todo, enc) if len(e) > trunc]
             if cut:
                 truncated += cut

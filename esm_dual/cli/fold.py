@@ -2,7 +2,8 @@
 
 One ``<id>.pdb`` per record (pLDDT in the B-factor column; multimers as ``:``-separated chains get
 chains A, B, ...) and ``summary.tsv`` (id, length, mean_plddt, ptm) in OUTDIR. Records are folded
-shortest first in batches of at most ``--max-tokens-per-batch`` residues. A batch that runs out of
+shortest first in length buckets of at most ``--max-tokens-per-batch`` residues (``infer``'s
+buckets: never a batch that costs more than folding its members one by one). A batch that runs out of
 GPU memory is retried one record at a time; a record that still does not fit is reported and skipped,
 and the rest continue (exit status 1 at the end). Re-running skips records whose PDB exists and is
 listed in ``summary.tsv``, unless its sequence changed since (``.fold_sequences.tsv`` records a hash of
@@ -10,7 +11,10 @@ each folded sequence): a changed record is refused by name, or folded again with
 new weights at the same model path are refused too (``fold_options.json`` records their fingerprint).
 Temporary files of an earlier failed run are removed, and a run that fails before folding anything
 leaves no output folder behind. Empty or non-protein sequences are refused before the model loads (exit
-status 2, the record named). Letters outside the 20 amino acids are folded as X, as ESMFold does.
+status 2, the record named). Upper-case letters outside the 20 amino acids are folded as X, as ESMFold
+does; lower-case letters, '*' and digits are refused naming the record and position unless
+``--unknown-residues unk`` (then they fold as X, as in fair-esm and transformers). Residues are numbered
+from 1 in each chain. fair-esm's ``esm-fold -i FASTA -o OUTDIR`` form is accepted.
 """
 
 from __future__ import annotations
@@ -22,32 +26,42 @@ import os
 import re
 import sys
 import time
-from typing import Any
 
-from ._common import CliError, note, positive_int, token_batches, warn
+from ._common import (
+    CliError,
+    UsageError,
+    add_model_argument,
+    add_unknown_residues_argument,
+    note,
+    positive_int,
+    progress,
+    residue_problem,
+    resolve_positionals,
+    warn,
+    warn_if_random,
+)
 
 SUMMARY = "summary.tsv"
 SUMMARY_FIELDS = ("id", "length", "mean_plddt", "ptm")
-_PROTEIN_CHARS = re.compile(r"^[A-Za-z:]+$")
+_PROTEIN_CHARS = re.compile(r"^[A-Za-z:*]+$")
 _NUCLEOTIDES = set("ACGTUN")
 _STANDARD = set("ACDEFGHIKLMNPQRSTVWY")
-_LINKER, _CHAIN_OFFSET = 25, 512  # ESMFold's multimer linker (poly-G) and residue-number jump per chain
 OPTIONS = "fold_options.json"  # what made the structures in a folder: a rerun with other options is refused
 SEQUENCES = ".fold_sequences.tsv"  # "<id>\t<sequence hash>" of every record folded (appended)
 _OUR_TMP = re.compile(r".+\.(pdb|cif)\.tmp|summary\.tsv\.tmp|fold_options\.json\.tmp")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "fasta", metavar="FASTA", help="input FASTA file (multimers: chains separated by ':')"
-    )
-    parser.add_argument("outdir", metavar="OUTDIR", help="output directory (created if needed)")
-    parser.add_argument(
-        "--model",
-        "-m",
-        default="esmfold_v1",
-        help="esmfold_v1 (preset / hub id), a hub-layout directory or fair-esm esmfold_3B_v1.pt",
-    )
+    parser.add_argument("_positionals", nargs="*", metavar="FASTA OUTDIR",
+                        help="input FASTA file (multimers: chains separated by ':') and output directory (created "
+                        "if needed); or give them as -i/--fasta and -o/--outdir, as fair-esm's esm-fold")
+    parser.add_argument("-i", "--fasta", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("-o", "--outdir", "--pdb", dest="outdir", default=None, help=argparse.SUPPRESS)
+    add_model_argument(parser, help="esmfold_v1 (default; preset / hub id), a hub-layout directory or fair-esm "
+                       "esmfold_3B_v1.pt")
+    parser.add_argument("--model-dir", default=None, metavar="DIR",
+                        help="fair-esm's esm-fold option: a directory holding esmfold_3B_v1.pt (or checkpoints/"
+                        "esmfold_3B_v1.pt, torch hub's layout) and its ESM-2 stem")
     parser.add_argument(
         "--esm-checkpoint",
         default=None,
@@ -63,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-tokens-per-batch",
         type=positive_int,
         default=1024,
-        help="most residues per batch (padded); shorter sequences are batched together",
+        help="most residues per batch (padded, fair-esm's option); sequences of similar length are batched "
+        "together only where that costs less than folding them one by one (1: one at a time)",
     )
     parser.add_argument(
         "--chunk-size",
@@ -72,11 +87,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="chunk the trunk's pair updates (e.g. 128, 64, 32): less memory, a bit slower",
     )
     parser.add_argument("--cpu-only", action="store_true", help="do not use a GPU even if one is available")
+    parser.add_argument("--cpu-offload", action="store_true", help=argparse.SUPPRESS)  # fair-esm's; refused
     parser.add_argument(
         "--trunk-dtype",
-        choices=("fp32", "bf16"),
-        default="fp32",
-        help="precision of the folding trunk (the structure module always runs in fp32)",
+        choices=("auto", "fast", "fp32", "bf16"),
+        default="auto",
+        help="the folding trunk: fast = bf16 with fused triangle kernels (cuEquivariance where installed: "
+        "the fold-gpu extra), fp32 = the fp32 trunk that matches HF transformers, bf16 = bf16 with the fp32 "
+        "path's kernels; auto = fast on GPU, fp32 on CPU (the structure module always runs in fp32)",
     )
     parser.add_argument(
         "--esm-dtype",
@@ -84,10 +102,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="precision of the ESM-2 stem: auto = fp16 on GPU, fp32 on CPU",
     )
+    add_unknown_residues_argument(parser)
     parser.add_argument("--mmcif", action="store_true", help="also write <id>.cif")
     parser.add_argument("--overwrite-changed", action="store_true",
                         help="fold again records whose sequence changed since OUTDIR was written (default: refuse)")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar or notes")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress or notes")
+
+
+def finish_args(args: argparse.Namespace) -> None:
+    """Positionals or fair-esm's -i/-o; the default model; fair-esm's --model-dir."""
+    if getattr(args, "_positionals", None) is not None:
+        resolve_positionals(args, ("fasta", "outdir"), "fold")
+    if getattr(args, "cpu_offload", False):
+        raise UsageError("fold: --cpu-offload (fair-esm's FSDP offload) is not supported; use --chunk-size and "
+                         "--trunk-dtype bf16 to fit long sequences")
+    if getattr(args, "model_dir", None):
+        if args.model:
+            raise UsageError("fold: give --model or --model-dir, not both")
+        for cand in ("esmfold_3B_v1.pt", os.path.join("checkpoints", "esmfold_3B_v1.pt")):
+            path = os.path.join(args.model_dir, cand)
+            if os.path.isfile(path):
+                args.model = path
+                break
+        else:
+            raise CliError(f"--model-dir {args.model_dir}: no esmfold_3B_v1.pt in it (nor in its checkpoints/)")
+    if not args.model:
+        args.model = "esmfold_v1"
 
 
 def safe_name(record_id: str) -> str:
@@ -96,31 +136,43 @@ def safe_name(record_id: str) -> str:
     return name or "record"
 
 
-def check_sequence(record_id: str, seq: str) -> str:
-    """The sequence to fold (upper case, terminal '*' dropped), or CliError naming the record."""
-    s = "".join(seq.split()).upper().rstrip("*")
+def check_sequence(record_id: str, seq: str, unknown: str = "error") -> str:
+    """The sequence to fold, or CliError naming the record.
+
+    ``unknown="error"``: every character must be an upper-case letter or the ':' between chains (letters
+    outside the 20 amino acids, such as X or B, fold as X, as in ESMFold); a lower-case letter, a '*' or a digit
+    is refused naming its position. ``unknown="unk"``: those characters fold as X too, as fair-esm and
+    transformers do."""
+    s = "".join(seq.split())
     if not s or not s.replace(":", ""):
         raise CliError(f"record {record_id!r}: empty sequence")
-    if not _PROTEIN_CHARS.match(s):
-        bad = sorted({c for c in s if not (c.isalpha() or c == ":")})
-        raise CliError(f"record {record_id!r}: not a protein sequence (characters {''.join(bad)!r})")
     if any(not chain for chain in s.split(":")):
         raise CliError(f"record {record_id!r}: empty chain in multimer {s[:40]!r}")
     letters = s.replace(":", "")
-    if len(letters) >= 20 and set(letters) <= _NUCLEOTIDES:
+    if unknown != "unk":
+        pos = 0
+        for ch in s:
+            if ch == ":":
+                continue
+            pos += 1
+            if not ("A" <= ch <= "Z"):
+                raise CliError(f"record {record_id!r}, residue {pos}: {residue_problem(ch)}; --unknown-residues "
+                               "unk folds it as X")
+    elif not _PROTEIN_CHARS.match(s):  # digits, '-', '.': not a protein at all
+        bad = sorted({c for c in s if not (c.isalpha() or c == ":" or c == "*")})
+        if bad:
+            raise CliError(f"record {record_id!r}: not a protein sequence (characters {''.join(bad)!r})")
+    upper = letters.upper()
+    if len(upper) >= 20 and set(upper) <= _NUCLEOTIDES:
         raise CliError(
-            f"record {record_id!r}: looks like a nucleotide sequence (only {''.join(sorted(set(letters)))})"
+            f"record {record_id!r}: looks like a nucleotide sequence (only {''.join(sorted(set(upper)))})"
         )
     if not set(letters) & _STANDARD:
         raise CliError(f"record {record_id!r}: no standard amino acid (only {''.join(sorted(set(letters)))}): "
                        "nothing to fold")
-    chains = s.split(":")
-    # ESMFold numbers residues on through the poly-G linkers and jumps by 512 at each chain.
-    last = len(letters) + _LINKER * (len(chains) - 1) + _CHAIN_OFFSET * (len(chains) - 1)
-    if last > 9999:
-        raise CliError(f"record {record_id!r}: its residue numbers would reach {last} ({len(chains)} chains, "
-                       f"{len(letters)} residues; ESMFold offsets each chain by {_CHAIN_OFFSET}), beyond the PDB "
-                       "format's 9999")
+    longest = max(len(c) for c in s.split(":"))
+    if longest > 9999:  # residues are numbered from 1 in each chain
+        raise CliError(f"record {record_id!r}: a chain of {longest} residues; the PDB format numbers at most 9999")
     return s
 
 
@@ -179,6 +231,8 @@ def _free_memory() -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
+    except UsageError:
+        raise  # main adds the pointer to `esm-dual fold --help`
     except CliError as e:
         print(f"esm-dual: error: {e}", file=sys.stderr)
         return 2
@@ -192,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..common.fasta import read_fasta
 
+    finish_args(args)
     if args.num_recycles is not None and args.num_recycles < 0:
         raise CliError(f"--num-recycles must be >= 0, got {args.num_recycles}")
     if not os.path.exists(args.fasta):  # a directory: read_fasta says so
@@ -199,7 +254,7 @@ def _run(args: argparse.Namespace) -> int:
     records: list[tuple[str, str, str]] = []  # (id, file stem, sequence)
     stems: dict[str, str] = {}
     for rec in read_fasta(args.fasta):
-        seq = check_sequence(rec.id, rec.sequence)
+        seq = check_sequence(rec.id, rec.sequence, getattr(args, "unknown_residues", "error"))
         stem = safe_name(rec.id)
         if stem in stems:
             raise CliError(f"records {stems[stem]!r} and {rec.id!r} would both be written to {stem}.pdb")
@@ -279,16 +334,22 @@ def _fold_into(args: argparse.Namespace, records: list[tuple[str, str, str]]) ->
 
     import torch
 
-    from ..pt.folding import EsmForProteinFolding
+    from ..pt.folding import EsmForProteinFolding, fold_batches, folded_length
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu_only else "cpu"
     note(f"loading {args.model} on {device}", args.quiet)
     model = EsmForProteinFolding.from_pretrained(
         args.model, device=device, esm_checkpoint=args.esm_checkpoint
     )
+    warn_if_random(args.model, model.config)
     model.set_chunk_size(args.chunk_size)
     model.set_esm_dtype(args.esm_dtype)
-    model.set_trunk_dtype(torch.bfloat16 if args.trunk_dtype == "bf16" else None)
+    if args.trunk_dtype == "auto":
+        model.set_fast(None)
+    elif args.trunk_dtype == "fast":
+        model.set_fast(True)
+    else:
+        model.set_trunk_dtype(torch.bfloat16 if args.trunk_dtype == "bf16" else None)
 
     new_file = not os.path.isfile(summary_path) or os.path.getsize(summary_path) == 0
     seq_log = open(os.path.join(args.outdir, SEQUENCES), "a", encoding="utf-8")
@@ -298,15 +359,16 @@ def _fold_into(args: argparse.Namespace, records: list[tuple[str, str, str]]) ->
         writer.writerow(SUMMARY_FIELDS)
         summary.flush()
     lengths = [len(seq.replace(":", "")) for _, _, seq in todo]
-    batches = token_batches(lengths, args.max_tokens_per_batch, extra_toks_per_seq=0)
+    # Buckets as infer() makes them (lengths as folded: chains joined by the poly-G linker).
+    batches = fold_batches([folded_length(seq) for _, _, seq in todo], args.max_tokens_per_batch)
     failed: list[str] = []
-    progress = _progress(len(todo), args.quiet)
+    bar = progress(len(todo), "fold", "seq", args.quiet)
     t0 = time.time()
 
     def fold(batch: list[int]) -> None:
         seqs = [todo[i][2] for i in batch]
         with torch.no_grad():
-            out = model.infer(seqs, num_recycles=args.num_recycles)
+            out = model.infer(seqs, num_recycles=args.num_recycles, max_tokens_per_batch=args.max_tokens_per_batch)
         pdbs = model.output_to_pdb(out)
         cifs = model.output_to_mmcif(out, [todo[i][1] for i in batch]) if args.mmcif else None
         mean_plddt = out["mean_plddt"].float().cpu().tolist()
@@ -320,7 +382,7 @@ def _fold_into(args: argparse.Namespace, records: list[tuple[str, str, str]]) ->
             seq_log.flush()
             writer.writerow([rec_id, lengths[i], f"{mean_plddt[j]:.2f}", f"{ptm[j]:.4f}"])
             summary.flush()
-            progress.update(1)
+            bar.update(1)
 
     def try_fold(batch: list[int]) -> bool:
         """Fold a batch; False if it ran out of memory. The memory is released after the except block
@@ -342,7 +404,7 @@ def _fold_into(args: argparse.Namespace, records: list[tuple[str, str, str]]) ->
             f"record {todo[i][0]!r} ({lengths[i]} residues): out of memory; skipped "
             "(try --chunk-size 64 or smaller, or a larger GPU)"
         )
-        progress.update(1)
+        bar.update(1)
 
     try:
         for batch in batches:
@@ -356,7 +418,7 @@ def _fold_into(args: argparse.Namespace, records: list[tuple[str, str, str]]) ->
                 if not try_fold([i]):
                     skip(i)
     finally:
-        progress.close()
+        bar.close()
         summary.close()
         seq_log.close()
         _compact_summary(summary_path, [r[0] for r in records])
@@ -395,8 +457,3 @@ def _write_text(path: str, text: str) -> None:
             os.remove(tmp)
         raise
 
-
-def _progress(total: int, quiet: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="seq", desc="folding", file=sys.stderr, disable=quiet, dynamic_ncols=True)

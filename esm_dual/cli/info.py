@@ -10,12 +10,13 @@ import os
 import sys
 from typing import Any
 
-from ._common import CliError
+from ._common import CliError, UsageError, add_model_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", metavar="MODEL",
-                   help="preset name, hub id, hub-layout directory or fair-esm .pt file")
+    p.add_argument("_positionals", nargs="*", metavar="MODEL",
+                   help="preset name, hub id, hub-layout directory or fair-esm .pt file (or give it as --model)")
+    add_model_argument(p, help=argparse.SUPPRESS)
     p.add_argument("--presets", action="store_true", help="list the known presets")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -47,23 +48,41 @@ def heads_present(tensors: dict[str, Any]) -> list[str]:
     return heads
 
 
+def _read(location: str) -> tuple[Any, dict[str, Any], str, str]:
+    """(config, tensors, source, layout) of a checkpoint; ESMFold's too (its top-level ``lm_head`` predicts
+    its own 23-letter alphabet, not the ESM vocabulary that the shape check of ESM checkpoints expects)."""
+    from ..io import hub
+    from ..io.resolve import resolve_checkpoint
+
+    if location.endswith(".pt") and os.path.isfile(location):
+        ckpt = hub.load_checkpoint(location)  # fair-esm (ESMFold .pt files are named by the reader)
+        return ckpt.config, ckpt.tensors, str(ckpt.source), ckpt.layout
+    path = resolve_checkpoint(location)
+    config = hub.read_checkpoint_config(path)
+    if not config.is_folding_model:
+        ckpt = hub.load_checkpoint(path)
+        return ckpt.config, ckpt.tensors, str(ckpt.source), ckpt.layout
+    kind, directory, weights = hub.classify_path(path)
+    layout, _, _ = hub.hub_weights(directory, weights)
+    return config, dict(hub.iter_checkpoint_tensors(path)), directory, layout
+
+
 def describe(location: str) -> dict[str, Any]:
     from ..common.presets import count_parameters, get_preset
-    from ..io.hub import load_checkpoint
+    from .init import RANDOM_MARKER
 
     if os.path.sep in location or location.startswith((".", "~")):
         location = os.path.expanduser(location)
         if not os.path.exists(location):
             raise CliError(f"{location}: no such file or directory")
-    ckpt = load_checkpoint(location)
-    c = ckpt.config
-    tensors = ckpt.tensors
+    c, tensors, source, layout = _read(location)
     dtypes = sorted({str(a.dtype) for a in tensors.values()
                      if a.dtype.kind == "f" or "bfloat16" in str(a.dtype)})
     stored = sum(int(a.size) for k, a in tensors.items() if not k.endswith("inv_freq"))
     info: dict[str, Any] = {
-        "source": str(ckpt.source),
-        "layout": ckpt.layout,
+        "source": source,
+        "layout": layout,
+        "random_weights": bool(c.extra.get(RANDOM_MARKER)),
         "family": family(c),
         "architectures": c.architectures,
         "hidden_size": c.hidden_size,
@@ -84,6 +103,9 @@ def describe(location: str) -> dict[str, Any]:
     }
     if not c.is_folding_model:
         info["parameters_mlm_model"] = count_parameters(c)
+    else:
+        trunk = (c.esmfold_config.trunk if c.esmfold_config is not None else None)
+        info["folding_trunk_blocks"] = getattr(trunk, "num_blocks", None)
     preset = get_preset(os.path.basename(location.rstrip("/")), missing_ok=True)
     if preset is not None and _same_shape(preset.config, c):  # a folder's name alone proves nothing
         info["preset"] = preset.name
@@ -121,12 +143,14 @@ def _fmt_params(n: int | None) -> str:
 
 def _print_info(info: dict[str, Any], out) -> None:
     rows = [
-        ("source", info["source"]),
+        ("source", info["source"] + ("   ** RANDOM weights (esm-dual init): outputs mean nothing **"
+                                     if info.get("random_weights") else "")),
         ("layout", info["layout"]),
         ("family", info["family"] + (f" (preset {info['preset']})" if info.get("preset") else "")),
         ("architectures", ", ".join(info["architectures"] or []) or "-"),
         ("hidden size", info["hidden_size"]),
-        ("layers", info["num_layers"]),
+        ("layers", info["num_layers"] if info["family"] != "ESMFold" else
+                   f"{info['num_layers']} (ESM-2 stem); folding trunk {info.get('folding_trunk_blocks')} blocks"),
         ("attention heads", f"{info['num_heads']} (head dim {info['head_dim']})"),
         ("ffn size", info["intermediate_size"]),
         ("vocabulary", info["vocab_size"]),
@@ -169,6 +193,13 @@ def presets_table() -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     out = sys.stdout
+    if getattr(args, "_positionals", None) is not None:
+        given = args._positionals
+        args._positionals = None
+        if len(given) > 1 or (given and args.model):
+            raise UsageError(f"info takes one MODEL, got {', '.join(given + ([args.model] if args.model else []))}")
+        if given:
+            args.model = given[0]
     if args.presets:
         if args.model:
             raise CliError("give either MODEL or --presets, not both")

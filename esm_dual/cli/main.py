@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fold": ("esm_dual.cli.fold", "predict structures with ESMFold"),
     "info": ("esm_dual.cli.info", "describe a checkpoint, or list the known presets"),
     "convert": ("esm_dual.cli.convert", "convert checkpoints between layouts (hf, keras, tf-h5, fair-esm)"),
+    "init": ("esm_dual.cli.init", "write a checkpoint of RANDOM weights in any preset's shape (offline examples, "
+             "tests)"),
 }
 # Commands whose module is imported only when the command is used (it may be heavy or absent).
 LAZY_COMMANDS = {"fold"}
@@ -33,6 +36,7 @@ USER_ERRORS = {
     "TokenizerError", "FileNotFoundError", "IsADirectoryError", "NotADirectoryError", "PermissionError",
     "FileExistsError",
 }
+QUIET_FLAGS = ("-q", "--quiet")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,8 +60,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.subcommands = {}  # name -> its parser (usage errors point at the subcommand's --help)
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
+        parser.subcommands[name] = p
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.set_defaults(_module=module)
         if name in LAZY_COMMANDS and command != name:
@@ -116,11 +122,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ._common import configure_logging
 
     handler = configure_logging()
+    command = _command_of(argv)
+    if any(a in QUIET_FLAGS for a in argv):
+        from ._common import quiet_frameworks
+
+        quiet_frameworks()
+    else:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     try:
         try:
-            parser = build_parser(_command_of(argv))
+            parser = build_parser(command)
             try:
-                args = parser.parse_args(argv)
+                args, extra = parser.parse_known_args(argv)
+                if extra and isinstance(getattr(args, "_positionals", None), list):
+                    # positionals after an option (`embed FASTA -m MODEL OUT`): argparse leaves them over
+                    args._positionals += [a for a in extra if not a.startswith("-")]
+                    extra = [a for a in extra if a.startswith("-")]
+                if extra:  # reported by the subcommand's parser, so the hint names its --help
+                    sub = parser.subcommands.get(getattr(args, "command", None) or "", parser)
+                    sub.error(f"unrecognized arguments: {' '.join(extra)}")
             except SystemExit as e:  # --help, --version, usage errors: argparse already printed them
                 return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
             if args.command is None:
@@ -142,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             if _is_user_error(e):
                 print(f"esm-dual: error: {_message(e)}", file=sys.stderr)
+                if type(e).__name__ == "UsageError":
+                    print(f"(see `esm-dual {command or ''} --help`)".replace("  ", " "), file=sys.stderr)
                 return 2
             print(f"esm-dual: internal error: {type(e).__name__}: {_message(e)} "
                   "(rerun with --debug for the traceback)", file=sys.stderr)

@@ -114,8 +114,9 @@ def plot_scores(path: str, sequence: str, positions: np.ndarray, scores: dict[st
     plt = require_matplotlib()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     names = list(scores)
-    fig, axes = plt.subplots(len(names), 1, figsize=(max(8, min(24, len(sequence) / 12)), 2.8 * len(names)),
-                             squeeze=False, sharex=True)
+    # A fixed, readable page width (1,200 px at 120 dpi) and 3.6 inches per model, whatever the sequence length
+    # (a width that grew with the sequence gave a 2,400 x 280 px strip).
+    fig, axes = plt.subplots(len(names), 1, figsize=(10, 3.6 * len(names)), squeeze=False, sharex=True)
     x_all = np.asarray(positions) + offset_idx
     for ax, name in zip(axes[:, 0], names):
         y = np.asarray(scores[name], dtype=np.float64)
@@ -130,6 +131,6 @@ def plot_scores(path: str, sequence: str, positions: np.ndarray, scores: dict[st
     axes[0, 0].legend(loc="lower left", fontsize=8)
     axes[-1, 0].set_xlabel(f"position (numbering of the mutation column, offset {offset_idx})")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

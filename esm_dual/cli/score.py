@@ -31,10 +31,13 @@ import numpy as np
 
 from ._common import (
     CliError,
+    add_model_argument,
     add_model_runtime_arguments,
+    add_unknown_residues_argument,
     load_runner,
     note,
     positive_int,
+    progress,
     residue_problem,
     warn,
 )
@@ -44,9 +47,9 @@ _MUT = re.compile(r"^([A-Za-z])(-?\d+)([A-Za-z])$")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-location", "--model", dest="model_location", nargs="+", required=True,
-                   metavar="MODEL", help="one or more models (preset name, hub id, hub-layout directory or "
-                   "fair-esm .pt file); several give an ensemble")
+    add_model_argument(p, required=True, dest="model_location", nargs="+",
+                       help="one or more models (preset name, hub id, hub-layout directory or fair-esm .pt file); "
+                       "several give an ensemble")
     p.add_argument("--sequence", required=True,
                    help="base (wild-type) sequence to which mutations were applied")
     p.add_argument("--dms-input", required=True, metavar="CSV",
@@ -63,7 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="token budget of a forward pass of masked copies (default 4096)")
     add_model_runtime_arguments(p, nogpu=True)
     p.add_argument("--plot", metavar="PNG", help="per-position score plot (needs matplotlib)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or notes")
+    add_unknown_residues_argument(p)
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress or notes, and no log lines of the frameworks")
     # fair-esm's MSA Transformer flags: accepted so that scripts fail with a clear message.
     p.add_argument("--msa-path", help=argparse.SUPPRESS)
     p.add_argument("--msa-samples", type=int, default=400, help=argparse.SUPPRESS)
@@ -109,7 +114,7 @@ def check_sequence(sequence: str, token_id) -> None:
     for i, aa in enumerate(sequence):
         if token_id(aa) is None:
             raise CliError(f"--sequence, position {i + 1} (1-based; a mutation's position is this + --offset-idx "
-                           f"- 1): {residue_problem(aa)}")
+                           f"- 1): {residue_problem(aa)}; --unknown-residues unk reads it as <unk>")
 
 
 def read_dms(path: str) -> tuple[list[str], list[list[str]], list[int]]:
@@ -149,13 +154,17 @@ def _fmt(x: float) -> str:
 class Scorer:
     """Scores of one model for every row; the forward passes are batched."""
 
-    def __init__(self, runner, sequence: str, toks_per_batch: int, quiet: bool):
+    def __init__(self, runner, sequence: str, toks_per_batch: int, quiet: bool, unknown: str = "error"):
         self.r = runner
         self.sequence = sequence
         self.toks_per_batch = toks_per_batch
         self.quiet = quiet
-        check_sequence(sequence, runner.token_id)
-        enc = runner.tokenizer.encode_residues_np([sequence])[0]
+        self.unk_id = runner.tokenizer.unk_token_id if unknown == "unk" else None
+        if self.unk_id is None:
+            check_sequence(sequence, runner.token_id)
+            enc = runner.tokenizer.encode_residues_np([sequence])[0]
+        else:  # one <unk> per unknown character, so positions stay aligned with the mutations'
+            enc = np.asarray([self.tok(aa, "--sequence") for aa in sequence], dtype=np.int64)
         if len(enc) != len(sequence):  # a residue letter the tokenizer still reads otherwise
             raise CliError("--sequence must be plain one-letter residues (it tokenises to "
                            f"{len(enc)} tokens for {len(sequence)} characters)")
@@ -166,6 +175,8 @@ class Scorer:
 
     def tok(self, aa: str, where: str) -> int:
         i = self.r.token_id(aa)
+        if i is None and self.unk_id is not None:
+            return self.unk_id
         if i is None:
             raise CliError(f"{where}: residue {aa!r} is not in the model's vocabulary")
         return i
@@ -173,11 +184,8 @@ class Scorer:
     def _rows_per_pass(self, L: int) -> int:
         return max(1, self.toks_per_batch // L)
 
-    def _bar(self, total: int, desc: str):
-        from tqdm import tqdm
-
-        return tqdm(total=total, unit="seq", desc=desc, disable=True if self.quiet else None,
-                    dynamic_ncols=True)
+    def _bar(self, total: int, desc: str, unit: str = "seq"):
+        return progress(total, desc, unit, self.quiet)
 
     def wt_marginals(self) -> np.ndarray:
         """log-softmax [N + 2, V] of the unmasked wild type (token positions)."""
@@ -190,7 +198,7 @@ class Scorer:
         L = ids.shape[1]
         step = self._rows_per_pass(L)
         out: dict[int, np.ndarray] = {}
-        bar = self._bar(len(positions), "masked-marginals")
+        bar = self._bar(len(positions), "masked-marginals", "positions")
         for s in range(0, len(positions), step):
             chunk = positions[s:s + step]
             toks = np.repeat(ids, len(chunk), axis=0)
@@ -223,6 +231,7 @@ class Scorer:
             target = base_ids[which, pos + 1]
             np.add.at(pll, which, lp[np.arange(len(flat)), target].astype(np.float64))
             finished = int(flat[-1] + 1) // n
+            bar.set_postfix_str(f"{int(flat[-1]) + 1}/{total} masked copies", refresh=False)
             bar.update(finished - done_seqs)
             done_seqs = finished
         bar.close()
@@ -241,7 +250,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--sequence is empty")
     from ..common.tokenizer import EsmTokenizer
 
-    check_sequence(sequence, EsmTokenizer().get_vocab().get)  # the ESM alphabet, before any model loads
+    if args.unknown_residues != "unk":
+        check_sequence(sequence, EsmTokenizer().get_vocab().get)  # the ESM alphabet, before any model loads
     header, rows, lines = read_dms(args.dms_input)
     if args.mutation_col not in header:
         raise CliError(f"--mutation-col {args.mutation_col!r} is not a column of {args.dms_input} "
@@ -266,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
         for msg in runner.load_messages:
             if "contact_head" not in msg:
                 warn(msg)
-        sc = Scorer(runner, sequence, args.toks_per_batch, args.quiet)
+        sc = Scorer(runner, sequence, args.toks_per_batch, args.quiet, args.unknown_residues)
         ids = [[(m, sc.tok(m.wt, w), sc.tok(m.mt, w)) for m in muts] for muts, w in zip(parsed, where)]
         vals = np.zeros(len(rows), dtype=np.float64)
         if args.scoring_strategy == "wt-marginals":
@@ -279,18 +289,21 @@ def run(args: argparse.Namespace) -> int:
             for k, muts in enumerate(ids):
                 vals[k] = sum(float(lps[m.idx][mt] - lps[m.idx][wt]) for m, wt, mt in muts)
         else:
-            variants: dict[tuple, int] = {}
+            # Each distinct mutated sequence once: synonymous rows (P20P) and repeated variants share it.
+            variants: dict[bytes, int] = {}
             seqs: list[np.ndarray] = []
             row_var = []
             for muts in ids:
-                key = tuple(sorted((m.idx, mt) for m, _, mt in muts))
+                s = sc.wt_ids.copy()
+                for m, _, mt in muts:
+                    s[m.idx] = mt
+                key = s.tobytes()
                 if key not in variants:
-                    s = sc.wt_ids.copy()
-                    for m, _, mt in muts:
-                        s[m.idx] = mt
                     variants[key] = len(seqs)
                     seqs.append(s)
                 row_var.append(variants[key])
+            if len(seqs) < len(rows):
+                note(f"{loc}: {len(rows)} rows are {len(seqs)} distinct sequences; each is scored once", args.quiet)
             pll = sc.pseudo_log_likelihoods(seqs)
             vals = pll[np.asarray(row_var, dtype=np.int64)]
         scores[loc] = vals

@@ -97,10 +97,22 @@ def hub_weights(directory: str, weights: str | None = None) -> tuple[str, list[s
             layout = LAYOUT_SAFETENSORS_SHARDED if "safetensors" in weights else LAYOUT_PYTORCH_BIN_SHARDED
             return _sharded(directory, weights, layout)
     present = sorted(os.listdir(directory))
+    hint = ""
+    if any(n == "tf_model.h5" or n.endswith((".keras", ".weights.h5")) for n in present):
+        hint = "; " + convert_hint(directory)
     raise CheckpointError(
         f"{directory}: no weights file: expected {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} (+ shards), "
-        f"{PT_WEIGHTS_NAME} or {PT_WEIGHTS_INDEX_NAME} (+ shards); the directory holds {present}"
+        f"{PT_WEIGHTS_NAME} or {PT_WEIGHTS_INDEX_NAME} (+ shards); the directory holds {present}{hint}"
     )
+
+
+def convert_hint(path: str) -> str:
+    """How to turn a TensorFlow/Keras checkpoint (``.keras``, ``.weights.h5``, ``tf_model.h5``), which only
+    ``esm-dual convert`` and ``esm_dual.tf`` read, into the hub layout that every reader takes."""
+    stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0] or "model"
+    extra = " --config config.json" if path.endswith(".weights.h5") else ""
+    return (f"`esm-dual convert {path} {stem}_hf --to hf{extra}` writes a hub-layout directory (config.json + "
+            "model.safetensors) that from_pretrained, embed, score and info read")
 
 
 def read_hub_config(directory: str) -> EsmConfig:
@@ -158,6 +170,9 @@ def classify_path(path: str) -> tuple[str, str, str | None]:
         return "hub", directory, None
     if base.endswith((".safetensors", ".bin", ".index.json")):
         return "hub", directory, base
+    if base.endswith((".keras", ".h5")):
+        raise CheckpointError(f"{path}: a TensorFlow/Keras file, read by `esm-dual convert` and esm_dual.tf "
+                              f"(keras.models.load_model after `import esm_dual.tf`); " + convert_hint(path))
     raise CheckpointError(
         f"{path}: unknown checkpoint file type (expected a hub-layout directory, a fair-esm .pt file, or "
         f"a file of a hub-layout directory)"

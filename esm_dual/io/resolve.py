@@ -32,7 +32,7 @@ def _manual_instructions(hub_id: str) -> str:
         f"  * a directory in the hub layout holding {CONFIG_NAME} and {SAFE_WEIGHTS_NAME} (or "
         f"{SAFE_WEIGHTS_INDEX_NAME} + its shards): fetch them by hand from "
         f"https://huggingface.co/{hub_id}/tree/main "
-        f"(e.g. `huggingface-cli download {hub_id} {CONFIG_NAME} {SAFE_WEIGHTS_NAME} --local-dir DIR` on a "
+        f"(e.g. `hf download {hub_id} {CONFIG_NAME} {SAFE_WEIGHTS_NAME} --local-dir DIR` on a "
         "machine with network access) and pass DIR;",
     ]
     if preset is not None and preset.family != "esmfold":
@@ -42,8 +42,8 @@ def _manual_instructions(hub_id: str) -> str:
         )
     elif preset is not None:
         lines.append(
-            f"  * (fair-esm's file for this model is {preset.fair_esm_url}; .pt ESMFold files are not "
-            "read yet)."
+            f"  * or fair-esm's {preset.fair_esm_url} with the ESM-2 3B stem esm2_t36_3B_UR50D.pt beside it "
+            "(or --esm-checkpoint), and pass the .pt path."
         )
     else:
         lines.append("  * or a fair-esm .pt file path.")

@@ -28,7 +28,11 @@ class _HFBase(PreTrainedModel):
     hf_quantizer = None
     is_quantized = False
     loss_type = None
-    all_tied_weights_keys: dict = {}
+
+    @property
+    def all_tied_weights_keys(self) -> dict[str, str]:
+        """transformers 5's tied-parameter map (target -> source), read by PEFT."""
+        return self._tied_weights_keys or {}
 
     # transformers' ``PreTrainedModel.post_init`` and ``tie_weights`` are not used: esm-dual's come first.
 

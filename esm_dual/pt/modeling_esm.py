@@ -468,8 +468,8 @@ class EsmPreTrainedModel(nn.Module):
 
     def _tied_keys(self) -> tuple[str, ...]:
         """State-dict names that alias another tensor right now (the decoder tied to the word embeddings)."""
-        if not self.config.tie_word_embeddings or not hasattr(self, "lm_head"):
-            return ()
+        if not self._tied or not self.config.tie_word_embeddings or not hasattr(self, "lm_head"):
+            return ()  # ESMFold has no tied decoder: its lm_head is a plain Linear
         return self._tied if self.lm_head.decoder.weight is self.get_input_embeddings().weight else ()
 
     @property
@@ -1113,6 +1113,7 @@ class EsmForMaskedLM(EsmPreTrainedModel):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.decoder.weight = self.esm.embeddings.word_embeddings.weight
+            self.lm_head.decoder.out_features = self.lm_head.decoder.weight.shape[0]
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                 output_hidden_states=False, output_attentions=False, return_dict=True) -> MaskedLMOutput:

@@ -142,7 +142,9 @@ def test_out_of_memory_record_is_reported_and_others_continue(
         (">dna\nACGTACGTACGTACGTACGTACGTAGCTAGCTAGCAT\n", "nucleotide"),
         (">ok\nMKV\n>nothing\n\n>x\nMK\n", "nothing"),
         (">xs\nXXXXBZ\n", "no standard amino acid"),
-        (">big\n" + ":".join(["MKTAYIAKQR" * 30] * 20) + "\n", "beyond the PDB format's 9999"),
+        (">big\n" + "MKTAYIAKQR" * 1000 + "\n", "a chain of 10000 residues; the PDB format numbers at most 9999"),
+        (">lower\nMKVtay\n", "record 'lower', residue 4: lower-case 't'"),
+        (">stop\nMKV*\n", "record 'stop', residue 4: '*'"),
     ],
 )
 def test_bad_sequences_are_refused_before_loading(tmp_path, content, message, capsys, monkeypatch):
@@ -164,7 +166,7 @@ def test_unknown_residues_fold_as_x_and_main_entry(tmp_path, tiny_model_dir):
     from esm_dual.cli.main import main
 
     fasta = tmp_path / "in.fasta"
-    fasta.write_text(">weird|id/1 description\nMKBZUOX*\n>dimer\nMKTAYIAK:GSHMLED\n")
+    fasta.write_text(">weird|id/1 description\nMKBZUOX\n>dimer\nMKTAYIAK:GSHMLED\n")
     out = tmp_path / "out"
     rc = main(
         [
@@ -190,3 +192,34 @@ def test_unknown_residues_fold_as_x_and_main_entry(tmp_path, tiny_model_dir):
     rows = {r["id"]: r for r in _summary(out)}
     assert rows["weird|id/1"]["length"] == "7" and rows["dimer"]["length"] == "15"
     shutil.rmtree(out)
+
+
+def test_fold_batches_by_length_and_fast_mode_option(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    """Records go to infer() in fold_batches' buckets (the one bucketing helper); --trunk-dtype fast
+    runs the fast mode (bf16, SDPA kernels on the CPU) and is recorded with the structures."""
+    import json
+
+    from esm_dual.cli import fold
+    from esm_dual.pt import EsmForProteinFolding
+    from esm_dual.pt.folding import fold_batches
+
+    fasta = os.path.join(data_dir, "few_proteins.fasta")
+    records = list(read_fasta(fasta))
+    seen: list[tuple[list[str], bool]] = []
+    real_infer = EsmForProteinFolding.infer
+
+    def infer(self, seqs, *args, **kwargs):
+        seen.append((list(seqs), self.fast))
+        return real_infer(self, seqs, *args, **kwargs)
+
+    monkeypatch.setattr(EsmForProteinFolding, "infer", infer)
+    out = tmp_path / "out"
+    budget = 2 * max(len(r.sequence) for r in records)
+    assert fold.run(_args(fasta, out, tiny_model_dir, "--num-recycles", "0", "--trunk-dtype", "fast",
+                          "--max-tokens-per-batch", str(budget))) == 0
+    lengths = [len(r.sequence) for r in records]
+    expected = [[records[i].sequence.upper() for i in b] for b in fold_batches(lengths, budget)]
+    assert [s for s, _ in seen] == expected
+    assert all(fast for _, fast in seen)
+    assert json.loads((out / "fold_options.json").read_text())["trunk_dtype"] == "fast"
+    assert len(_summary(out)) == len(records)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FASTA = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "P62593.fasta"))
+FASTA = os.path.join(REPO, "tests", "data", "P62593.fasta")
 
 
 def free_port() -> int:
@@ -38,7 +38,7 @@ def torchrun(nproc: int, module: str, args: list[str], **kw) -> subprocess.Compl
 
 
 def head_fasta(path: str, n: int, max_len: int | None = None) -> str:
-    """Write the first ``n`` records of the shared P62593 FASTA (optionally cut to ``max_len`` residues)."""
+    """Write the first ``n`` records of tests/data/P62593.fasta (optionally cut to ``max_len`` residues)."""
     from esm_dual.common.fasta import read_fasta
 
     with open(path, "w") as f:

@@ -199,6 +199,45 @@ def test_reads_what_transformers_save_pretrained_writes(tmp_path, checkpoint, mo
     assert torch.equal(a["positions"], b["positions"])
 
 
+def test_loading_hf_fp16_stem_checkpoint_is_exact(tmp_path):
+    """HF's EsmForProteinFolding with fp16_esm (as facebook/esmfold_v1: its stem, rotary table included,
+    is fp16 in memory and in the file) saved with save_pretrained: every tensor we load equals HF's
+    in-memory value, the rotary table keeps HF's fp16-rounded frequencies (in an fp32 buffer, as HF
+    computes the angles in fp32), and the fold equals HF's in-memory model's (both stems in fp32 on
+    the CPU). The coordinate differences seen on GPU do not come from loading."""
+    import transformers
+
+    from esm_dual.pt import EsmForProteinFolding
+
+    torch.manual_seed(0)
+    hf = transformers.EsmForProteinFolding(transformers.EsmConfig(**tiny_esmfold_config_dict(fp16_esm=True)))
+    hf = hf.eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in hf.named_parameters():
+            p.add_((torch.randn(p.shape, generator=g) * 0.2).to(p.dtype))
+    assert hf.esm.embeddings.word_embeddings.weight.dtype == torch.float16
+    hf.save_pretrained(str(tmp_path))
+    ours = EsmForProteinFolding.from_pretrained(str(tmp_path))
+    ref = hf.state_dict()
+    inv = ref.pop("esm.rotary_embeddings.inv_freq")
+    assert inv.dtype == torch.float16
+    compared = 0
+    for name, t in ours.state_dict().items():
+        if name.endswith("rotary_embeddings.inv_freq"):
+            assert t.dtype == torch.float32 and torch.equal(t, inv.float()), name
+            continue
+        assert torch.equal(t.float(), ref[name].float()), name
+        if not name.startswith("esm."):
+            assert t.dtype == ref[name].dtype, name  # esm_s_combine and the trunk stay fp32
+        compared += 1
+    assert compared == len(ref)
+    hf.esm.float()
+    with torch.no_grad():
+        a, b = ours.infer(SEQS), hf.infer(SEQS)
+    assert _max_diff(a["positions"][-1], b["positions"][-1], [len(s) for s in SEQS], 1) < ATOL_ANGSTROM
+
+
 # ------------------------------------------------------------------------------------------------
 # Parity with HF transformers
 # ------------------------------------------------------------------------------------------------
@@ -303,6 +342,85 @@ def test_batch_equals_single(outputs, model):
             pae = ours["predicted_aligned_error"][b, :n, :n]
             assert float((one["predicted_aligned_error"][0] - pae).abs().max()) < ATOL
             assert abs(float(one["mean_plddt"][0] - ours["mean_plddt"][b])) < 100 * ATOL
+
+
+def test_fold_batches_never_cost_more_than_one_by_one():
+    from esm_dual.pt.folding import fold_batches
+    from esm_dual.pt.folding.batching import FOLD_OVERHEAD_PAIRS, fold_cost
+
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(np.log(270), 0.6, 200).astype(int), 30, 1022).tolist()
+    for budget in (None, 1, 512, 1024, 4096):
+        batches = fold_batches(lengths, budget)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        flat = [lengths[i] for b in batches for i in b]
+        assert flat == sorted(lengths)  # shortest first
+        for b in batches:
+            ns = [lengths[i] for i in b]
+            assert fold_cost(ns) <= sum(fold_cost([n]) for n in ns)
+            if budget is not None and len(b) > 1:
+                assert max(ns) * len(ns) <= budget
+        if budget == 1:
+            assert all(len(b) == 1 for b in batches)
+    # A short and a long sequence are never padded together; equal short ones are.
+    assert fold_batches([100, 1000], None) == [[0], [1]]
+    assert fold_batches([300, 250, 300], None) == [[1, 0, 2]]
+    assert fold_batches([300, 40, 300], None) == [[1], [0, 2]]
+    assert fold_batches([300, 300], 512) == [[0], [1]]  # fair-esm's budget
+    assert fold_cost([]) == 0 and fold_cost([10]) == 100 + FOLD_OVERHEAD_PAIRS
+    with pytest.raises(ValueError, match="max_tokens_per_batch"):
+        fold_batches([10], -1)
+
+
+def test_infer_list_in_buckets_matches_one_by_one(model, monkeypatch):
+    """A list in several buckets: the same outputs as folding each sequence alone, in input order."""
+    from esm_dual.pt.folding import EsmForProteinFolding
+
+    seqs = ["MKVLAAGIVG", "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", "GSHMLEDPVX", "MKTAY:GSHML"]
+    calls = []
+    real = EsmForProteinFolding._infer_batch
+
+    def spy(self, batch, *args):
+        calls.append(len(batch))
+        return real(self, batch, *args)
+
+    monkeypatch.setattr(EsmForProteinFolding, "_infer_batch", spy)
+    with torch.no_grad():
+        many = model.infer(seqs, max_tokens_per_batch=40)
+        pdbs = model.infer_pdbs(seqs, max_tokens_per_batch=40)
+    assert sorted(calls) == [1, 1, 1, 1, 2, 2]  # the two 10-residue sequences share a bucket, each time
+    calls.clear()
+    N = max(len(s.replace(":", "")) + 25 * s.count(":") for s in seqs)
+    assert tuple(many["positions"].shape[1:3]) == (len(seqs), N)
+    assert tuple(many["s_z"].shape[:3]) == (len(seqs), N, N)
+    for b, seq in enumerate(seqs):
+        with torch.no_grad():
+            one = model.infer(seq)
+        n = one["aatype"].shape[1]
+        assert float((one["positions"][:, 0] - many["positions"][:, b, :n]).abs().max()) < ATOL_ANGSTROM
+        assert float((one["final_atom_positions"][0] - many["final_atom_positions"][b, :n]).abs().max()) < ATOL_ANGSTROM
+        assert torch.equal(one["aatype"][0], many["aatype"][b, :n])
+        assert torch.equal(one["residue_index"][0], many["residue_index"][b, :n])
+        assert torch.equal(one["chain_index"][0], many["chain_index"][b, :n])
+        assert (many["chain_index"][b, n:] == -1).all() and (many["final_atom_mask"][b, n:] == 0).all()
+        pae = many["predicted_aligned_error"][b, :n, :n]
+        assert float((one["predicted_aligned_error"][0] - pae).abs().max()) < ATOL
+        assert abs(float(one["ptm"][0] - many["ptm"][b])) < ATOL
+        assert abs(float(one["mean_plddt"][0] - many["mean_plddt"][b])) < 100 * ATOL
+        atoms, ref = read_pdb_atoms(pdbs[b]), read_pdb_atoms(model.infer_pdb(seq))
+        names = [(x["name"], x["res_seq"], x["chain"]) for x in atoms]
+        assert names == [(x["name"], x["res_seq"], x["chain"]) for x in ref]
+        assert max(abs(p - q) for x, y in zip(atoms, ref) for p, q in zip(x["xyz"], y["xyz"])) <= 2e-3
+    # residx and masking_pattern follow their sequences into the buckets.
+    residx = [list(range(5, 5 + len(s.replace(":", "")) + 25 * s.count(":"))) for s in seqs]
+    pattern = torch.zeros(len(seqs), N, dtype=torch.long)
+    pattern[1, 3] = 1
+    with torch.no_grad():
+        many = model.infer(seqs, residx=residx, masking_pattern=pattern, max_tokens_per_batch=40)
+        one = model.infer(seqs[1], residx=[residx[1]], masking_pattern=pattern[1:2, : len(seqs[1])])
+    n = len(seqs[1])
+    assert float((one["positions"][:, 0] - many["positions"][:, 1, :n]).abs().max()) < ATOL_ANGSTROM
+    assert many["residue_index"][1, 0] == 5
 
 
 def test_num_recycles_matches_transformers(model, checkpoint):
@@ -574,6 +692,120 @@ def test_bf16_trunk_is_finite_and_close(model, outputs):
     assert float((cc["s_z"] - c["s_z"]).abs().max()) < 0.1 * (1 + float(c["s_z"].abs().max()))
 
 
+def test_fast_mode_switches_and_sdpa_kernels_on_cpu(model, outputs):
+    """set_fast: bf16 trunk + fused kernels (on the CPU cuEquivariance is skipped: SDPA in bf16); the
+    result stays close to the fp32 trunk and set_fast(False) restores it exactly."""
+    from esm_dual.pt.folding.kernels import check_kernels
+
+    ours, _ = outputs
+    assert not model.fast
+    model.set_fast(True)
+    try:
+        assert model.fast and model.trunk.block_dtype == torch.bfloat16
+        assert {b.tri_att_end.kernels for b in model.trunk.blocks} == {"cueq"}
+        with torch.no_grad():
+            fast = model.infer(SEQS)
+        model.set_chunk_size(4)
+        with torch.no_grad():
+            fast_chunked = model.infer(SEQS)
+    finally:
+        model.set_fast(False)
+        model.set_chunk_size(None)
+    assert not model.fast and {b.tri_mul_in.kernels for b in model.trunk.blocks} == {"torch"}
+    for k in ("positions", "plddt", "ptm", "predicted_aligned_error"):
+        assert torch.isfinite(fast[k]).all(), k
+    lengths = [len(s) for s in SEQS]
+    assert _max_diff(fast["positions"][-1], ours["positions"][-1], lengths, 1) < 1.0
+    assert float((fast["mean_plddt"] - ours["mean_plddt"]).abs().max()) < 2.0
+    assert float((fast_chunked["s_z"] - fast["s_z"]).abs().max()) < 0.1 * (1 + float(fast["s_z"].abs().max()))
+    with torch.no_grad():
+        again = model.infer(SEQS)
+    assert torch.equal(again["positions"], ours["positions"])
+    # Automatic (a loaded model's default): the fp32 trunk on the CPU.
+    model.set_fast(None)
+    try:
+        with torch.no_grad():
+            auto = model.infer(SEQS)
+        assert not model.fast and model.trunk.block_dtype is None
+    finally:
+        model.set_fast(False)
+    assert torch.equal(auto["positions"], ours["positions"])
+    with pytest.raises(ValueError, match="kernels"):
+        check_kernels("flash")
+
+
+def _kernel_modules(device):
+    """HF's block 0 weights in our triangle modules (on device), a pair tensor with padding."""
+    from esm_dual.pt.folding.trunk import TriangularSelfAttentionBlock
+
+    cfg = EsmConfig.from_dict(tiny_esmfold_config_dict(trunk=dict(
+        num_blocks=1, sequence_state_dim=64, pairwise_state_dim=64, sequence_head_width=16,
+        pairwise_head_width=32, position_bins=8, max_recycles=1, chunk_size=None,
+        structure_module=dict(sequence_dim=24, pairwise_dim=12, ipa_dim=6, resnet_dim=10, num_heads_ipa=3,
+                              num_qk_points=2, num_v_points=3, num_blocks=1)))).esmfold_config.trunk
+    torch.manual_seed(0)
+    block = TriangularSelfAttentionBlock(cfg).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return block.to(device)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernels", ["sdpa", "cueq"])
+def test_fused_triangle_kernels_match_fp32_on_gpu(kernels):
+    """Each triangle update in bf16 with the fused kernels against the fp32 module, with padding; the
+    in-place (add_into) and chunked forms too. cuEquivariance is checked only where installed."""
+    from esm_dual.pt.folding.kernels import cueq_available
+
+    if kernels == "cueq" and not cueq_available():
+        pytest.skip("cuequivariance_torch is not installed")
+    block = _kernel_modules("cuda")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    n = 200
+    z = torch.randn(2, n, n, 64, generator=g, device="cuda")
+    mask = torch.ones(2, n, device="cuda")
+    mask[1, 150:] = 0
+    pm = mask[:, :, None] * mask[:, None, :]
+    valid = pm.bool()
+    with torch.no_grad():
+        for name in ("tri_mul_out", "tri_mul_in", "tri_att_start", "tri_att_end"):
+            m = getattr(block, name)
+            m.kernels = "torch"
+            ref = m(z, pm, None)
+            m.kernels = kernels
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                for chunk in (None, 64):
+                    got = m(z, pm, chunk).float()
+                    zz = z.clone()
+                    m.add_into(zz, pm, chunk)
+                    for out in (got, zz - z):
+                        assert torch.isfinite(out).all(), (name, chunk)
+                        err = (out - ref)[valid].norm() / ref[valid].norm()
+                        assert float(err) < 2e-2, (name, chunk, float(err))
+            m.kernels = "torch"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_mode_finite_and_close_on_gpu(checkpoint):
+    from esm_dual.pt import EsmForProteinFolding
+
+    m = EsmForProteinFolding.from_pretrained(checkpoint[0], device="cuda")
+    seqs = SEQS + ["MKTAYIAKQRQISFVKSHFSRQLEERLGL" * 11]
+    with torch.no_grad():
+        ref = m.infer(seqs)
+        m.set_fast(True)
+        fast = m.infer(seqs)
+        m.set_chunk_size(32)
+        chunked = m.infer(seqs)
+    for out in (fast, chunked):
+        for k in ("positions", "plddt", "ptm", "predicted_aligned_error", "final_atom_positions"):
+            assert torch.isfinite(out[k]).all(), k
+    assert float((fast["mean_plddt"] - ref["mean_plddt"]).abs().max()) < 2.0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("esm_dtype", [torch.float16, torch.bfloat16])
@@ -589,7 +821,7 @@ def test_half_precision_on_gpu(checkpoint, esm_dtype):
     assert m.esm.embeddings.word_embeddings.weight.dtype == esm_dtype
     for k in ("positions", "plddt", "ptm", "predicted_aligned_error", "final_atom_positions"):
         assert torch.isfinite(out[k]).all(), k
-    # Automatic precision with fp16_esm (as facebook/esmfold_v1): fp16 stem on CUDA, fp32 trunk.
+    # Automatic precision with fp16_esm (as facebook/esmfold_v1): fp16 stem on CUDA, fast (bf16) trunk.
     m = EsmForProteinFolding.from_pretrained(checkpoint[0], device="cuda")
     m.config.esmfold_config.fp16_esm = True
     with torch.no_grad():
@@ -631,7 +863,7 @@ def test_multimer_chains_linker_and_offsets(model):
     atoms = read_pdb_atoms(model.output_to_pdb(out)[0])
     chains = {c: sorted({x["res_seq"] for x in atoms if x["chain"] == c}) for c in "AB"}
     assert chains["A"] == list(range(1, len(a) + 1))
-    assert chains["B"] == [513 + len(a) + 25 + i for i in range(len(b))]
+    assert chains["B"] == list(range(1, len(b) + 1))  # files number each chain from 1 (residue_index jumps)
     assert {x["chain"] for x in atoms} == {"A", "B"}
     # Custom linker and offset
     with torch.no_grad():
@@ -830,3 +1062,62 @@ def test_fair_esm_checkpoint(tmp_path):
             EsmForProteinFolding.from_pretrained(str(pt))
     finally:
         del os.environ["TORCH_HOME"]
+
+
+def test_cueq_call_plumbing_on_cpu(monkeypatch):
+    """The cuEquivariance calls' plumbing (weights as the kernels take them, the q/k/v/bias/mask layouts,
+    N padded to a multiple of 16 for the multiplication, row chunks, the ending-node transpose), checked
+    on the CPU by standing in for the two kernels with their documented formulas in plain torch."""
+    import types
+
+    from esm_dual.pt.folding import kernels, triangular
+
+    def tri_att(q, k, v, bias, mask=None, scale=None, return_aux=False, **_):
+        # (B, N, H, Q, D) q/k/v; bias (B, 1, H, Q, K); mask (B, N, 1, 1, K): softmax_k(s q.k + b), -1e9 masked
+        s = torch.einsum("bnhqd,bnhkd->bnhqk", q.float(), k.float()) * scale + bias.float()
+        if mask is not None:
+            s = s.masked_fill(~mask.bool(), -1e9)
+        return torch.einsum("bnhqk,bnhkd->bnhqd", s.softmax(-1), v.float()).to(q.dtype)
+
+    def tri_mul(x, direction, mask, norm_in_weight, norm_in_bias, p_in_weight, p_in_bias, g_in_weight, g_in_bias,
+                norm_out_weight, norm_out_bias, p_out_weight, p_out_bias, g_out_weight, g_out_bias, eps, **_):
+        f = torch.nn.functional
+        xn = f.layer_norm(x, x.shape[-1:], norm_in_weight, norm_in_bias, eps)
+        ab = torch.sigmoid(f.linear(xn, g_in_weight, g_in_bias)) * f.linear(xn, p_in_weight, p_in_bias)
+        ab = ab * mask.unsqueeze(-1)
+        a, b = ab.chunk(2, dim=-1)
+        eq = "bikc,bjkc->bijc" if direction == "outgoing" else "bkic,bkjc->bijc"
+        p = torch.einsum(eq, a, b)
+        p = f.linear(f.layer_norm(p, p.shape[-1:], norm_out_weight, norm_out_bias, eps), p_out_weight, p_out_bias)
+        return p * torch.sigmoid(f.linear(xn, g_out_weight, g_out_bias))
+
+    fake = types.ModuleType("cuequivariance_torch")
+    fake.triangle_attention, fake.triangle_multiplicative_update = tri_att, tri_mul
+    monkeypatch.setitem(__import__("sys").modules, "cuequivariance_torch", fake)
+    monkeypatch.setattr(triangular, "use_cueq", lambda k, x: k == "cueq")
+    seen = []
+    real_mul = kernels.cueq_triangle_multiplication
+    monkeypatch.setattr(triangular, "cueq_triangle_multiplication",
+                        lambda m, z, mask: seen.append(tuple(z.shape)) or real_mul(m, z, mask))
+    block = _kernel_modules("cpu")
+    g = torch.Generator().manual_seed(2)
+    n = 37
+    z = torch.randn(2, n, n, 64, generator=g)
+    mask = torch.ones(2, n)
+    mask[1, 30:] = 0
+    pm = mask[:, :, None] * mask[:, None, :]
+    valid = pm.bool()
+    with torch.no_grad():
+        for name in ("tri_mul_out", "tri_mul_in", "tri_att_start", "tri_att_end"):
+            m = getattr(block, name)
+            ref = m(z, pm, None)
+            m.kernels = "cueq"
+            for chunk in (None, 16):
+                got = m(z, pm, chunk)
+                zz = z.clone()
+                m.add_into(zz, pm, chunk)
+                for out in (got, zz - z):
+                    assert float((out - ref)[valid].abs().max()) < 1e-4, (name, chunk)
+            m.kernels = "torch"
+    # the multiplication went through the stand-in, N padded to 48 (unchunked calls only)
+    assert seen and set(seen) == {(2, 48, 48, 64)}

@@ -10,8 +10,10 @@ stem. ``infer`` / ``infer_pdb(s)`` / ``output_to_pdb`` follow fair-esm's ``ESMFo
 multimers written as ``:``-separated chains.
 
 Numerics follow fair-esm: pLDDT on the 0-100 scale, pTM per sequence over its own length. The ESM stem
-runs in fp16 on CUDA when ``esmfold_config.fp16_esm`` (fp32 on CPU), the trunk in fp32 unless
-``set_trunk_dtype(torch.bfloat16)``, the structure module always in fp32.
+runs in fp16 on CUDA when ``esmfold_config.fp16_esm`` (fp32 on CPU). The trunk by default runs in the
+fast mode on CUDA (bf16 with fused triangle kernels, ``set_fast``) and in fp32 on the CPU;
+``set_trunk_dtype(None)`` / ``set_fast(False)`` keep the fp32 trunk everywhere. The structure module
+always runs in fp32.
 
 Intended differences from transformers' ``EsmForProteinFolding`` (everything else matches it to
 float rounding): pLDDT x100 (HF: 0-1); ``ptm`` has one value per sequence (HF: one scalar for the
@@ -38,6 +40,7 @@ from ...io.base import Checkpoint
 from ...io.dtypes import torch_to_numpy
 from ...io.schema import LoadingError, describe_mismatch
 from ..modeling_esm import EsmModel, EsmPreTrainedModel, copy_numpy_into
+from .batching import DEFAULT_MAX_TOKENS_PER_BATCH, fold_batches, folded_length
 from .confidence import categorical_lddt, predicted_aligned_error, predicted_tm_score
 from .structure_module import residue_constant
 from .trunk import FoldingTrunk
@@ -184,6 +187,54 @@ def atom14_to_atom37(atom14: torch.Tensor, aatype: torch.Tensor) -> torch.Tensor
     return out * residue_constant("restype_atom37_mask", aatype.device)[aatype][..., None]
 
 
+def _take_rows(x: torch.Tensor | list | None, rows: list[int]) -> torch.Tensor | list | None:
+    """Rows ``rows`` of a per-sequence argument (tensor [B, N] or list), None stays None."""
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        return x[torch.as_tensor(rows, device=x.device)]
+    return [x[i] for i in rows]
+
+
+# Where each output has its batch dimension (the S-stacked structure-module outputs: 1) and how many
+# residue dimensions follow it (pair outputs: 2). Everything else: batch first, one residue dimension.
+_STACKED = {"frames", "sidechain_frames", "unnormalized_angles", "angles", "positions", "states", "lddt_head"}
+_PAIR = {"s_z", "distogram_logits", "ptm_logits", "aligned_confidence_probs", "predicted_aligned_error"}
+_PER_SEQUENCE = {"ptm", "mean_plddt"}
+
+
+def _merge_outputs(
+    parts: list[EsmForProteinFoldingOutput], batches: list[list[int]], total: int
+) -> EsmForProteinFoldingOutput:
+    """Outputs of length buckets -> one output over all ``total`` sequences in input order, padded to
+    the longest (padding: 0, chain_index -1, as ``encode_sequences``)."""
+    out = EsmForProteinFoldingOutput()
+    n_max = max(p.aatype.shape[1] for p in parts)
+    for key in parts[0].keys():
+        first = parts[0][key]
+        if key == "max_predicted_aligned_error" or not isinstance(first, torch.Tensor) or first.dim() == 0:
+            out[key] = first
+            continue
+        bdim = 1 if key in _STACKED else 0
+        n_res = 0 if key in _PER_SEQUENCE else 2 if key in _PAIR else 1
+        shape = list(first.shape)
+        shape[bdim] = total
+        for d in range(bdim + 1, bdim + 1 + n_res):
+            shape[d] = n_max
+        fill = -1 if key == "chain_index" else 0
+        merged = first.new_full(shape, fill)
+        for part, batch in zip(parts, batches):
+            t = part[key]
+            idx = torch.as_tensor(batch, device=t.device)
+            # the part's residues occupy the leading positions of each residue dimension
+            view = merged
+            for d in range(bdim + 1, bdim + 1 + n_res):
+                view = view.narrow(d, 0, t.shape[d])
+            view.index_copy_(bdim, idx, t)
+        out[key] = merged
+    return out
+
+
 # ================================================================================================
 # The model
 # ================================================================================================
@@ -193,6 +244,10 @@ class EsmForProteinFolding(EsmPreTrainedModel):
     """ESMFold. ``forward`` takes AlphaFold residue indices (``encode_sequences``), ``infer`` strings."""
 
     _tied = ()
+
+    def _tied_keys(self) -> tuple[str, ...]:
+        """Nothing is tied: ESMFold's ``lm_head`` is a plain Linear over the trunk's 23 tokens."""
+        return ()
 
     def __init__(self, config: EsmConfig):
         super().__init__(config)
@@ -243,6 +298,8 @@ class EsmForProteinFolding(EsmPreTrainedModel):
         )
         # None: automatic (fp16 on CUDA if esmfold_config.fp16_esm, else fp32).
         self._esm_dtype: torch.dtype | None = None
+        # None: automatic (the fast mode on CUDA, the fp32 trunk elsewhere); True / False: set_fast's.
+        self._fast_mode: bool | None = None
         self.post_init()
 
     @staticmethod
@@ -282,11 +339,40 @@ class EsmForProteinFolding(EsmPreTrainedModel):
         self._esm_dtype = dtype
 
     def set_trunk_dtype(self, dtype: torch.dtype | None) -> None:
-        """Run the folding blocks under autocast in ``dtype`` (torch.bfloat16), or in fp32 (None)."""
+        """Run the folding blocks under autocast in ``dtype`` (torch.bfloat16), or in fp32 (None), with
+        today's kernels (``set_kernels("torch")``); this ends the automatic mode (``set_fast``)."""
         if dtype not in (None, torch.float32, torch.bfloat16):
             # fp16 overflows in the triangular multiplication's sums over N residues.
             raise ValueError(f"the trunk runs in fp32 or bf16, not {dtype}")
         self.trunk.block_dtype = None if dtype == torch.float32 else dtype
+        self.trunk.set_kernels("torch")
+        self._fast_mode = False  # an explicit choice: no automatic mode any more
+
+    def set_kernels(self, kernels: str) -> None:
+        """Kernels of the trunk's triangle updates: "torch" (default), "sdpa" or "cueq" (cuEquivariance,
+        the ``fold-gpu`` extra; falls back to "sdpa" where it is not installed or on the CPU)."""
+        self.trunk.set_kernels(kernels)
+        self._fast_mode = self.fast
+
+    def set_fast(self, enabled: bool | None = True, kernels: str = "cueq") -> None:
+        """The fast mode: the trunk in bf16 with fused triangle kernels (``kernels``; see
+        ``set_kernels``). ``set_fast(False)`` (or ``set_trunk_dtype(None)``) is the fp32 trunk with
+        today's kernels, the path tested against HF transformers. ``None``: automatic, the default: the
+        fast mode on CUDA, the fp32 trunk elsewhere. The structure module stays fp32, the stem's
+        precision is ``set_esm_dtype``'s."""
+        if enabled is None:
+            self._fast_mode = None
+            return
+        self._apply_fast(bool(enabled), kernels)
+        self._fast_mode = bool(enabled)
+
+    def _apply_fast(self, enabled: bool, kernels: str = "cueq") -> None:
+        self.trunk.block_dtype = torch.bfloat16 if enabled else None
+        self.trunk.set_kernels(kernels if enabled else "torch")
+
+    @property
+    def fast(self) -> bool:
+        return self.trunk.block_dtype == torch.bfloat16 and self.trunk.kernels != "torch"
 
     def esm_dtype_for(self, device: torch.device) -> torch.dtype:
         if self._esm_dtype is not None:
@@ -353,6 +439,8 @@ class EsmForProteinFolding(EsmPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(N, device=aa.device).expand(B, N)
         mask = attention_mask
+        if self._fast_mode is None:  # automatic: the fast mode on CUDA
+            self._apply_fast(aa.device.type == "cuda")
 
         esmaa = self.af2_idx_to_esm_idx(aa, mask)
         if masking_pattern is not None:
@@ -417,31 +505,78 @@ class EsmForProteinFolding(EsmPreTrainedModel):
         masking_pattern: torch.Tensor | None = None,
         chain_linker: str | None = "G" * 25,
         residue_index_offset: int | None = 512,
+        max_tokens_per_batch: int | None = DEFAULT_MAX_TOKENS_PER_BATCH,
     ) -> EsmForProteinFoldingOutput:
         """Fold one sequence or a batch. Multimers: chains separated by ``:`` (joined by ``chain_linker``,
         residue index jumping by ``residue_index_offset``); linker residues are masked out of
         ``atom37_atom_exists`` / ``final_atom_mask``, ``mean_plddt`` and the PDB files.
 
         ``num_recycles=None`` uses ``trunk.max_recycles`` passes in all (fair-esm's default).
+
+        A list is folded in length buckets (``batching.fold_batches``: at most ``max_tokens_per_batch``
+        padded residues a batch, and never a batch that costs more than folding its members apart;
+        ``None``: the cost rule alone, 1: one at a time), and the outputs are padded back into one
+        batch in input order: the same numbers as folding each sequence alone. Every output is held at
+        once, its pair tensors padded to the longest sequence: for long lists, ``infer_pdbs`` or
+        ``esm-dual fold`` keep one bucket at a time.
         """
+        seqs = self._check_seqs(seqs)
+        batches = self._batches(seqs, max_tokens_per_batch, chain_linker)
+        if len(batches) == 1:
+            return self._infer_batch(seqs, num_recycles, residx, masking_pattern, chain_linker,
+                                     residue_index_offset)
+        if residx is not None and not isinstance(residx, torch.Tensor):
+            residx = [residx[i] for i in range(len(seqs))]
+        parts = []
+        for batch in batches:
+            parts.append(self._infer_batch(
+                [seqs[i] for i in batch], num_recycles, _take_rows(residx, batch),
+                _take_rows(masking_pattern, batch), chain_linker, residue_index_offset,
+            ))
+        return _merge_outputs(parts, batches, len(seqs))
+
+    @staticmethod
+    def _check_seqs(seqs: str | list[str]) -> list[str]:
         if isinstance(seqs, str):
             seqs = [seqs]
+        seqs = list(seqs)
         if not seqs:
             raise ValueError("infer() needs at least one sequence")
         for i, s in enumerate(seqs):
-            if not s or any(not c for c in s.split(":")):
+            if not isinstance(s, str) or not s or any(not c for c in s.split(":")):
                 raise ValueError(f"sequence {i} is empty (or has an empty chain): {s!r}")
+        return seqs
+
+    @staticmethod
+    def _batches(seqs: list[str], max_tokens_per_batch: int | None, chain_linker: str | None) -> list[list[int]]:
+        """Length buckets of ``seqs`` (lengths as folded: chains joined by the linker)."""
+        return fold_batches([folded_length(s, chain_linker) for s in seqs], max_tokens_per_batch)
+
+    def _infer_batch(
+        self,
+        seqs: list[str],
+        num_recycles: int | None,
+        residx: torch.Tensor | list | None,
+        masking_pattern: torch.Tensor | None,
+        chain_linker: str | None,
+        residue_index_offset: int | None,
+    ) -> EsmForProteinFoldingOutput:
+        """Fold ``seqs`` as one batch padded to the longest."""
         enc = encode_sequences(seqs, residue_index_offset, chain_linker)
+        n = enc["aatype"].shape[1]
         if residx is None:
             residx = enc["residx"]
         elif not isinstance(residx, torch.Tensor):
-            n = enc["aatype"].shape[1]
             residx = torch.stack(
                 [
                     torch.nn.functional.pad(torch.as_tensor(r, dtype=torch.long), (0, n - len(r)))
                     for r in residx
                 ]
             )
+        else:
+            residx = residx[:, :n]
+        if masking_pattern is not None:
+            masking_pattern = masking_pattern[:, :n]
         device = self.device
         aatype, mask = enc["aatype"].to(device), enc["mask"].to(device)
         linker_mask = enc["linker_mask"].to(device)
@@ -475,8 +610,32 @@ class EsmForProteinFolding(EsmPreTrainedModel):
         names = names or [f"prediction_{i}" for i in range(len(prots))]
         return [to_mmcif(p, n) for p, n in zip(prots, names)]
 
-    def infer_pdbs(self, seqs: list[str], *args, **kwargs) -> list[str]:
-        return self.output_to_pdb(self.infer(seqs, *args, **kwargs))
+    @torch.no_grad()
+    def infer_pdbs(
+        self,
+        seqs: list[str],
+        num_recycles: int | None = None,
+        residx: torch.Tensor | list | None = None,
+        masking_pattern: torch.Tensor | None = None,
+        chain_linker: str | None = "G" * 25,
+        residue_index_offset: int | None = 512,
+        max_tokens_per_batch: int | None = DEFAULT_MAX_TOKENS_PER_BATCH,
+    ) -> list[str]:
+        """PDB text per sequence, in input order. Folded in the length buckets of ``infer``, one bucket
+        at a time: only one bucket's outputs are held."""
+        seqs = self._check_seqs(seqs)
+        if residx is not None and not isinstance(residx, torch.Tensor):
+            residx = [residx[i] for i in range(len(seqs))]
+        pdbs: list[str | None] = [None] * len(seqs)
+        for batch in self._batches(seqs, max_tokens_per_batch, chain_linker):
+            out = self._infer_batch(
+                [seqs[i] for i in batch], num_recycles, _take_rows(residx, batch),
+                _take_rows(masking_pattern, batch), chain_linker, residue_index_offset,
+            )
+            for i, pdb in zip(batch, self.output_to_pdb(out)):
+                pdbs[i] = pdb
+            del out
+        return pdbs  # type: ignore[return-value]
 
     def infer_pdb(self, seq: str, *args, **kwargs) -> str:
         return self.infer_pdbs([seq], *args, **kwargs)[0]

@@ -51,13 +51,16 @@ def wide_op_rows(chunk_size: int | None, n: int, width: int) -> int | None:
     return max(chunk_size, WHOLE_OP_ELEMENTS // max(1, n * width))
 
 
-def sdpa_bias_ok(x: torch.Tensor) -> bool:
+def sdpa_bias_ok(x: torch.Tensor, any_dtype: bool = False) -> bool:
     """Triangle attention through ``F.scaled_dot_product_attention`` with the biases as its mask:
-    fp32 outside autocast (the fused kernels never materialise the [*, H, N, N] scores). Off with
+    fp32 outside autocast, or in any dtype with ``any_dtype`` (the ``"sdpa"`` / ``"cueq"`` kernels;
+    the fused kernels never materialise the [*, H, N, N] scores). Off with
     ``FastPathOptions.triangle_sdpa`` (``ESM_DUAL_TRIANGLE_SDPA=0``): the explicit scores / softmax path,
     as HF and OpenFold write it."""
     if not default_options().triangle_sdpa:
         return False
+    if any_dtype:
+        return True
     return x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
 
 
@@ -133,6 +136,8 @@ class Attention(nn.Module):
         k = self.linear_k(x).view(shape).transpose(-2, -3)
         v = self.linear_v(x).view(shape).transpose(-2, -3)
         outs = []
+        if bias.dtype != q.dtype:  # (SDPA wants the mask in the query's dtype)
+            bias = aligned_empty(bias.shape, bias, q.dtype).copy_(bias)
         for b in range(B):
             mask = bias[b] if bias.dim() == 5 else bias[b].unsqueeze(0).expand(R, -1, -1, -1)
             # [R, H, Q, K]

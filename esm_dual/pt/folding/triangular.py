@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .kernels import compute_dtype, cueq_triangle_attention, cueq_triangle_multiplication, use_cueq
 from .primitives import Attention, aligned_bias, aligned_empty, row_chunks, sdpa_bias_ok
 
 
@@ -23,6 +24,8 @@ class TriangleAttention(nn.Module):
         self.layer_norm = nn.LayerNorm(c_in)
         self.linear = nn.Linear(c_in, no_heads, bias=False)
         self.mha = Attention(c_in, c_hidden, no_heads, gating=True)
+        # "torch" | "sdpa" | "cueq" (kernels.py); set by FoldingTrunk.set_kernels
+        self.kernels = "torch"
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, chunk_size: int | None = None
@@ -33,7 +36,14 @@ class TriangleAttention(nn.Module):
             x = x.transpose(-2, -3)
             mask = None if mask is None else mask.transpose(-1, -2)
         x = self.layer_norm(x)
-        if sdpa_bias_ok(x) and x.dim() == 4:
+        if x.dim() == 4 and use_cueq(self.kernels, x):
+            # [B, J, J, H] -> [B, H, J, J]
+            bias = self.linear(x).permute(0, 3, 1, 2)
+            out = torch.cat([cueq_triangle_attention(self.mha, x[:, rows], bias,
+                                                     None if mask is None else mask[:, rows])
+                             for rows in row_chunks(x.shape[1], chunk_size)], dim=1)
+            return out if self.starting else out.transpose(-2, -3)
+        if sdpa_bias_ok(x, any_dtype=self.kernels != "torch") and x.dim() == 4:
             out = self._forward_sdpa(x, mask, chunk_size)
             return out if self.starting else out.transpose(-2, -3)
         if mask is None:
@@ -59,21 +69,26 @@ class TriangleAttention(nn.Module):
         with no full-size temporary. Row i's update reads only row i (LayerNormed) and the triangle
         bias, which is built from every row before any of them changes."""
         n = z.shape[-2]
-        if chunk_size is None or chunk_size >= n or z.dim() != 4:
+        cueq = z.dim() == 4 and use_cueq(self.kernels, z)
+        if not cueq and (chunk_size is None or chunk_size >= n or z.dim() != 4):
             z += self(z, mask, chunk_size)
             return
         zt = z if self.starting else z.transpose(-2, -3)
         mt = mask if (mask is None or self.starting) else mask.transpose(-1, -2)
         B = zt.shape[0]
-        sdpa = sdpa_bias_ok(zt)
+        sdpa = sdpa_bias_ok(zt, any_dtype=self.kernels != "torch")
         h = self.linear.out_features
         # [B, H, J, J], row block by row block: bias[b, h, j, k] = linear(LN(z))[b, j, k, h]
-        bias = aligned_empty((B, h, n, n), zt, zt.dtype if sdpa else torch.float32)
+        bias = aligned_empty((B, h, n, n), zt, compute_dtype(zt) if (sdpa or cueq) else torch.float32)
         for rows in row_chunks(n, chunk_size):
             bias[:, :, rows] = self.linear(self.layer_norm(zt[:, rows])).permute(0, 3, 1, 2)
         for rows in row_chunks(n, chunk_size):
             x = self.layer_norm(zt[:, rows])
-            zt[:, rows] += self._row_block(x, None if mt is None else mt[:, rows], bias, sdpa)
+            m = None if mt is None else mt[:, rows]
+            if cueq:
+                zt[:, rows] += cueq_triangle_attention(self.mha, x, bias, m)
+            else:
+                zt[:, rows] += self._row_block(x, m, bias, sdpa)
 
     def _row_block(self, x: torch.Tensor, mask_rows: torch.Tensor | None, bias: torch.Tensor,
                    sdpa: bool) -> torch.Tensor:
@@ -82,7 +97,7 @@ class TriangleAttention(nn.Module):
         if sdpa:
             if mask_rows is not None:
                 # [B, R, 1, 1, J] + [B, 1, H, J, J] -> [B, R, H, J, J]
-                key_bias = (self.inf * (mask_rows.to(x.dtype) - 1))[:, :, None, None, :]
+                key_bias = (self.inf * (mask_rows.to(bias.dtype) - 1))[:, :, None, None, :]
                 bias = aligned_bias(bias.unsqueeze(1) + key_bias)
             return self.mha.forward_rows(x, bias)
         m = x.new_ones(x.shape[:-1]) if mask_rows is None else mask_rows
@@ -117,6 +132,29 @@ class TriangleMultiplicativeUpdate(nn.Module):
         self.linear_z = nn.Linear(c_z, c_z)
         self.layer_norm_in = nn.LayerNorm(c_z)
         self.layer_norm_out = nn.LayerNorm(c_z)
+        # "torch" | "cueq" (kernels.py; "sdpa" means "torch" here); set by FoldingTrunk.set_kernels
+        self.kernels = "torch"
+
+    def _cueq_ok(self, z: torch.Tensor, chunk_size: int | None) -> bool:
+        """cuEquivariance's kernel: on CUDA, channels a multiple of 32 (its tiles), and not where the
+        caller asked for row chunks (the kernel holds full-size projections: long sequences keep the
+        chunked, memory-bounded path)."""
+        return (z.dim() == 4 and use_cueq(self.kernels, z) and z.shape[-1] % 32 == 0
+                and (chunk_size is None or chunk_size >= z.shape[-3]))
+
+    def _cueq(self, z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The update through cuEquivariance's fused kernel, with a float [B, N, N] mask (all ones where
+        there is none). N is padded to a multiple of 16 with masked pairs (they add nothing to the sums;
+        their outputs are dropped): bf16 contractions over a length that is not a multiple of 8 miss
+        cuBLAS's aligned tensor-core kernels."""
+        n = z.shape[-2]
+        mask = z.new_ones(z.shape[:-1]) if mask is None else mask.to(z.dtype)
+        pad = -n % 16
+        if pad:
+            z = nn.functional.pad(z, (0, 0, 0, pad, 0, pad))
+            mask = nn.functional.pad(mask, (0, pad, 0, pad))
+        out = cueq_triangle_multiplication(self, z.contiguous(), mask.contiguous())
+        return out[:, :n, :n] if pad else out
 
     def _projections(self, z_ln: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z_ln [*, R, N, C_z] (LayerNormed rows), mask [*, R, N, 1] -> gated projections a, b."""
@@ -130,6 +168,8 @@ class TriangleMultiplicativeUpdate(nn.Module):
     ) -> torch.Tensor:
         """z [*, N, N, C_z]; mask [*, N, N] -> update [*, N, N, C_z] (with ``accumulate`` and chunks:
         z + update, written into z)."""
+        if not accumulate and self._cueq_ok(z, chunk_size):
+            return self._cueq(z, mask)
         if mask is None:
             mask = z.new_ones(z.shape[:-1])
         mask = mask.unsqueeze(-1).to(z.dtype)
@@ -186,7 +226,7 @@ class TriangleMultiplicativeUpdate(nn.Module):
         """z += self(z, mask, chunk_size) in place (inference). Chunked, the projections of every row
         are built first and each output row block is added into z right after its gate reads it, so
         no full-size output is held."""
-        if chunk_size is None or chunk_size >= z.shape[-3]:
+        if chunk_size is None or chunk_size >= z.shape[-3] or self._cueq_ok(z, chunk_size):
             z += self(z, mask, chunk_size)
         else:
             self(z, mask, chunk_size, accumulate=True)

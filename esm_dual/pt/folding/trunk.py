@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ...common.config import TrunkConfig
+from .kernels import check_kernels
 from .primitives import chunked_rows, row_chunks, softmax_fp32, wide_op_rows
 from .structure_module import StructureModule
 from .triangular import TriangleAttention, TriangleMultiplicativeUpdate
@@ -231,6 +232,7 @@ class FoldingTrunk(nn.Module):
         self.chunk_size = config.chunk_size
         # None: the blocks run in the parameters' dtype; torch.bfloat16 / float16: under autocast.
         self.block_dtype: torch.dtype | None = None
+        self.kernels = "torch"
 
     def set_chunk_size(self, chunk_size: int | None) -> None:
         """Split triangle attention, triangle multiplication and the pair transitions into row
@@ -241,6 +243,15 @@ class FoldingTrunk(nn.Module):
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         self.chunk_size = chunk_size
+
+    def set_kernels(self, kernels: str) -> None:
+        """Kernels of the triangle updates: "torch" (today's path, the default), "sdpa" (triangle
+        attention through SDPA in any dtype) or "cueq" (cuEquivariance's fused triangle kernels on CUDA
+        where installed, else "sdpa"); see ``kernels.py``."""
+        self.kernels = check_kernels(kernels)
+        for block in self.blocks:
+            for m in (block.tri_mul_out, block.tri_mul_in, block.tri_att_start, block.tri_att_end):
+                m.kernels = kernels
 
     def _autocast(self, device: torch.device):
         if self.block_dtype is None or self.block_dtype == torch.float32:
