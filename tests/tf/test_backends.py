@@ -393,3 +393,32 @@ def test_bad_values_raise_or_poison_under_xla(hub_dir, case):
     assert np.isnan(logits[bad_row]).all()
     good = [r for r in range(len(ids)) if r != bad_row]
     assert np.isfinite(logits[good]).all()
+
+
+_NO_TF_SCRIPT = """
+import sys
+sys.modules["tensorflow"] = None  # as if TensorFlow were not installed: importing it fails
+import numpy as np, keras
+import esm_dual.tf as T
+from esm_dual.tf.pydataset import make_pydataset
+from tests.conftest import tiny_config
+model = T.TFEsmForSequenceClassification(tiny_config("esm2", num_labels=2))
+ds = make_pydataset(["MKTAYIAKQR", "MSIQHFRVALIPFF", "MKV"], [0, 1, 0], batch_size=2)
+model.compile(optimizer="adam")
+hist = model.fit(ds, epochs=1, verbose=0)
+model.save(sys.argv[1])
+keras.saving.load_model(sys.argv[1])
+assert sys.modules["tensorflow"] is None and np.isfinite(hist.history["loss"][0])
+print(keras.backend.backend())
+"""
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="the other backends run without TensorFlow")
+def test_runs_without_tensorflow(tmp_path):
+    """``import esm_dual.tf``, building, ``fit`` on ``make_pydataset`` and ``.keras`` save/load with TensorFlow
+    unimportable (a subprocess)."""
+    env = {**os.environ, "KERAS_BACKEND": BACKEND, "PYTHONPATH": ROOT}
+    res = subprocess.run([sys.executable, "-c", _NO_TF_SCRIPT, str(tmp_path / "m.keras")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == BACKEND
