@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esm_dual.pt.fast.options import FastPathOptions, default_options
+from esm_dual.pt.fast.options import default_options
 from tests.pt.test_esmfold import SEQS, one_thread, write_tiny_esmfold  # noqa: F401 (autouse fixture)
 
 
