@@ -603,10 +603,25 @@ def progress(total: int, desc: str, unit: str = "seq", quiet: bool = False) -> A
     return LogProgress(total, desc, unit, interval)
 
 
+# The key of ``config.extra`` (config.json) under which ``esm-dual init --random`` marks its checkpoints.
+RANDOM_MARKER = "esm_dual_random_init"
+
+
+def is_random(config) -> bool:
+    return bool(getattr(config, "extra", {}).get(RANDOM_MARKER))
+
+
+def random_warning(location: str, config) -> str | None:
+    """The warning for a checkpoint ``init --random`` wrote, or None."""
+    mark = getattr(config, "extra", {}).get(RANDOM_MARKER)
+    if not mark:
+        return None
+    shape = mark.get("shape_of", "?") if isinstance(mark, dict) else "?"
+    return f"{location} holds RANDOM weights (esm-dual init, shape of {shape}): its outputs mean nothing"
+
+
 def warn_if_random(location: str, config) -> None:
     """Say so when ``location`` holds the random weights of ``esm-dual init --random``."""
-    from .init import random_warning
-
     msg = random_warning(location, config)
     if msg:
         warn(msg)
