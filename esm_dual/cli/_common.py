@@ -200,18 +200,18 @@ def pick_device(device: str, backend: str, nogpu: bool = False) -> str:
             raise CliError(f"--nogpu contradicts --device {device}")
         return "cpu"
     if device == "auto":
-        return "cuda" if _gpu_available(backend) else "cpu"
+        return "cuda" if gpu_available(backend) else "cpu"
     if device == "gpu":
         device = "cuda"
     if device != "cpu" and not device.startswith("cuda"):
         raise CliError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if device.startswith("cuda") and not _gpu_available(backend):
+    if device.startswith("cuda") and not gpu_available(backend):
         fw = "PyTorch" if backend == "pt" else "TensorFlow"
         raise CliError(f"--device {device}: no GPU is visible to {fw}")
     return device
 
 
-def _gpu_available(backend: str) -> bool:
+def gpu_available(backend: str) -> bool:
     if backend == "pt":
         import torch
 

@@ -52,6 +52,7 @@ from ._common import (
     add_model_runtime_arguments,
     add_unknown_residues_argument,
     encode_records,
+    gpu_available,
     load_runner,
     name_list,
     note,
@@ -304,9 +305,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if world > 1 and not args.shard_only and not args.nogpu and device in ("auto", "cuda", "gpu"):
-        from ._common import _gpu_available
-
-        if _gpu_available(args.backend):  # torchrun: one GPU per local rank
+        if gpu_available(args.backend):  # torchrun: one GPU per local rank
             device = f"cuda:{local_rank}"
     runner = load_runner(args.model, backend=args.backend, head="base", device=device, dtype=args.dtype,
                          nogpu=args.nogpu)
