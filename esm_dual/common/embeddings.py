@@ -401,7 +401,6 @@ class EmbeddingWriter:
         contacts: Sequence[np.ndarray] | None = None,
         seq_hashes: Sequence[str] | None = None,
         input_index: Sequence[int] | None = None,
-        _before_commit=None,
     ) -> None:
         """Append one batch and commit it.
 
@@ -495,8 +494,6 @@ class EmbeddingWriter:
                     raise OSError(f"dataset {name!r} rows {start}..{start + len(values) - 1} read back differently")
         except Exception as e:
             raise self._fail(e, b, n0) from None
-        if _before_commit is not None:  # test hook: simulate a crash between writing and committing
-            _before_commit()
         try:
             self._commit(n1, r1, c1)
         except Exception as e:
