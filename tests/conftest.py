@@ -11,9 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from esm_dual.common.config import EsmConfig  # noqa: E402
-
-# Small real FASTA files shipped with the repository (tests/data/README.md names their source).
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+from tests.utils import DATA_DIR  # noqa: E402,F401  (re-exported: tests import it from here too)
 
 # Odd sizes on purpose: 3 heads (not a power of two), head dim 6 (even, for rotary).
 _BASE = dict(

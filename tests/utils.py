@@ -16,22 +16,33 @@ import numpy as np
 from esm_dual.common.config import EsmConfig
 
 HEADS = ("base", "mlm", "seq", "tok")
+ARCH = {"base": "EsmModel", "mlm": "EsmForMaskedLM", "seq": "EsmForSequenceClassification",
+        "tok": "EsmForTokenClassification"}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+# Small real FASTA files shipped with the repository (tests/data/README.md names their source).
+DATA_DIR = os.path.join(ROOT, "tests", "data")
+
+
+def hf_class(head: str):
+    """HF transformers' class for a head ("base", "mlm", "seq", "tok")."""
+    import transformers
+
+    return getattr(transformers, ARCH[head])
+
+
+def hf_config(config: EsmConfig):
+    """transformers.EsmConfig with the same fields as ours."""
+    import transformers
+
+    return transformers.EsmConfig(**{k: v for k, v in config.to_dict().items() if k != "model_type"})
 
 
 def random_hub_tensors(config: EsmConfig, head: str = "mlm", seed: int = 0) -> dict[str, np.ndarray]:
     """Random weights with every tensor (LayerNorms and biases included) non-trivial, hub names."""
     import torch
-    import transformers
 
-    cls = {
-        "base": transformers.EsmModel,
-        "mlm": transformers.EsmForMaskedLM,
-        "seq": transformers.EsmForSequenceClassification,
-        "tok": transformers.EsmForTokenClassification,
-    }[head]
-    hf_cfg = transformers.EsmConfig(**{k: v for k, v in config.to_dict().items() if k != "model_type"})
     torch.manual_seed(seed)
-    model = cls(hf_cfg)
+    model = hf_class(head)(hf_config(config))
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for name, t in model.state_dict().items():
@@ -64,10 +75,8 @@ def write_hub_checkpoint(directory: str, config: EsmConfig, head: str = "mlm", s
 
     os.makedirs(directory, exist_ok=True)
     tensors = random_hub_tensors(config, head, seed)
-    arch = {"base": "EsmModel", "mlm": "EsmForMaskedLM", "seq": "EsmForSequenceClassification",
-            "tok": "EsmForTokenClassification"}[head]
     d = config.to_dict()
-    d["architectures"] = architectures or [arch]
+    d["architectures"] = architectures or [ARCH[head]]
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(d, f, indent=2, sort_keys=True)
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
@@ -80,24 +89,63 @@ def hf_model(directory: str, head: str = "mlm", attn: str = "eager"):
     HF 5 keeps one model-level rotary table and recomputes it, so the per-layer tables in the file are
     ignored there; our test files store exactly the computed values, so both sides agree.
     """
+    return hf_class(head).from_pretrained(directory, attn_implementation=attn).eval()
+
+
+def hf_untied_mlm(directory: str, seed: int = 0):
+    """transformers' own EsmForMaskedLM with tie_word_embeddings=False and random weights, saved by it."""
+    import torch
     import transformers
 
-    cls = {
-        "base": transformers.EsmModel,
-        "mlm": transformers.EsmForMaskedLM,
-        "seq": transformers.EsmForSequenceClassification,
-        "tok": transformers.EsmForTokenClassification,
-    }[head]
-    model = cls.from_pretrained(directory, attn_implementation=attn)
-    return model.eval()
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("esm2", tie_word_embeddings=False, architectures=["EsmForMaskedLM"])
+    torch.manual_seed(seed)
+    ref = transformers.EsmForMaskedLM(hf_config(cfg)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.2)
+    ref.save_pretrained(directory)
+    return ref
 
 
-def load_benchmark(name: str):
-    """A script of ``benchmarks/`` (``"encoder_gpu"``) imported as a module, for its CPU smoke tests."""
-    import importlib.util
+def esm_warnings(caplog) -> list[str]:
+    """The messages logged by the ``esm_dual`` logger (capture them with ``caplog.at_level(..., "esm_dual")``)."""
+    return [r.getMessage() for r in caplog.records if r.name == "esm_dual"]
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+
+def maxdiff(a, b) -> float:
+    """max |a - b| over torch tensors, numpy arrays or Keras tensors (as float64)."""
+    return float(np.max(np.abs(as_numpy(a) - as_numpy(b))))
+
+
+def as_numpy(x) -> np.ndarray:
+    """A float64 numpy copy of a torch tensor (any dtype, on any device), a Keras tensor or an array."""
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    elif hasattr(x, "numpy") and not isinstance(x, np.ndarray):
+        x = x.numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``esm-dual ARGV...`` in this process: (exit code, stdout, stderr)."""
+    from esm_dual.cli.main import main
+
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def write_fasta(path, seqs: dict[str, str], newline: str = "\n", bom: bool = False, headers=None,
+                wrap: int | None = None) -> str:
+    """Write ``{id: sequence}`` as FASTA: ``headers`` {id: header text} instead of the id alone, sequence lines
+    cut every ``wrap`` residues, another line end (``"\\r\\n"``, ``"\\r"``) and a UTF-8 byte-order mark."""
+    def lines(seq):
+        step = wrap or max(len(seq), 1)
+        return "".join(f"{seq[i:i + step]}\n" for i in range(0, max(len(seq), 1), step))
+
+    text = "".join(f">{(headers or {}).get(k, k)}\n{lines(v)}" for k, v in seqs.items())
+    with open(path, "wb") as f:
+        f.write((b"\xef\xbb\xbf" if bom else b"") + text.replace("\n", newline).encode())
+    return str(path)
