@@ -8,8 +8,11 @@ ESM-2 files carry.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -115,17 +118,65 @@ def esm_warnings(caplog) -> list[str]:
 
 
 def maxdiff(a, b) -> float:
-    """max |a - b| over torch tensors, numpy arrays or Keras tensors (as float64)."""
-    return float(np.max(np.abs(as_numpy(a) - as_numpy(b))))
+    """max |a - b| of two torch tensors, Keras/TF tensors or arrays of the same shape; of two dicts of them with the
+    same keys, the largest over the keys."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), sorted(set(a) ^ set(b))
+        return max((maxdiff(a[k], b[k]) for k in a), default=0.0)
+    a, b = as_numpy(a), as_numpy(b)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max()) if a.size else 0.0
 
 
 def as_numpy(x) -> np.ndarray:
-    """A float64 numpy copy of a torch tensor (any dtype, on any device), a Keras tensor or an array."""
-    if hasattr(x, "detach"):
-        x = x.detach().float().cpu().numpy()
-    elif hasattr(x, "numpy") and not isinstance(x, np.ndarray):
-        x = x.numpy()
-    return np.asarray(x, dtype=np.float64)
+    """A float64 numpy copy of a torch tensor (any dtype, any device), a Keras variable/tensor or an array."""
+    if isinstance(x, (np.ndarray, np.generic, int, float, list, tuple)):
+        return np.asarray(x, dtype=np.float64)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor) and type(x).__module__.split(".")[0] == "torch":
+        return x.detach().float().cpu().numpy().astype(np.float64)
+    import keras
+
+    return np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
+
+
+def random_labels(head: str, ids: np.ndarray, mask: np.ndarray, num_labels: int = 2, kind: str = "int", seed: int = 0):
+    """Seeded numpy labels for a head: MLM (~30% of positions, -100 elsewhere), token classes (-100 on padding),
+    sequence labels of ``kind`` "int" (classes), "float1" ([B] regression), "float" ([B, num_labels] regression),
+    "binary" (multi-label 0/1); None for the base model."""
+    rng = np.random.default_rng(seed)
+    B, L = ids.shape
+    if head == "mlm":
+        labels = np.where(rng.random((B, L)) < 0.3, ids, -100)
+        labels[:, 1] = ids[:, 1]
+        return labels
+    if head == "tok":
+        return np.where(mask == 0, -100, rng.integers(0, num_labels, (B, L)))
+    if head == "seq":
+        if kind == "float1":
+            return rng.normal(size=(B,)).astype(np.float32)
+        if kind == "float":
+            return rng.normal(size=(B, num_labels)).astype(np.float32)
+        if kind == "binary":
+            return (rng.random((B, num_labels)) > 0.5).astype(np.float32)
+        return rng.integers(0, num_labels, (B,))
+    return None
+
+
+@contextlib.contextmanager
+def small_disk(tmp_path, size: str):
+    """A tmpfs of ``size`` ("200k") mounted at ``tmp_path/disk`` (skips the test without root)."""
+    import pytest
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                                          capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

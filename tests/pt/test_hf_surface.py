@@ -31,6 +31,8 @@ transformers.utils.logging.set_verbosity_error()
 CLASSES = {"base": EsmModel, "mlm": EsmForMaskedLM, "seq": EsmForSequenceClassification,
            "tok": EsmForTokenClassification}
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
@@ -51,11 +53,6 @@ def one_layer(tmp_path_factory):
         out[head] = str(d / head)
         write_hub_checkpoint(out[head], tiny_config("esm2", num_hidden_layers=1), head, seed=1)
     return out
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    yield
 
 
 # ---- outputs ---------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ SEQS = ["MKTAYIAKQRQISFVK", "MKVLA", "ACDEFGHIKLMNPQ", "WYVTS", "MKKLLPTAAAG", "
 HEADS = {"mlm": "EsmForMaskedLM", "seq": "EsmForSequenceClassification", "tok": "EsmForTokenClassification",
          "base": "EsmModel"}
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
@@ -35,11 +37,6 @@ def ckpt(tmp_path_factory):
         out[head] = str(d / head)
         write_hub_checkpoint(out[head], tiny_config("esm2"), head, seed=4)
     return out
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    yield
 
 
 def dataset(tok, head):
