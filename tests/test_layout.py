@@ -6,7 +6,8 @@ from __future__ import annotations
 import ast
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.utils import ROOT
+
 PACKAGE = os.path.join(ROOT, "esm_dual")
 MAX_LINES = 700
 MODEL_FILES = {"esm_dual/pt/modeling_esm.py", "esm_dual/tf/modeling_esm.py"}

@@ -86,6 +86,15 @@ def write_hub_checkpoint(directory: str, config: EsmConfig, head: str = "mlm", s
     return tensors
 
 
+def write_hub_heads(directory, config: EsmConfig, seed: int = 0, heads=HEADS) -> dict[str, str]:
+    """One hub checkpoint per head, same config and seed, in ``directory/<head>``: {head: path}."""
+    out = {}
+    for head in heads:
+        out[head] = os.path.join(str(directory), head)
+        write_hub_checkpoint(out[head], config, head, seed=seed)
+    return out
+
+
 def hf_model(directory: str, head: str = "mlm", attn: str = "eager"):
     """The HF transformers reference model for a hub-layout directory (fp32, eval mode).
 
@@ -177,6 +186,15 @@ def small_disk(tmp_path, size: str):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+AMINO_ACIDS = np.array(list("LAGVSERTIDPKQNFYMHWC"))
+
+
+def random_sequences(n: int, lo: int, hi: int, seed: int = 0) -> list[str]:
+    """``n`` random protein sequences of lengths ``lo..hi`` (seeded)."""
+    rng = np.random.default_rng(seed)
+    return ["".join(rng.choice(AMINO_ACIDS, size=int(k))) for k in rng.integers(lo, hi + 1, size=n)]
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

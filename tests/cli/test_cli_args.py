@@ -15,9 +15,8 @@ import pytest
 
 from esm_dual.common.embeddings import EmbeddingStore
 from tests.conftest import tiny_config
-from tests.utils import run_cli, write_hub_checkpoint
+from tests.utils import ROOT, run_cli, write_hub_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEQS = {"p1": "MKTAYIAKQRQISFVKSHFSRQ", "p2": "GSHMLEDPVK", "p3": "MKVLAAGIVGLLLAA"}
 
 

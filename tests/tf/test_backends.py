@@ -27,7 +27,7 @@ import esm_dual.pt as P  # noqa: E402
 import esm_dual.tf as T  # noqa: E402
 from esm_dual.tf import hub_variable_map  # noqa: E402
 from tests.conftest import make_batch  # noqa: E402
-from tests.utils import maxdiff, random_labels  # noqa: E402
+from tests.utils import ROOT, maxdiff, random_labels  # noqa: E402
 
 BACKEND = keras.backend.backend()
 TOL = 1e-4
@@ -36,7 +36,6 @@ PT = {"base": P.EsmModel, "mlm": P.EsmForMaskedLM, "seq": P.EsmForSequenceClassi
 KM = {"base": T.TFEsmModel, "mlm": T.TFEsmForMaskedLM, "seq": T.TFEsmForSequenceClassification,
       "tok": T.TFEsmForTokenClassification}
 FLAVOURS = ("esm2", "esm1b")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def np_(x) -> np.ndarray:
