@@ -218,3 +218,14 @@ def write_fasta(path, seqs: dict[str, str], newline: str = "\n", bom: bool = Fal
     with open(path, "wb") as f:
         f.write((b"\xef\xbb\xbf" if bom else b"") + text.replace("\n", newline).encode())
     return str(path)
+
+
+def load_benchmark(name: str):
+    """A script of ``benchmarks/`` (``"encoder_gpu"``) imported as a module, for its CPU smoke tests."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
