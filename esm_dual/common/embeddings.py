@@ -138,7 +138,7 @@ class EmbeddingWriter:
             with h5py_module().File(self.path, "r") as f:
                 return (f.attrs.get("format") == FORMAT and int(f.attrs.get("version", 0)) <= VERSION
                         and int(f.attrs.get("n_committed", -1)) == 0)
-        except Exception:  # not HDF5, unreadable: _open_h5 / _resume report it
+        except Exception:  # not HDF5, unreadable: open_h5 / _resume report it
             return False
 
     def _dataset(self, name: str, shape_tail: tuple[int, ...], dtype, rows_per_chunk: int | None = None):
@@ -351,7 +351,6 @@ class EmbeddingWriter:
         contacts: Sequence[np.ndarray] | None = None,
         seq_hashes: Sequence[str] | None = None,
         input_index: Sequence[int] | None = None,
-        _before_commit=None,
     ) -> None:
         """Append one batch and commit it.
 
@@ -445,8 +444,6 @@ class EmbeddingWriter:
                     raise OSError(f"dataset {name!r} rows {start}..{start + len(values) - 1} read back differently")
         except Exception as e:
             raise self._fail(e, b, n0) from None
-        if _before_commit is not None:  # test hook: simulate a crash between writing and committing
-            _before_commit()
         try:
             self._commit(n1, r1, c1)
         except Exception as e:
