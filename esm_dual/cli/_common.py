@@ -200,18 +200,18 @@ def pick_device(device: str, backend: str, nogpu: bool = False) -> str:
             raise CliError(f"--nogpu contradicts --device {device}")
         return "cpu"
     if device == "auto":
-        return "cuda" if _gpu_available(backend) else "cpu"
+        return "cuda" if gpu_available(backend) else "cpu"
     if device == "gpu":
         device = "cuda"
     if device != "cpu" and not device.startswith("cuda"):
         raise CliError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if device.startswith("cuda") and not _gpu_available(backend):
+    if device.startswith("cuda") and not gpu_available(backend):
         fw = "PyTorch" if backend == "pt" else "TensorFlow"
         raise CliError(f"--device {device}: no GPU is visible to {fw}")
     return device
 
 
-def _gpu_available(backend: str) -> bool:
+def gpu_available(backend: str) -> bool:
     if backend == "pt":
         import torch
 
@@ -603,10 +603,25 @@ def progress(total: int, desc: str, unit: str = "seq", quiet: bool = False) -> A
     return LogProgress(total, desc, unit, interval)
 
 
+# The key of ``config.extra`` (config.json) under which ``esm-dual init --random`` marks its checkpoints.
+RANDOM_MARKER = "esm_dual_random_init"
+
+
+def is_random(config) -> bool:
+    return bool(getattr(config, "extra", {}).get(RANDOM_MARKER))
+
+
+def random_warning(location: str, config) -> str | None:
+    """The warning for a checkpoint ``init --random`` wrote, or None."""
+    mark = getattr(config, "extra", {}).get(RANDOM_MARKER)
+    if not mark:
+        return None
+    shape = mark.get("shape_of", "?") if isinstance(mark, dict) else "?"
+    return f"{location} holds RANDOM weights (esm-dual init, shape of {shape}): its outputs mean nothing"
+
+
 def warn_if_random(location: str, config) -> None:
     """Say so when ``location`` holds the random weights of ``esm-dual init --random``."""
-    from .init import random_warning
-
     msg = random_warning(location, config)
     if msg:
         warn(msg)

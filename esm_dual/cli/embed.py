@@ -32,22 +32,18 @@ waits for the other shards (saying which ones every minute, and giving up after 
 seconds, default 3600, in which no missing shard made progress); with ``RANK``/``WORLD_SIZE`` alone (separate
 jobs of a cluster array) no rank waits: each writes its shard, and ``embed --merge`` joins them. ``--devices``
 workers exit when their parent dies.
+
+This module parses the arguments and runs the loop; ``embed_writers`` holds the sinks (HDF5 store, ``.pt``
+files) and the background writer thread, ``embed_shards`` the several-process parts (shards, workers, merge).
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
 import json
 import os
-import re
-import signal
-import sys
 import time
 from typing import Any, NamedTuple
-
-import numpy as np
 
 from ._common import (
     CliError,
@@ -56,6 +52,7 @@ from ._common import (
     add_model_runtime_arguments,
     add_unknown_residues_argument,
     encode_records,
+    gpu_available,
     load_runner,
     name_list,
     note,
@@ -65,13 +62,10 @@ from ._common import (
     token_batches,
     warn,
 )
+from .embed_shards import env_world, merge_shards, shard_path, shard_range, spawn, under_torchrun
+from .embed_writers import BackgroundWriter, H5Sink, PtSink, pt_hashes, pt_path
 
 INCLUDE = ("mean", "per_tok", "bos", "contacts")
-_CRASH_ENV = "ESM_DUAL_TEST_CRASH"  # private test hook: "raise:K" or "kill:K" (see _CrashHook)
-PT_OPTIONS = ".esm-dual-embed.json"  # --format pt: options and weights the files were made with
-PT_HASHES = ".esm-dual-embed.tsv"  # --format pt: "<label>\t<sequence hash>" per file written (appended)
-_LOCK_PREFIX = ".esm-dual-embed."  # --format pt: ".esm-dual-embed.<pid>.lock" while a run writes there
-_MERGE_TIMEOUT_ENV = "ESM_DUAL_MERGE_TIMEOUT"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -117,352 +111,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ================================================================================================
-# Output sinks
-# ================================================================================================
-
-
-def pt_path(outdir: str, label: str) -> str:
-    """Where ``--format pt`` writes a record (fair-esm: ``OUTPUT/<label>.pt``; '/' makes subdirectories), or a
-    CliError naming the record when that path leaves OUTPUT or has a name too long for the file system."""
-    path = os.path.normpath(os.path.join(outdir, f"{label}.pt"))
-    base = os.path.normpath(os.path.abspath(outdir))
-    if os.path.commonpath([base, os.path.abspath(path)]) != base:
-        raise CliError(f"record {label!r}: its file {path} would lie outside {outdir} ('..' or an "
-                       "absolute path in the header); rename the record")
-    limit = _name_max(outdir)
-    for part in os.path.relpath(path, outdir).split(os.sep):
-        if len(os.fsencode(part)) > limit:
-            shown = label if len(label) <= 60 else label[:57] + "..."
-            raise CliError(f"record {shown!r}: its file name would be {len(os.fsencode(part))} bytes, longer than "
-                           f"the {limit} the file system allows (--format pt names files after the whole "
-                           "header line, as fair-esm); shorten the header")
-    return path
-
-
-def _name_max(path: str) -> int:
-    while path and not os.path.isdir(path):
-        path = os.path.dirname(path)
-    try:
-        return os.pathconf(path or ".", "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):  # pragma: no cover
-        return 255
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover - another user's process
-        return True
-    return True
-
-
-def _run_id() -> str:
-    """Processes of one run share this: torchrun's run id, the --devices parent's, or this process's own."""
-    return (os.environ.get("ESM_DUAL_EMBED_RUN") or os.environ.get("TORCHELASTIC_RUN_ID")
-            or f"pid{os.getpid()}")
-
-
-class _DirLock:
-    """``OUTDIR/.esm-dual-embed.<pid>.lock`` (holding the run id) while a ``--format pt`` run writes there. A lock
-    of a live process of another run is refused with its pid; locks of dead processes are removed."""
-
-    def __init__(self, outdir: str):
-        self.outdir = outdir
-        self.run = _run_id()
-        self.path = os.path.join(outdir, f"{_LOCK_PREFIX}{os.getpid()}.lock")
-        self.rank, self.world = _env_world()
-        self._check()
-        with open(self.path, "w") as f:
-            json.dump({"run": self.run, "rank": self.rank, "world_size": self.world}, f)
-        try:
-            self._check()  # two runs that started at the same moment: both see each other, both stop
-        except CliError:
-            self.release()
-            raise
-
-    def _check(self) -> None:
-        self.siblings = 0  # live locks of other ranks of this job
-        for name in os.listdir(self.outdir):
-            if not (name.startswith(_LOCK_PREFIX) and name.endswith(".lock")):
-                continue
-            pid_s = name[len(_LOCK_PREFIX):-len(".lock")]
-            if not pid_s.isdigit() or int(pid_s) == os.getpid():
-                continue
-            path = os.path.join(self.outdir, name)
-            try:
-                with open(path) as f:
-                    other = json.load(f)
-            except (OSError, ValueError):
-                other = {}
-            run = other.get("run") if isinstance(other, dict) else None
-            if not _pid_alive(int(pid_s)):
-                try:
-                    os.remove(path)  # a run that was killed
-                except OSError:
-                    pass
-                continue
-            # The ranks of one sharded job (torchrun, or a cluster array's RANK/WORLD_SIZE) share the directory.
-            sibling = self.world > 1 and other.get("world_size") == self.world and other.get("rank") != self.rank
-            if run == self.run or sibling:
-                self.siblings += 1
-                continue
-            raise CliError(f"{self.outdir}: another embed run (pid {pid_s}) is writing into this directory; "
-                           "wait for it to finish or write to another directory")
-
-    def release(self) -> None:
-        try:
-            os.remove(self.path)
-        except OSError:
-            pass
-
-
-class _PtSink:
-    """fair-esm's layout: ``OUTPUT/<label>.pt`` per record; a record is done when its file exists (and, when
-    known, its sequence hash in ``.esm-dual-embed.tsv`` is the one this run embeds)."""
-
-    def __init__(self, outdir: str, include: list[str], options: dict[str, Any], redo: set[str] = frozenset()):
-        if os.path.isfile(outdir):
-            raise CliError(f"--format pt writes a directory, but {outdir} is a file")
-        os.makedirs(outdir, exist_ok=True)
-        self.outdir = outdir
-        self.include = include
-        self.redo = set(redo)  # labels to embed again (--overwrite-changed)
-        self.lock = _DirLock(outdir)
-        try:
-            if not self.lock.siblings:
-                _remove_stale_pt_tmp(outdir)
-            _check_pt_options(outdir, options)
-            self.hash_log = open(os.path.join(outdir, PT_HASHES), "a", encoding="utf-8")
-        except BaseException:
-            self.lock.release()
-            raise
-        import torch
-
-        self.torch = torch
-
-    def path(self, label: str) -> str:
-        return pt_path(self.outdir, label)
-
-    def done(self, label: str) -> bool:
-        return label not in self.redo and os.path.exists(self.path(label))
-
-    def write(self, labels, hashes, lengths, rep, before_commit=None) -> None:
-        torch = self.torch
-        for i, label in enumerate(labels):
-            n = int(lengths[i])
-            result: dict[str, Any] = {"label": label}
-            # Fresh tensors (never views into the batch), as fair-esm's .clone().
-            if "per_tok" in self.include:
-                result["representations"] = {
-                    layer: torch.from_numpy(np.array(t[i, 1:n + 1], dtype=np.float32))
-                    for layer, t in rep.tokens.items()}
-            if "mean" in self.include:
-                result["mean_representations"] = {
-                    layer: torch.from_numpy(np.array(t[i], dtype=np.float32)) for layer, t in rep.mean.items()}
-            if "bos" in self.include:
-                result["bos_representations"] = {
-                    layer: torch.from_numpy(np.array(t[i], dtype=np.float32)) for layer, t in rep.bos.items()}
-            if "contacts" in self.include:
-                result["contacts"] = torch.from_numpy(np.array(rep.contacts[i, :n, :n], dtype=np.float32))
-            path = self.path(label)
-            # Labels with '/' make subdirectories, as in fair-esm.
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = path + ".tmp"
-            try:
-                torch.save(result, tmp)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
-            if before_commit is not None and i == len(labels) - 1:
-                before_commit()
-            os.replace(tmp, path)  # a killed run never leaves a half-written <label>.pt
-            self.hash_log.write(f"{_tsv_field(label)}\t{hashes[i]}\n")
-        self.hash_log.flush()
-
-    def close(self) -> None:
-        self.hash_log.close()
-        self.lock.release()
-
-
-def _remove_stale_pt_tmp(outdir: str) -> None:
-    """``<label>.pt.tmp`` files a killed run left (only ours; the directory lock says no run writes now)."""
-    for root, _, names in os.walk(outdir):
-        for name in names:
-            if name.endswith(".pt.tmp") or name == PT_OPTIONS + ".tmp":
-                os.remove(os.path.join(root, name))
-
-
-def _tsv_field(label: str) -> str:
-    return label.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-
-
-def _untsv_field(text: str) -> str:
-    return re.sub(r"\\(.)", lambda m: {"t": "\t", "n": "\n", "r": "\r"}.get(m.group(1), m.group(1)), text)
-
-
-def _pt_hashes(outdir: str) -> dict[str, str]:
-    """label -> sequence hash of the files an earlier ``--format pt`` run wrote (the latest line wins)."""
-    path = os.path.join(outdir, PT_HASHES)
-    out: dict[str, str] = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                label, sep, h = line.rstrip("\n").rpartition("\t")
-                if sep:
-                    out[_untsv_field(label)] = h
-    return out
-
-
-def _check_pt_options(outdir: str, options: dict[str, Any]) -> None:
-    """The options a ``--format pt`` directory was written with: a rerun with others is refused (as the h5
-    store's identity is), once the directory holds a file."""
-    path = os.path.join(outdir, PT_OPTIONS)
-    want = json.loads(json.dumps(options, sort_keys=True))
-    if os.path.isfile(path) and os.path.isfile(os.path.join(outdir, PT_HASHES)) and \
-            os.path.getsize(os.path.join(outdir, PT_HASHES)) > 0:
-        with open(path, encoding="utf-8") as f:
-            stored = json.load(f)
-        diffs = [f"{k}: stored {stored.get(k)!r}, this run {want.get(k)!r}" for k in sorted(set(stored) | set(want))
-                 if stored.get(k) != want.get(k)]
-        if diffs:
-            raise CliError(f"{outdir} holds embeddings made with other options ({'; '.join(diffs)}). Write to "
-                           "another directory, or rerun with the stored options to resume.")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(want, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
-class _H5Sink:
-    def __init__(self, path: str, include: list[str], layers: list[int], runner, args, compression: str,
-                 identity: dict[str, Any], redo: set[str] = frozenset()):
-        from ..common.embeddings import EmbeddingWriter
-
-        if os.path.isdir(path):
-            raise CliError(f"--format h5 writes a file, but {path} is a directory (use --format pt?)")
-        from esm_dual import __version__
-
-        metadata = {"backend": runner.backend, "device": runner.device, "esm_dual_version": __version__,
-                    "fasta": os.path.abspath(args.fasta), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                   time.gmtime())}
-        from ..common.embeddings import EmbeddingStoreError
-
-        try:
-            self.writer = EmbeddingWriter(path, layers=layers, include=include, hidden_size=runner.hidden_size,
-                                          num_layers=runner.num_layers, identity=identity, metadata=metadata,
-                                          compression=None if compression == "none" else compression)
-        except EmbeddingStoreError as e:
-            diffs = dict((k, (a, b)) for k, a, b in getattr(e, "differences", []))
-            if "weights" in diffs and diffs["weights"][0] is not None:
-                raise CliError(f"{path}: the model's weights changed since this store was written (weights "
-                               f"fingerprint {diffs['weights'][0]}, now {diffs['weights'][1]} at {args.model}); "
-                               "mixing them would give one sequence two embeddings: write to another output") from None
-            raise
-        self.include = include
-        self.layers = layers
-        if self.writer.repaired is not None:
-            warn(f"{path}: an earlier run stopped in the middle of a batch; rebuilt the store from its "
-                 f"{self.writer.repaired} committed records")
-        if redo:
-            n = self.writer.drop(sorted(redo))
-            if n:
-                warn(f"{path}: removed {n} record(s) whose sequence changed, to embed them again "
-                     "(--overwrite-changed)")
-
-    def done(self, record_id: str) -> bool:
-        return record_id in self.writer
-
-    def write(self, ids, descriptions, hashes, index, lengths, rep, before_commit=None) -> None:
-        kw: dict[str, Any] = {}
-        if "mean" in self.include:
-            kw["mean"] = {layer: rep.mean[layer] for layer in self.layers}
-        if "bos" in self.include:
-            kw["bos"] = {layer: rep.bos[layer] for layer in self.layers}
-        if "per_tok" in self.include:
-            kw["per_tok"] = {layer: [rep.tokens[layer][i, 1:n + 1] for i, n in enumerate(lengths)]
-                             for layer in self.layers}
-        if "contacts" in self.include:
-            kw["contacts"] = [rep.contacts[i, :n, :n] for i, n in enumerate(lengths)]
-        self.writer.append(ids, lengths, descriptions=descriptions, seq_hashes=hashes, input_index=index,
-                           _before_commit=before_commit, **kw)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-class _CrashHook:
-    """Private test hook (env ESM_DUAL_TEST_CRASH): "raise:K" raises after K batches were written;
-    "kill:K" SIGKILLs the process in the middle of batch K+1 (rows written, not committed); "sleep:S" sleeps
-    S seconds after each batch (a run that is still busy when a test kills it)."""
-
-    def __init__(self) -> None:
-        spec = os.environ.get(_CRASH_ENV, "")
-        self.mode, _, k = spec.partition(":")
-        self.k = int(k) if k.isdigit() else -1
-        self.written = 0
-
-    def before_commit(self):
-        if self.mode == "kill" and self.written == self.k:
-            return lambda: os.kill(os.getpid(), signal.SIGKILL)
-        return None
-
-    def after_batch(self) -> None:
-        self.written += 1
-        if self.mode == "sleep":
-            time.sleep(self.k)
-        if self.mode == "raise" and self.written == self.k:
-            raise RuntimeError(f"{_CRASH_ENV}: simulated crash after {self.k} batches")
-
-
-class _BackgroundWriter:
-    """The sink's writes on one background thread, in order, while the next batch runs on the model.
-
-    At most ``depth`` batches wait to be written (their arrays stay in memory until then). A failed write is
-    raised in the main loop, at the next hand-over or at :meth:`wait`, and no later batch is written.
-    :meth:`close` waits for every batch already handed over, also when the loop stopped on another error, so a
-    stopped run keeps all of them (each write commits atomically, as before)."""
-
-    def __init__(self, depth: int = 2) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esm-dual-embed-writer")
-        self._pending: collections.deque = collections.deque()
-        self._failed = False
-        self.depth = depth
-
-    def submit(self, fn, *args) -> None:
-        while len(self._pending) >= self.depth:
-            self._pending.popleft().result()
-        self._pending.append(self._pool.submit(self._run, fn, args))
-
-    def _run(self, fn, args) -> None:
-        if self._failed:  # after a failed write nothing later is written: the output keeps the batch order
-            return
-        try:
-            fn(*args)
-        except BaseException:
-            self._failed = True
-            raise
-
-    def wait(self) -> None:
-        while self._pending:
-            self._pending.popleft().result()
-
-    def close(self) -> None:
-        """Wait for the batches handed over; their errors are left to :meth:`wait` (the error that stopped
-        the loop is the one to report)."""
-        try:
-            for f in self._pending:
-                f.exception()
-        finally:
-            self._pending.clear()
-            self._pool.shutdown(wait=True)
-
-
-# ================================================================================================
 # Main
 # ================================================================================================
 
@@ -493,141 +141,6 @@ def normalise_layers(layers: list[int], num_layers: int) -> list[int]:
     return sorted(out)
 
 
-# ================================================================================================
-# Several processes: shards and merging
-# ================================================================================================
-
-
-def shard_range(n: int, rank: int, world_size: int) -> range:
-    """Record indices of ``rank``: a contiguous share of ``n`` (sizes differ by at most one)."""
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (1 if rank < extra else 0))
-
-
-def shard_path(output: str, rank: int, world_size: int) -> str:
-    root, ext = os.path.splitext(output)
-    return f"{root}.rank{rank}-of-{world_size}{ext or '.h5'}"
-
-
-def _env_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _under_torchrun() -> bool:
-    """torchrun (torch.distributed.elastic) starts every rank at once and sets these; a cluster array that sets
-    RANK/WORLD_SIZE by hand does not, and its ranks may run days apart."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_WORLD_SIZE" in os.environ
-
-
-def _wait_for_shards(shards: list[str], quiet: bool) -> list[str]:
-    """Wait until every shard's ``.done`` marker exists; say which ranks are missing every minute, and give up
-    (returning the missing ones) when none of them changed for ``ESM_DUAL_MERGE_TIMEOUT`` seconds."""
-    timeout = float(os.environ.get(_MERGE_TIMEOUT_ENV, 3600))
-    last_change, last_note, seen = time.monotonic(), time.monotonic(), None
-    while True:
-        missing = [s for s in shards if not os.path.isfile(s + ".done")]
-        if not missing:
-            return []
-        state = [(s, os.path.getsize(s) if os.path.exists(s) else -1,
-                  os.path.getmtime(s) if os.path.exists(s) else 0) for s in missing]
-        now = time.monotonic()
-        if state != seen:
-            seen, last_change = state, now
-        if now - last_change >= timeout:
-            return missing
-        if now - last_note >= 60:
-            note(f"waiting for {len(missing)} shard(s): {name_list(missing)}", quiet)
-            last_note = now
-        time.sleep(min(0.5, max(timeout / 10, 0.01)))
-
-
-def _merge(args: argparse.Namespace, world_size: int | None = None, wait: bool = False) -> int:
-    """Merge ``OUTPUT.rank{r}-of-{n}.h5`` (each finished: its ``.done`` marker exists) into OUTPUT."""
-    from ..common.embeddings import merge_stores
-
-    if world_size is None:
-        root, ext = os.path.splitext(args.output)
-        pattern = re.compile(re.escape(root) + r"\.rank(\d+)-of-(\d+)" + re.escape(ext or ".h5") + "$")
-        found = {int(m.group(2)) for f in glob.glob(glob.escape(root) + ".rank*-of-*")
-                 if (m := pattern.match(f))}
-        if len(found) != 1:
-            raise CliError(f"--merge: expected shard stores {shard_path(args.output, 0, 'N')} ... of one run, "
-                           f"found {'none' if not found else 'several world sizes ' + str(sorted(found))}")
-        world_size = found.pop()
-    shards = [shard_path(args.output, r, world_size) for r in range(world_size)]
-    if wait:
-        missing = _wait_for_shards(shards, args.quiet)
-        if missing:
-            raise CliError(f"gave up waiting for shard(s) {name_list(missing)}: no progress for "
-                           f"{os.environ.get(_MERGE_TIMEOUT_ENV, 3600)} s (did those ranks start?); this rank's shard "
-                           f"is kept: run `esm-dual embed ... {args.output} --merge` once they are done")
-    missing = [s for s in shards if not os.path.isfile(s + ".done")]
-    if missing:
-        raise CliError(f"--merge: shard(s) not finished: {name_list(missing)}")
-    n = merge_stores(args.output, shards, compression=None if args.compression == "none" else args.compression)
-    for s in shards:
-        os.remove(s)
-        os.remove(s + ".done")
-    note(f"merged {world_size} shard stores ({n} records) into {args.output}", args.quiet)
-    return 0
-
-
-def _watch_parent(parent: int) -> None:
-    """Exit this process (a --devices worker) as soon as its parent is gone: no orphan keeps a GPU, a shard's
-    file lock or the output directory."""
-    import threading
-
-    def watch() -> None:
-        while True:
-            if os.getppid() != parent:
-                os._exit(3)
-            time.sleep(0.5)
-
-    threading.Thread(target=watch, name="esm-dual-parent-watch", daemon=True).start()
-
-
-def _worker(args: argparse.Namespace, rank: int, world_size: int, parent: int | None = None) -> None:
-    """One ``--devices`` worker (a spawned process): its own GPU, its shard, no merge."""
-    if parent is not None:
-        _watch_parent(parent)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    gpus = visible.split(",") if visible else [str(i) for i in range(world_size)]
-    os.environ["CUDA_VISIBLE_DEVICES"] = gpus[rank % len(gpus)]
-    args.devices, args.shard_only, args.plot = 1, True, None
-    try:
-        sys.exit(run(args))
-    except CliError as e:
-        warn(str(e))
-        sys.exit(2)
-
-
-def _spawn(args: argparse.Namespace) -> int:
-    import multiprocessing as mp
-
-    n = args.devices
-    ctx = mp.get_context("spawn")
-    os.environ.setdefault("ESM_DUAL_EMBED_RUN", f"devices-{os.getpid()}-{time.time_ns()}")  # shared by workers
-    procs = [ctx.Process(target=_worker, args=(args, r, n, os.getpid()), daemon=True) for r in range(n)]
-    try:
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-    finally:
-        for p in procs:  # interrupted (Ctrl-C, an error): the workers stop with the parent
-            if p.is_alive():
-                p.terminate()
-                p.join(10)
-    failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
-    if failed:
-        raise CliError(f"--devices {n}: worker(s) {failed} failed; rerun the same command to resume")
-    if args.format == "pt":
-        return 0
-    return _merge(args, world_size=n)
-
-
 def finish_args(args: argparse.Namespace) -> None:
     """``FASTA OUTPUT --model MODEL`` or esm-extract's ``MODEL FASTA OUTPUT``."""
     given = getattr(args, "_positionals", None)
@@ -648,7 +161,7 @@ class _Scan(NamedTuple):
 def _stored_hashes(args: argparse.Namespace, rank: int, world: int) -> dict[str, str]:
     """What OUTPUT (and this rank's shard) already hold: id (or pt label) -> sequence hash."""
     if args.format == "pt":
-        return _pt_hashes(args.output) if os.path.isdir(args.output) else {}
+        return pt_hashes(args.output) if os.path.isdir(args.output) else {}
     from ..common.embeddings import EmbeddingStore, EmbeddingStoreError
 
     out: dict[str, str] = {}
@@ -670,7 +183,7 @@ def _scan(args: argparse.Namespace) -> _Scan:
     from ..common.embeddings import sequence_hash
     from ..common.fasta import read_fasta
 
-    rank, world = _env_world()
+    rank, world = env_world()
     stored = _stored_hashes(args, rank, world)
     key = (lambda r: r.description) if args.format == "pt" else (lambda r: r.id)
     paths: dict[str, str] = {}
@@ -755,13 +268,13 @@ def run(args: argparse.Namespace) -> int:
 
     finish_args(args)
 
-    rank, world = _env_world()
+    rank, world = env_world()
     if getattr(args, "merge", False):
-        return _merge(args)
+        return merge_shards(args)
     if getattr(args, "devices", 1) > 1 and world == 1:
         if args.format == "h5" and os.path.isdir(args.output):
             raise CliError(f"--format h5 writes a file, but {args.output} is a directory (use --format pt?)")
-        return _spawn(args)
+        return spawn(args, run)
     if not os.path.exists(args.fasta):
         raise CliError(f"FASTA file {args.fasta!r} not found")
     scan = _scan(args)  # before the model loads: a wrong file fails at once
@@ -792,9 +305,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if world > 1 and not args.shard_only and not args.nogpu and device in ("auto", "cuda", "gpu"):
-        from ._common import _gpu_available
-
-        if _gpu_available(args.backend):  # torchrun: one GPU per local rank
+        if gpu_available(args.backend):  # torchrun: one GPU per local rank
             device = f"cuda:{local_rank}"
     runner = load_runner(args.model, backend=args.backend, head="base", device=device, dtype=args.dtype,
                          nogpu=args.nogpu)
@@ -824,13 +335,13 @@ def run(args: argparse.Namespace) -> int:
     mine = shard_range(total, rank, world)
     prior: set[str] = set()
     if args.format == "pt":
-        sink: Any = _PtSink(args.output, include, options, redo)
+        sink: Any = PtSink(args.output, include, options, redo)
     else:
         identity = {k: v for k, v in options.items() if k not in ("layers", "include")}  # the writer adds them
         path = shard_path(args.output, rank, world) if world > 1 else args.output
         created = not os.path.exists(path)
         try:
-            sink = _H5Sink(path, include, layers, runner, args, args.compression, identity, redo)
+            sink = H5Sink(path, include, layers, runner, args, args.compression, identity, redo)
         except BaseException:
             if created and os.path.exists(path):
                 os.remove(path)  # this run made it and it holds nothing (a full disk, a refused option...)
@@ -840,7 +351,6 @@ def run(args: argparse.Namespace) -> int:
 
             with EmbeddingStore(args.output) as merged:
                 prior = set(merged.ids)
-    hook = _CrashHook()
     if world > 1:
         note(f"rank {rank} of {world}: records {mine.start}..{mine.stop - 1}", args.quiet)
     note(f"{args.fasta}: {total} sequences; model {args.model} ({runner.num_layers} layers, "
@@ -852,7 +362,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     first_window = True
     # Files and store rows are written on a background thread while the next batch runs on the model.
-    writer = _BackgroundWriter()
+    writer = BackgroundWriter()
     written = [0]  # records the sink really wrote (the report counts these)
 
     def write(*a):
@@ -894,10 +404,10 @@ def run(args: argparse.Namespace) -> int:
                 recs = [todo[i] for i in batch]
                 hashes = [sequence_hash(r.sequence) for r in recs]
                 if args.format == "pt":
-                    writer.submit(write, [r.description for r in recs], hashes, blen, rep, hook.before_commit())
+                    writer.submit(write, [r.description for r in recs], hashes, blen, rep)
                 else:
                     writer.submit(write, [r.id for r in recs], [r.description for r in recs], hashes,
-                                  [index[i] for i in batch], blen, rep, hook.before_commit())
+                                  [index[i] for i in batch], blen, rep)
                 if plotter is not None:
                     for j, r in enumerate(recs):
                         plotter.add(r.id, rep.contacts[j, :blen[j], :blen[j]])
@@ -906,7 +416,6 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(len(batch))
                 dt = max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix_str(f"{n_res / dt:.0f} res/s", refresh=False)
-                hook.after_batch()
         writer.wait()
         finished = True
     finally:
@@ -931,13 +440,13 @@ def run(args: argparse.Namespace) -> int:
         os.replace(path + ".done.tmp", path + ".done")
         if args.shard_only:
             return 0
-        if rank == 0 and _under_torchrun():
-            return _merge(args, world_size=world, wait=True)
-        if not _under_torchrun():  # a cluster array: nobody waits; the last rank to finish merges
+        if rank == 0 and under_torchrun():
+            return merge_shards(args, world_size=world, wait=True)
+        if not under_torchrun():  # a cluster array: nobody waits; the last rank to finish merges
             shards = [shard_path(args.output, r, world) for r in range(world)]
             if all(os.path.isfile(s + ".done") for s in shards):
                 try:
-                    return _merge(args, world_size=world)
+                    return merge_shards(args, world_size=world)
                 except Exception as e:  # another rank merging at the same moment: its merge wins
                     warn(f"could not merge the shards now ({e}); run `esm-dual embed ... {args.output} --merge`")
                     return 0

@@ -51,6 +51,10 @@ SEQUENCES = ".fold_sequences.tsv"  # "<id>\t<sequence hash>" of every record fol
 _OUR_TMP = re.compile(r".+\.(pdb|cif)\.tmp|summary\.tsv\.tmp|fold_options\.json\.tmp")
 
 
+# --trunk-dtype -> the FastPathOptions fields it sets (fold_fast, fold_kernels)
+TRUNK_MODES = {"auto": ("auto", "auto"), "fast": ("on", "auto"), "fp32": ("off", "torch"), "bf16": ("on", "torch")}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("_positionals", nargs="*", metavar="FASTA OUTDIR",
                         help="input FASTA file (multimers: chains separated by ':') and output directory (created "
@@ -90,11 +94,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-offload", action="store_true", help=argparse.SUPPRESS)  # fair-esm's; refused
     parser.add_argument(
         "--trunk-dtype",
-        choices=("auto", "fast", "fp32", "bf16"),
-        default="auto",
+        choices=tuple(TRUNK_MODES),
+        default=None,
         help="the folding trunk: fast = bf16 with fused triangle kernels (cuEquivariance where installed: "
         "the fold-gpu extra), fp32 = the fp32 trunk that matches HF transformers, bf16 = bf16 with the fp32 "
-        "path's kernels; auto = fast on GPU, fp32 on CPU (the structure module always runs in fp32)",
+        "path's kernels; auto = fast on GPU, fp32 on CPU (the structure module always runs in fp32). Sets the "
+        "fast-path options fold_fast and fold_kernels; default: what ESM_DUAL_FOLD_FAST and "
+        "ESM_DUAL_FOLD_KERNELS say, else auto",
     )
     parser.add_argument(
         "--esm-dtype",
@@ -176,6 +182,23 @@ def check_sequence(record_id: str, seq: str, unknown: str = "error") -> str:
     return s
 
 
+def _trunk_mode(args: argparse.Namespace) -> str:
+    """--trunk-dtype, or the name of what the ESM_DUAL_FOLD_* environment sets (``fold_fast=...,
+    fold_kernels=...`` where no name fits), as recorded in fold_options.json."""
+    if args.trunk_dtype is not None:
+        return args.trunk_dtype
+    from ..pt.fast.options import default_options
+
+    try:
+        options = default_options()
+    except ValueError as e:  # an invalid ESM_DUAL_* value, named
+        raise CliError(str(e)) from None
+    pair = (options.fold_fast, "torch" if options.fold_fast == "off" and options.fold_kernels == "auto"
+            else options.fold_kernels)
+    names = [name for name, fields in TRUNK_MODES.items() if fields == pair]
+    return names[0] if names else f"fold_fast={pair[0]}, fold_kernels={pair[1]}"
+
+
 def _check_options(args: argparse.Namespace, path: str, has_results: bool) -> None:
     """Record the options that change the structures in OUTDIR/fold_options.json; refuse a rerun into a folder
     whose finished records were made with other ones."""
@@ -186,7 +209,7 @@ def _check_options(args: argparse.Namespace, path: str, has_results: bool) -> No
 
     weights = [weights_fingerprint(p) for p in (args.model, args.esm_checkpoint) if p and os.path.exists(p)]
     want = {"model": model, "esm_checkpoint": esm, "num_recycles": args.num_recycles,
-            "trunk_dtype": args.trunk_dtype, "esm_dtype": args.esm_dtype, "weights": weights}
+            "trunk_dtype": _trunk_mode(args), "esm_dtype": args.esm_dtype, "weights": weights}
     if has_results and os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             stored = json.load(f)
@@ -344,12 +367,9 @@ def _fold_into(args: argparse.Namespace, records: list[tuple[str, str, str]]) ->
     warn_if_random(args.model, model.config)
     model.set_chunk_size(args.chunk_size)
     model.set_esm_dtype(args.esm_dtype)
-    if args.trunk_dtype == "auto":
-        model.set_fast(None)
-    elif args.trunk_dtype == "fast":
-        model.set_fast(True)
-    else:
-        model.set_trunk_dtype(torch.bfloat16 if args.trunk_dtype == "bf16" else None)
+    if args.trunk_dtype is not None:  # else the options of the environment stay
+        fold_fast, fold_kernels = TRUNK_MODES[args.trunk_dtype]
+        model.set_fast_path(fold_fast=fold_fast, fold_kernels=fold_kernels)
 
     new_file = not os.path.isfile(summary_path) or os.path.getsize(summary_path) == 0
     seq_log = open(os.path.join(args.outdir, SEQUENCES), "a", encoding="utf-8")

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any
 
-from ._common import CliError, UsageError, add_model_argument
+from ._common import CliError, UsageError, add_model_argument, is_random
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,7 +69,6 @@ def _read(location: str) -> tuple[Any, dict[str, Any], str, str]:
 
 def describe(location: str) -> dict[str, Any]:
     from ..common.presets import count_parameters, get_preset
-    from .init import RANDOM_MARKER
 
     if os.path.sep in location or location.startswith((".", "~")):
         location = os.path.expanduser(location)
@@ -82,7 +81,7 @@ def describe(location: str) -> dict[str, Any]:
     info: dict[str, Any] = {
         "source": source,
         "layout": layout,
-        "random_weights": bool(c.extra.get(RANDOM_MARKER)),
+        "random_weights": is_random(c),
         "family": family(c),
         "architectures": c.architectures,
         "hidden_size": c.hidden_size,

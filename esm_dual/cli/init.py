@@ -17,9 +17,8 @@ import argparse
 import os
 from typing import Any
 
-from ._common import CliError, UsageError, add_model_argument, note, resolve_positionals, warn
+from ._common import RANDOM_MARKER, CliError, UsageError, add_model_argument, note, resolve_positionals, warn
 
-RANDOM_MARKER = "esm_dual_random_init"
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 # --tiny: the kind of the preset at test size (odd widths on purpose, as the tests' configs).
@@ -93,19 +92,6 @@ def write_random_checkpoint(model: str, outdir: str, *, tiny: bool = False, seed
         model_ = model_.to(_str_to_torch_dtype(dtype))
     model_.save_pretrained(outdir)
     return config
-
-
-def is_random(config) -> bool:
-    return bool(getattr(config, "extra", {}).get(RANDOM_MARKER))
-
-
-def random_warning(location: str, config) -> str | None:
-    """The warning for a checkpoint ``init --random`` wrote, or None."""
-    mark = getattr(config, "extra", {}).get(RANDOM_MARKER)
-    if not mark:
-        return None
-    shape = mark.get("shape_of", "?") if isinstance(mark, dict) else "?"
-    return f"{location} holds RANDOM weights (esm-dual init, shape of {shape}): its outputs mean nothing"
 
 
 def run(args: argparse.Namespace) -> int:

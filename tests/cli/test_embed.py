@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from esm_dual.cli._common import token_batches
+from esm_dual.cli._common import TorchRunner, token_batches
 from esm_dual.cli.main import main
 from esm_dual.common.embeddings import EmbeddingStore
 from esm_dual.io.fair_esm import save_fair_esm
@@ -26,6 +26,7 @@ from tests.utils import write_hub_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRUNC = 300
+FAULTY_EMBED = os.path.join(ROOT, "tests", "cli", "faulty_embed.py")  # esm-dual with a writer fault
 
 
 @pytest.fixture(scope="module")
@@ -239,12 +240,20 @@ def test_resume_after_a_crash(tmp_path, capsys, models, fasta, monkeypatch):
     assert len(batches) > 4
     rc, _, err = _run(capsys, "embed", fasta, tmp_path / "fresh.h5", *args)
     assert rc == 0, err
-    monkeypatch.setenv("ESM_DUAL_TEST_CRASH", "raise:2")
+    real, calls = TorchRunner.representations, []
+
+    def representations(self, *a, **k):  # the model fails on the third batch, after two were handed over
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash after 2 batches")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(TorchRunner, "representations", representations)
     rc, _, err = _run(capsys, "embed", fasta, tmp_path / "e.h5", *args)
     assert rc == 1 and "simulated crash" in err and "Traceback" not in err
     with EmbeddingStore(tmp_path / "e.h5") as store:  # readable, holds exactly the two finished batches
         assert sorted(store) == sorted(batches[0] + batches[1])  # listed in FASTA order (issue 20)
-    monkeypatch.delenv("ESM_DUAL_TEST_CRASH")
+    monkeypatch.setattr(TorchRunner, "representations", real)
     rc, _, err = _run(capsys, "embed", fasta, tmp_path / "e.h5", *args[:-1])
     assert rc == 0, err
     n_done = len(batches[0]) + len(batches[1])
@@ -258,9 +267,10 @@ def test_resume_after_sigkill_mid_batch(tmp_path, capsys, models, fasta):
     args = ["--model", hub, "--include", "mean", "per_tok", "contacts", "--toks-per-batch", 700,
             "--truncation-seq-length", TRUNC, "-q"]
     batches = _batches_of(fasta, 700)
-    env = dict(os.environ, ESM_DUAL_TEST_CRASH="kill:1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "esm_dual.cli.main", "embed", fasta, str(tmp_path / "k.h5"),
-                           *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, FAULTY_EMBED, "kill-before-commit:1", "embed", fasta,
+                           str(tmp_path / "k.h5"), *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == -9, proc.stderr
     with EmbeddingStore(tmp_path / "k.h5") as store:
         assert sorted(store) == sorted(batches[0])  # the second batch was written but never committed
@@ -279,10 +289,10 @@ def test_resume_after_sigkill_mid_batch(tmp_path, capsys, models, fasta):
 
 
 def test_background_writer_order_errors_and_close():
-    from esm_dual.cli.embed import _BackgroundWriter
+    from esm_dual.cli.embed_writers import BackgroundWriter
 
     done = []
-    w = _BackgroundWriter(depth=2)
+    w = BackgroundWriter(depth=2)
     for i in range(6):
         w.submit(lambda i=i: (time.sleep(0.01 * (i % 2)), done.append(i)))
     w.wait()
@@ -295,7 +305,7 @@ def test_background_writer_order_errors_and_close():
     w.submit(boom)
     w.close()  # waits for what was handed over and leaves write errors to wait()
     assert done[-1] == 8
-    w = _BackgroundWriter(depth=2)
+    w = BackgroundWriter(depth=2)
     w.submit(boom)
     w.submit(done.append, 6)
     with pytest.raises(OSError, match="No space"):  # raised in the caller, at the next hand-over or wait
@@ -308,13 +318,13 @@ def test_background_writer_order_errors_and_close():
 def test_failed_write_stops_the_run_and_keeps_earlier_batches(tmp_path, capsys, models, fasta, monkeypatch):
     """A write that fails (disk full) is reported in one line; the batches written before it stay, and a rerun
     finishes the job."""
-    from esm_dual.cli import embed as E
+    from esm_dual.cli.embed_writers import PtSink
 
     hub, _ = models["esm2"]
     args = ["--model", hub, "--format", "pt", "--include", "mean", "--toks-per-batch", 700,
             "--truncation-seq-length", TRUNC, "-q"]
     batches = _batches_of(fasta, 700)
-    real, calls = E._PtSink.write, []
+    real, calls = PtSink.write, []
 
     def write(self, labels, *a, **k):
         calls.append(labels)
@@ -322,14 +332,14 @@ def test_failed_write_stops_the_run_and_keeps_earlier_batches(tmp_path, capsys, 
             raise OSError(28, "No space left on device")
         return real(self, labels, *a, **k)
 
-    monkeypatch.setattr(E._PtSink, "write", write)
+    monkeypatch.setattr(PtSink, "write", write)
     rc, _, err = _run(capsys, "embed", fasta, tmp_path / "out", *args)
     assert rc == 2 and "Traceback" not in err  # the machine's error, not esm-dual's: no "internal error"
     assert err.strip().splitlines()[-1] == "esm-dual: error: [Errno 28] No space left on device"
     kept = {f[:-3] for f in os.listdir(tmp_path / "out") if f.endswith(".pt")}
     assert {label.split()[0] for label in kept} == set(batches[0] + batches[1])
     assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tmp")]
-    monkeypatch.setattr(E._PtSink, "write", real)
+    monkeypatch.setattr(PtSink, "write", real)
     rc, _, err = _run(capsys, "embed", fasta, tmp_path / "out", *args[:-1])
     assert rc == 0 and f"skipped {len(kept)} already there" in err
 

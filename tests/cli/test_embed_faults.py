@@ -319,10 +319,11 @@ def test_devices_workers_exit_when_the_parent_is_killed(tmp_path, hub):
     seqs = {f"r{i}": "".join(RNG.choice(AA, size=60)) for i in range(12)}
     fa = _fasta(tmp_path / "x.fa", seqs)
     out = tmp_path / "o.h5"
-    cmd = [sys.executable, "-m", "esm_dual.cli.main", "embed", fa, str(out), "-m", hub[0], "--devices", "2",
-           "--toks-per-batch", "64", "--include", "mean", "per_tok", "-q"]
-    parent = subprocess.Popen(cmd, env=_env(ESM_DUAL_TEST_CRASH="sleep:30"), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    cmd = ["embed", fa, str(out), "-m", hub[0], "--devices", "2", "--toks-per-batch", "64", "--include", "mean",
+           "per_tok", "-q"]
+    # The workers sleep 30 s after each batch they write: still busy when the parent is killed.
+    slow = [sys.executable, os.path.join(ROOT, "tests", "cli", "faulty_embed.py"), "sleep-after-write:30"]
+    parent = subprocess.Popen(slow + cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 90
         while time.time() < deadline and not (tmp_path / "o.rank1-of-2.h5").exists():
@@ -336,7 +337,8 @@ def test_devices_workers_exit_when_the_parent_is_killed(tmp_path, hub):
     finally:
         if parent.poll() is None:
             parent.kill()
-    p = subprocess.run(cmd[:-1], env=_env(), capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-m", "esm_dual.cli.main", *cmd[:-1]], env=_env(), capture_output=True,
+                       text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     with EmbeddingStore(out) as s:
         assert s.ids == list(seqs)

@@ -223,3 +223,49 @@ def test_fold_batches_by_length_and_fast_mode_option(tmp_path, tiny_model_dir, d
     assert all(fast for _, fast in seen)
     assert json.loads((out / "fold_options.json").read_text())["trunk_dtype"] == "fast"
     assert len(_summary(out)) == len(records)
+
+
+def test_trunk_mode_from_the_environment_and_the_flag_over_it(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """Without --trunk-dtype the ESM_DUAL_FOLD_* environment decides (and is recorded by name); the flag sets
+    the model's fold_fast / fold_kernels over it; an invalid value is an error naming the variable."""
+    import json
+
+    from esm_dual.cli import fold
+    from esm_dual.pt import EsmForProteinFolding
+    from esm_dual.pt.fast.options import set_default_options
+
+    fasta = tmp_path / "one.fasta"
+    fasta.write_text(">a\nMKTAYIAKQRQISF\n")
+    seen = []
+    real_infer = EsmForProteinFolding.infer
+
+    def infer(self, seqs, *args, **kwargs):
+        o = self.fast_path_options
+        seen.append((self.fast, o.fold_fast, o.fold_kernels))
+        return real_infer(self, seqs, *args, **kwargs)
+
+    monkeypatch.setattr(EsmForProteinFolding, "infer", infer)
+    previous = set_default_options(None)  # read the environment again
+    try:
+        monkeypatch.setenv("ESM_DUAL_FOLD_FAST", "on")
+        assert fold.run(_args(fasta, tmp_path / "env", tiny_model_dir, "--num-recycles", "0")) == 0
+        assert seen.pop() == (True, "on", "auto")
+        assert json.loads((tmp_path / "env" / "fold_options.json").read_text())["trunk_dtype"] == "fast"
+        assert fold.run(_args(fasta, tmp_path / "flag", tiny_model_dir, "--num-recycles", "0",
+                              "--trunk-dtype", "bf16")) == 0
+        assert seen.pop() == (False, "on", "torch")
+        monkeypatch.setenv("ESM_DUAL_FOLD_KERNELS", "sdpa")
+        set_default_options(None)
+        assert fold.run(_args(fasta, tmp_path / "sdpa", tiny_model_dir, "--num-recycles", "0")) == 0
+        assert seen.pop() == (True, "on", "sdpa")
+        recorded = json.loads((tmp_path / "sdpa" / "fold_options.json").read_text())["trunk_dtype"]
+        assert recorded == "fold_fast=on, fold_kernels=sdpa"
+        monkeypatch.setenv("ESM_DUAL_FOLD_FAST", "fast")
+        set_default_options(None)
+        capsys.readouterr()
+        assert fold.run(_args(fasta, tmp_path / "bad", tiny_model_dir)) == 2
+        err = capsys.readouterr().err
+        assert "ESM_DUAL_FOLD_FAST='fast'" in err and "auto, on, off" in err
+        assert not seen and not (tmp_path / "bad").exists()
+    finally:
+        set_default_options(previous)

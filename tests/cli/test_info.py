@@ -129,13 +129,15 @@ def test_info_shows_the_fast_path_options(tmp_path, capsys, monkeypatch):
     try:
         monkeypatch.setenv("ESM_DUAL_FA4", "0")
         monkeypatch.setenv("ESM_DUAL_VARLEN", "dense")
+        monkeypatch.setenv("ESM_DUAL_FOLD_KERNELS", "sdpa")
         rc, out, err = run_cli(capsys, "info", tmp_path / "m")
         assert rc == 0, err
         assert _fields(out)["fast path"] == (
             "attn_implementation=auto, varlen_backend=dense, fa4=off, triton=on, fused_loop=auto, "
-            "residual_epilogue=on, exact_gelu=off, triangle_sdpa=on")
+            "residual_epilogue=on, exact_gelu=off, triangle_sdpa=on, fold_fast=auto, fold_kernels=sdpa")
         rc, out, _ = run_cli(capsys, "info", tmp_path / "m", "--json")
-        assert json.loads(out)["fast_path"] == FastPathOptions(varlen_backend="dense", fa4=False).as_dict()
+        assert json.loads(out)["fast_path"] == FastPathOptions(varlen_backend="dense", fa4=False,
+                                                               fold_kernels="sdpa").as_dict()
         set_default_options(None)
         monkeypatch.setenv("ESM_DUAL_FA4", "2")
         rc, out, err = run_cli(capsys, "info", tmp_path / "m")

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from esm_dual.cli.embed import shard_range
+from esm_dual.cli.embed_shards import shard_range
 from esm_dual.cli.main import main
 from esm_dual.common.embeddings import EmbeddingStore
 from tests.conftest import tiny_config

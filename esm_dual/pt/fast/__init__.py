@@ -2,7 +2,7 @@
 kernels and GEMM epilogues, all with torch fallbacks.
 
 - ``options``: :class:`FastPathOptions`, the switches (read once from the ``ESM_DUAL_*`` environment,
-  overridable per model with ``model.set_fast_path(**changes)``).
+  overridable per model with ``model.set_fast_path(**changes)``), ESMFold's trunk's among them.
 - ``attention``: varlen attention (FlashAttention-2/-4, SDPA). ``kernels``: rotary, q/k/v, add +
   LayerNorm (Triton). ``epilogues``: bias + GELU and residual adds in GEMM epilogues. ``packing``: packs,
   cu_seqlens, padded <-> packed. ``encoder``: the packed encoder and the checks that let it bypass modules.

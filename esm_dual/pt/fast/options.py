@@ -1,4 +1,4 @@
-"""The switches of the GPU fast path, as one typed object.
+"""The switches of the GPU fast path and of ESMFold's folding trunk, as one typed object.
 
 :class:`FastPathOptions` is read once from the environment (the ``ESM_DUAL_*`` variables below, at the
 first use) and is the process default; a model can carry its own (``model.set_fast_path(**changes)``,
@@ -19,15 +19,17 @@ from dataclasses import dataclass, fields
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "packed")
 VARLEN_BACKENDS = ("auto", "fa4", "flash", "dense", "loop")
 FUSED_LOOP_MODES = ("auto", "on", "off")
+FOLD_FAST_MODES = ("auto", "on", "off")
+FOLD_KERNELS = ("auto", "torch", "sdpa", "cueq")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")  # an empty value is "off", as it always was
 
 
 @dataclass(frozen=True)
 class FastPathOptions:
-    """Switches of the PyTorch fast path. Each field has an environment variable (read once, at the first
-    use); a boolean variable takes 1/0, true/false, yes/no, on/off (empty: off), and any other value is an
-    error naming the variable.
+    """Switches of the PyTorch fast path and of ESMFold's trunk. Each field has an environment variable
+    (read once, at the first use); a boolean variable takes 1/0, true/false, yes/no, on/off (empty: off), and
+    any other value is an error naming the variable.
 
     - ``attn_implementation`` (``ESM_DUAL_ATTN``: auto, sdpa, packed): how ``EsmModel.forward`` runs.
       "auto": packed (unpadded tokens, varlen attention) on CUDA when the compute dtype is fp16/bf16 (half
@@ -50,7 +52,18 @@ class FastPathOptions:
       precision too, instead of the tanh-form GELU in the FFN GEMM's epilogue.
     - ``triangle_sdpa`` (``ESM_DUAL_TRIANGLE_SDPA``, default on): ESMFold's triangle attention through
       SDPA with the triangle bias as its mask (fp32 outside autocast); off, the explicit scores / softmax.
-      ESMFold reads the process default (:func:`default_options`).
+    - ``fold_fast`` (``ESM_DUAL_FOLD_FAST``: auto, on, off): ESMFold's folding trunk in bf16 under autocast
+      ("on"), or in fp32 ("off": the path that matches HF transformers); "auto": bf16 on CUDA, fp32
+      elsewhere. The structure module always runs in fp32. ``model.set_fast(True / False / None)``.
+    - ``fold_kernels`` (``ESM_DUAL_FOLD_KERNELS``: auto, torch, sdpa, cueq): the kernels of the trunk's
+      triangle updates (:mod:`esm_dual.pt.folding.kernels`): "torch" (the fp32 path's), "sdpa" (triangle
+      attention through SDPA in any dtype), "cueq" (cuEquivariance's fused kernels on CUDA where installed,
+      else "sdpa"); "auto": "cueq" in a bf16 trunk, "torch" in fp32. ``model.set_kernels(...)``.
+      The fast mode is a bf16 trunk with kernels other than "torch"; ``model.set_trunk_dtype(torch.bfloat16)``
+      is ``fold_fast="on", fold_kernels="torch"``.
+
+    ESMFold and the encoder read the options of the model that runs (``model.fast_path_options``); a
+    module used on its own (a ``TriangleAttention``) reads the process default (:func:`default_options`).
     """
 
     attn_implementation: str = "auto"
@@ -61,6 +74,8 @@ class FastPathOptions:
     residual_epilogue: bool = True
     exact_gelu: bool = False
     triangle_sdpa: bool = True
+    fold_fast: str = "auto"
+    fold_kernels: str = "auto"
 
     def __post_init__(self):
         for name, allowed in _CHOICES.items():
@@ -78,6 +93,13 @@ class FastPathOptions:
             raise TypeError(f"unknown fast-path option(s) {unknown}; the options are "
                             f"{[f.name for f in fields(self)]}")
         return dataclasses.replace(self, **changes)
+
+    def fold_mode(self, device_type: str) -> tuple[bool, str]:
+        """What ESMFold's trunk runs with on a device type ("cuda", "cpu", ...): (bf16 trunk, kernels),
+        ``fold_fast`` and ``fold_kernels`` with "auto" resolved."""
+        bf16 = self.fold_fast == "on" or (self.fold_fast == "auto" and device_type == "cuda")
+        kernels = self.fold_kernels if self.fold_kernels != "auto" else ("cueq" if bf16 else "torch")
+        return bf16, kernels
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -117,7 +139,7 @@ class FastPathOptions:
 
 
 _CHOICES = {"attn_implementation": ATTN_IMPLEMENTATIONS, "varlen_backend": VARLEN_BACKENDS,
-            "fused_loop": FUSED_LOOP_MODES}
+            "fused_loop": FUSED_LOOP_MODES, "fold_fast": FOLD_FAST_MODES, "fold_kernels": FOLD_KERNELS}
 # field -> (environment variable, whether the variable says the opposite of the field)
 ENV_VARIABLES = {
     "attn_implementation": ("ESM_DUAL_ATTN", False),
@@ -128,6 +150,8 @@ ENV_VARIABLES = {
     "residual_epilogue": ("ESM_DUAL_RESIDUAL_EPILOGUE", False),
     "exact_gelu": ("ESM_DUAL_EXACT_GELU", False),
     "triangle_sdpa": ("ESM_DUAL_TRIANGLE_SDPA", False),
+    "fold_fast": ("ESM_DUAL_FOLD_FAST", False),
+    "fold_kernels": ("ESM_DUAL_FOLD_KERNELS", False),
 }
 
 _defaults: FastPathOptions | None = None

@@ -1,6 +1,7 @@
 """Optional fused GPU kernels for the folding trunk, and the switch that picks them.
 
-Kernels (``FoldingTrunk.set_kernels`` / ``EsmForProteinFolding.set_fast``):
+Kernels (the model's ``FastPathOptions.fold_kernels``: ``EsmForProteinFolding.set_kernels`` /
+``set_fast``, ``ESM_DUAL_FOLD_KERNELS``; ``FoldingTrunk.configure`` hands them to the triangle modules):
 
 - ``"torch"``: today's path. Triangle attention through ``F.scaled_dot_product_attention`` with the
   biases as its mask in fp32 (explicit scores under autocast), the triangle multiplication as batched

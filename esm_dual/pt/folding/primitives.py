@@ -51,13 +51,13 @@ def wide_op_rows(chunk_size: int | None, n: int, width: int) -> int | None:
     return max(chunk_size, WHOLE_OP_ELEMENTS // max(1, n * width))
 
 
-def sdpa_bias_ok(x: torch.Tensor, any_dtype: bool = False) -> bool:
+def sdpa_bias_ok(x: torch.Tensor, any_dtype: bool = False, enabled: bool | None = None) -> bool:
     """Triangle attention through ``F.scaled_dot_product_attention`` with the biases as its mask:
     fp32 outside autocast, or in any dtype with ``any_dtype`` (the ``"sdpa"`` / ``"cueq"`` kernels;
-    the fused kernels never materialise the [*, H, N, N] scores). Off with
-    ``FastPathOptions.triangle_sdpa`` (``ESM_DUAL_TRIANGLE_SDPA=0``): the explicit scores / softmax path,
-    as HF and OpenFold write it."""
-    if not default_options().triangle_sdpa:
+    the fused kernels never materialise the [*, H, N, N] scores). Off with ``enabled=False``, the
+    model's ``FastPathOptions.triangle_sdpa`` (None: the process default, ``ESM_DUAL_TRIANGLE_SDPA``):
+    the explicit scores / softmax path, as HF and OpenFold write it."""
+    if not (default_options().triangle_sdpa if enabled is None else enabled):
         return False
     if any_dtype:
         return True

@@ -24,8 +24,10 @@ class TriangleAttention(nn.Module):
         self.layer_norm = nn.LayerNorm(c_in)
         self.linear = nn.Linear(c_in, no_heads, bias=False)
         self.mha = Attention(c_in, c_hidden, no_heads, gating=True)
-        # "torch" | "sdpa" | "cueq" (kernels.py); set by FoldingTrunk.set_kernels
+        # "torch" | "sdpa" | "cueq" (kernels.py) and FastPathOptions.triangle_sdpa (None: the process
+        # default); set from the model's options by FoldingTrunk.configure
         self.kernels = "torch"
+        self.triangle_sdpa: bool | None = None
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, chunk_size: int | None = None
@@ -43,7 +45,7 @@ class TriangleAttention(nn.Module):
                                                      None if mask is None else mask[:, rows])
                              for rows in row_chunks(x.shape[1], chunk_size)], dim=1)
             return out if self.starting else out.transpose(-2, -3)
-        if sdpa_bias_ok(x, any_dtype=self.kernels != "torch") and x.dim() == 4:
+        if sdpa_bias_ok(x, any_dtype=self.kernels != "torch", enabled=self.triangle_sdpa) and x.dim() == 4:
             out = self._forward_sdpa(x, mask, chunk_size)
             return out if self.starting else out.transpose(-2, -3)
         if mask is None:
@@ -76,7 +78,7 @@ class TriangleAttention(nn.Module):
         zt = z if self.starting else z.transpose(-2, -3)
         mt = mask if (mask is None or self.starting) else mask.transpose(-1, -2)
         B = zt.shape[0]
-        sdpa = sdpa_bias_ok(zt, any_dtype=self.kernels != "torch")
+        sdpa = sdpa_bias_ok(zt, any_dtype=self.kernels != "torch", enabled=self.triangle_sdpa)
         h = self.linear.out_features
         # [B, H, J, J], row block by row block: bias[b, h, j, k] = linear(LN(z))[b, j, k, h]
         bias = aligned_empty((B, h, n, n), zt, compute_dtype(zt) if (sdpa or cueq) else torch.float32)
@@ -132,7 +134,7 @@ class TriangleMultiplicativeUpdate(nn.Module):
         self.linear_z = nn.Linear(c_z, c_z)
         self.layer_norm_in = nn.LayerNorm(c_z)
         self.layer_norm_out = nn.LayerNorm(c_z)
-        # "torch" | "cueq" (kernels.py; "sdpa" means "torch" here); set by FoldingTrunk.set_kernels
+        # "torch" | "cueq" (kernels.py; "sdpa" means "torch" here); set by FoldingTrunk.configure
         self.kernels = "torch"
 
     def _cueq_ok(self, z: torch.Tensor, chunk_size: int | None) -> bool:

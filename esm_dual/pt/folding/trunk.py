@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ...common.config import TrunkConfig
+from ..fast.options import FastPathOptions, default_options
 from .kernels import check_kernels
 from .primitives import chunked_rows, row_chunks, softmax_fp32, wide_op_rows
 from .structure_module import StructureModule
@@ -230,7 +231,8 @@ class FoldingTrunk(nn.Module):
         self.trunk2sm_s = nn.Linear(c_s, sm.sequence_dim)
         self.trunk2sm_z = nn.Linear(c_z, sm.pairwise_dim)
         self.chunk_size = config.chunk_size
-        # None: the blocks run in the parameters' dtype; torch.bfloat16 / float16: under autocast.
+        # None: the blocks run in the parameters' dtype (fp32); torch.bfloat16: under autocast
+        # (set by configure from the options, at each forward)
         self.block_dtype: torch.dtype | None = None
         self.kernels = "torch"
 
@@ -244,14 +246,22 @@ class FoldingTrunk(nn.Module):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         self.chunk_size = chunk_size
 
-    def set_kernels(self, kernels: str) -> None:
-        """Kernels of the triangle updates: "torch" (today's path, the default), "sdpa" (triangle
-        attention through SDPA in any dtype) or "cueq" (cuEquivariance's fused triangle kernels on CUDA
-        where installed, else "sdpa"); see ``kernels.py``."""
+    def configure(self, options: FastPathOptions | None, device: torch.device | str) -> None:
+        """Take the trunk's precision and kernels from ``options`` (the model's ``FastPathOptions``; None:
+        the process default) for ``device``: ``fold_fast`` gives the blocks' dtype (``block_dtype``: bf16
+        under autocast, or None for the parameters' fp32), ``fold_kernels`` the triangle updates' kernels
+        ("torch", "sdpa" or "cueq"; see ``kernels.py``), ``triangle_sdpa`` the triangle attention's SDPA
+        path. ``forward`` calls it with the options it is given; ``block_dtype`` and ``kernels`` say what
+        the last call chose."""
+        options = default_options() if options is None else options
+        bf16, kernels = options.fold_mode(torch.device(device).type)
+        self.block_dtype = torch.bfloat16 if bf16 else None
         self.kernels = check_kernels(kernels)
         for block in self.blocks:
             for m in (block.tri_mul_out, block.tri_mul_in, block.tri_att_start, block.tri_att_end):
                 m.kernels = kernels
+            for m in (block.tri_att_start, block.tri_att_end):
+                m.triangle_sdpa = options.triangle_sdpa
 
     def _autocast(self, device: torch.device):
         if self.block_dtype is None or self.block_dtype == torch.float32:
@@ -266,13 +276,16 @@ class FoldingTrunk(nn.Module):
         residx: torch.Tensor,
         mask: torch.Tensor,
         no_recycles: int | None = None,
+        options: FastPathOptions | None = None,
     ) -> dict:
         """seq_feats [B, N, C_s]; pair_feats [B, N, N, C_z] or None (zeros, never stored: ESMFold's
-        case, one pair tensor less); true_aa, residx, mask [B, N].
+        case, one pair tensor less); true_aa, residx, mask [B, N]. ``options``: the model's
+        ``FastPathOptions`` (None: the process default), see ``configure``.
 
         ``no_recycles=None`` runs ``max_recycles`` trunk passes in all; an integer r runs r + 1
         (the same convention as fair-esm and transformers).
         """
+        self.configure(options, seq_feats.device)
         if no_recycles is None:
             no_recycles = self.config.max_recycles
         else:

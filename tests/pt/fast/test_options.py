@@ -17,10 +17,11 @@ def test_every_switch_from_the_environment():
     assert FastPathOptions.from_environment({}) == FastPathOptions()
     env = {"ESM_DUAL_ATTN": "packed", "ESM_DUAL_VARLEN": "Loop", "ESM_DUAL_FA4": "0", "ESM_DUAL_NO_TRITON": "1",
            "ESM_DUAL_FUSED_LOOP": "on", "ESM_DUAL_RESIDUAL_EPILOGUE": "false", "ESM_DUAL_EXACT_GELU": "yes",
-           "ESM_DUAL_TRIANGLE_SDPA": ""}  # empty: off, as these switches always read it
+           "ESM_DUAL_TRIANGLE_SDPA": "",  # empty: off, as these switches always read it
+           "ESM_DUAL_FOLD_FAST": " Off ", "ESM_DUAL_FOLD_KERNELS": "CUEQ"}
     assert FastPathOptions.from_environment(env) == FastPathOptions(
         attn_implementation="packed", varlen_backend="loop", fa4=False, triton=False, fused_loop="on",
-        residual_epilogue=False, exact_gelu=True, triangle_sdpa=False)
+        residual_epilogue=False, exact_gelu=True, triangle_sdpa=False, fold_fast="off", fold_kernels="cueq")
     assert FastPathOptions.from_environment({"ESM_DUAL_NO_TRITON": "0"}).triton
     # one variable per field, each documented in the class docstring
     assert sorted(ENV_VARIABLES) == sorted(f.name for f in dataclasses.fields(FastPathOptions))
@@ -34,6 +35,9 @@ def test_every_switch_from_the_environment():
     ("ESM_DUAL_VARLEN", "flash2", "auto, fa4, flash, dense, loop"),
     ("ESM_DUAL_ATTN", "eager", "auto, sdpa, packed"),
     ("ESM_DUAL_FUSED_LOOP", "1", "auto, on, off"),
+    ("ESM_DUAL_FOLD_FAST", "1", "auto, on, off"),
+    ("ESM_DUAL_FOLD_FAST", "bf16", "auto, on, off"),
+    ("ESM_DUAL_FOLD_KERNELS", "flash", "auto, torch, sdpa, cueq"),
 ])
 def test_an_invalid_value_names_the_variable_and_the_accepted_values(var, value, accepted):
     with pytest.raises(ValueError) as e:
@@ -48,6 +52,24 @@ def test_field_values_are_checked():
         FastPathOptions(fa4="0")
     with pytest.raises(TypeError, match=r"unknown fast-path option\(s\) \['fa5'\]"):
         FastPathOptions().replace(fa5=False)
+    with pytest.raises(ValueError, match="fold_fast must be one of"):
+        FastPathOptions(fold_fast=True)
+    with pytest.raises(ValueError, match="fold_kernels must be one of"):
+        FastPathOptions().replace(fold_kernels="triton")
+
+
+@pytest.mark.parametrize("fold_fast,fold_kernels,device,expected", [
+    ("auto", "auto", "cuda", (True, "cueq")),  # the default on a GPU: the fast mode
+    ("auto", "auto", "cpu", (False, "torch")),  # the default on the CPU: the fp32 trunk HF matches
+    ("on", "auto", "cpu", (True, "cueq")),  # (cueq falls back to SDPA off CUDA, in kernels.py)
+    ("on", "torch", "cuda", (True, "torch")),  # set_trunk_dtype(torch.bfloat16)
+    ("off", "auto", "cuda", (False, "torch")),  # set_fast(False)
+    ("off", "sdpa", "cuda", (False, "sdpa")),
+    ("auto", "sdpa", "cuda", (True, "sdpa")),
+])
+def test_fold_mode_resolves_auto_per_device(fold_fast, fold_kernels, device, expected):
+    options = FastPathOptions(fold_fast=fold_fast, fold_kernels=fold_kernels)
+    assert options.fold_mode(device) == expected
 
 
 def test_read_once_then_kept(monkeypatch):
