@@ -449,7 +449,6 @@ class EsmPreTrainedModel(PreTrainedMixin, nn.Module):
                    if (not exclude_embeddings or name not in embedding_names)
                    and (p.requires_grad or not only_trainable))
 
-    # ---- embeddings --------------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Embedding:
         return self.base_model.embeddings.word_embeddings
 
