@@ -9,7 +9,8 @@ from __future__ import annotations
 import ast
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.utils import ROOT
+
 PT_FILE = os.path.join(ROOT, "esm_dual", "pt", "modeling_esm.py")
 TF_FILE = os.path.join(ROOT, "esm_dual", "tf", "modeling_esm.py")
 # The framework's integration around each twin: a mixin before the framework's base class.

@@ -24,12 +24,12 @@ from tests.pt.fast.common import (
     fa4_here,
     gpu_model,
     lognormal_batch,
-    maxdiff,
     padded_sdpa,
     rel,
     rows_of,
     tiny_model,
 )
+from tests.utils import maxdiff
 
 
 @pytest.mark.parametrize("backend", ["dense", "loop"])
