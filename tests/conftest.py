@@ -11,9 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from esm_dual.common.config import EsmConfig  # noqa: E402
-
-# Small real FASTA files shipped with the repository (tests/data/README.md names their source).
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+from tests.utils import DATA_DIR  # noqa: E402,F401  (re-exported: tests import it from here too)
 
 # Odd sizes on purpose: 3 heads (not a power of two), head dim 6 (even, for rotary).
 _BASE = dict(
@@ -102,11 +100,40 @@ def data_dir() -> str:
     return DATA_DIR
 
 
-@pytest.fixture
-def one_torch_thread():
-    """One intra-op torch thread for the test: tiny models gain nothing from more on a busy 2-core box."""
+def _one_thread():
     torch = pytest.importorskip("torch")
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test: tiny models gain nothing from more on a busy 2-core box."""
+    yield from _one_thread()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread_module():
+    """``one_torch_thread`` for a whole module (``pytestmark = pytest.mark.usefixtures(...)`` or an autouse)."""
+    yield from _one_thread()
+
+
+@pytest.fixture(scope="module")
+def hub_dir(tmp_path_factory):
+    """``hub_dir(flavour, head, **config_changes)``: a tiny hub checkpoint directory, written once per module and
+    key (seeds 0, 1, 2, ... in the order of first use)."""
+    from tests.utils import write_hub_checkpoint
+
+    cache = {}
+
+    def get(flavour: str, head: str, **changes) -> str:
+        key = (flavour, head, tuple(sorted(changes.items())))
+        if key not in cache:
+            d = tmp_path_factory.mktemp(f"{flavour}_{head}")
+            write_hub_checkpoint(str(d), tiny_config(flavour, **changes), head=head, seed=len(cache))
+            cache[key] = str(d)
+        return cache[key]
+
+    return get

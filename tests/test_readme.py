@@ -20,7 +20,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.utils import ROOT
+
 README = os.path.join(ROOT, "README.md")
 FENCE = re.compile(r"^```(\w*)\s*$")
 SKIP = re.compile(r"<!--\s*readme-test:\s*skip\s+(.*?)\s*-->")

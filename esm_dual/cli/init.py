@@ -87,9 +87,9 @@ def write_random_checkpoint(model: str, outdir: str, *, tiny: bool = False, seed
 
         model_ = EsmForMaskedLM(config)
     if dtype != "fp32":
-        from ..pt.modeling_esm import _str_to_torch_dtype
+        from ..pt.integration import str_to_torch_dtype
 
-        model_ = model_.to(_str_to_torch_dtype(dtype))
+        model_ = model_.to(str_to_torch_dtype(dtype))
     model_.save_pretrained(outdir)
     return config
 

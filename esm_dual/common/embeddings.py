@@ -1,26 +1,8 @@
-"""EmbeddingStore: a columnar HDF5 file of per-sequence embeddings that scales to millions of records.
+"""Writing embedding stores: ``EmbeddingWriter`` (create, resume, crash-safe append, drop) and ``merge_stores``.
 
-Written by ``esm-dual embed --format h5``; framework-neutral (numpy + h5py only).
-
-Layout (``L`` = a layer index as written by ``embed``, non-negative; ``n`` records, ``D`` hidden size)::
-
-    /                      attrs: format, version, n_committed, n_residues, n_contact_values,
-                                  layers, include, hidden_size, num_layers, identity, metadata (JSON)
-    ids            [n]     utf-8 record ids (the first word of the FASTA header)
-    descriptions   [n]     utf-8 full header lines
-    lengths        [n]     int32 residues stored (after truncation)
-    input_index    [n]     int64 the record's position in the input FASTA (readers list records in this order)
-    seq_hash       [n]     S32 hex digest of the sequence embedded (``sequence_hash``; resume compares it)
-    mean/L         [n, D]  float32 mean over residues (BOS/EOS excluded)            (include "mean")
-    bos/L          [n, D]  float32 BOS (<cls>) state                                   (include "bos")
-    per_tok/L      [R, D]  float32 residue states of all records, concatenated       (include "per_tok")
-    per_tok_offsets [n]    int64 first row of each record in per_tok/L
-    contacts       [C]     float32 flattened [N, N] contact maps, concatenated       (include "contacts")
-    contacts_offsets [n]   int64 first element of each record in contacts
-
-Rows are stored in the order they were written (``embed`` batches by length); the reader lists records in
-input order (``input_index``), so ``store.ids``, iteration, ``record(i)``, ``lengths`` and the column
-readers all follow the FASTA.
+The format and the reader (``EmbeddingStore``) are in ``common.embedding_store``; this module re-exports their
+public names, so ``from esm_dual.common.embeddings import EmbeddingStore, EmbeddingWriter, sequence_hash`` is
+the one import users need. Written by ``esm-dual embed --format h5``; framework-neutral (numpy + h5py only).
 
 Every dataset is chunked and resizable along axis 0. Crash safety: before a batch is written the root
 attribute ``dirty`` is set to 1 and the file flushed; the rows are written, the file flushed and the rows
@@ -36,33 +18,33 @@ past the counters) rebuilds the store from its committed rows into a fresh file 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-FORMAT = "esm-dual-embeddings"
-VERSION = 2  # 2: input_index and seq_hash
+from .embedding_store import (
+    FORMAT,
+    KINDS,
+    VERSION,
+    EmbeddingStore,
+    EmbeddingStoreError,
+    check_format,
+    decode_str,
+    h5py_module,
+    open_h5,
+    sequence_hash,
+)
+
 _HASH_DTYPE = "S32"
 _SLACK = 1 << 20  # free bytes kept beyond a batch's data and new chunks (HDF5 metadata, heaps)
-KINDS = ("mean", "per_tok", "bos", "contacts")
 _STR = None  # h5py string dtype, made on first use
-
-
-class EmbeddingStoreError(ValueError):
-    """The file is not a usable embedding store, or was written with conflicting options."""
 
 
 class StoreFullError(EmbeddingStoreError):
     """The disk (or quota) has no room for the next batch; the store keeps its committed records."""
-
-
-def sequence_hash(sequence: str) -> str:
-    """The digest a store records for a sequence (32 hex characters of BLAKE2b)."""
-    return hashlib.blake2b(sequence.encode("utf-8"), digest_size=16).hexdigest()
 
 
 def _free_bytes(path: str) -> int | None:
@@ -80,48 +62,15 @@ def _is_disk_full(e: BaseException) -> bool:
     return "No space left on device" in msg or "errno = 28" in msg or "Disk quota exceeded" in msg
 
 
-def _h5py():
-    import h5py
-
-    return h5py
-
-
 def _str_dtype():
     global _STR
     if _STR is None:
-        _STR = _h5py().string_dtype("utf-8")
+        _STR = h5py_module().string_dtype("utf-8")
     return _STR
 
 
 def _rows_per_chunk(row_elems: int, target_bytes: int = 1 << 20) -> int:
     return max(1, min(1 << 16, target_bytes // max(1, 4 * row_elems)))
-
-
-def _decode(x: Any) -> str:
-    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
-
-
-def _open_h5(path: str, mode: str):
-    h5py = _h5py()
-    try:
-        return h5py.File(path, mode)
-    except OSError as e:
-        msg = str(e)
-        if "lock" in msg.lower():
-            raise EmbeddingStoreError(
-                f"{path}: the file is in use by another process (HDF5 file lock); wait for it to finish"
-            ) from None
-        raise EmbeddingStoreError(f"{path}: cannot open as HDF5 ({msg.splitlines()[0]}); "
-                                  "is it an esm-dual embedding store?") from None
-
-
-def _check_format(f, path: str) -> None:
-    if f.attrs.get("format") != FORMAT:
-        raise EmbeddingStoreError(f"{path} is an HDF5 file but not an esm-dual embedding store")
-    version = int(f.attrs.get("version", 0))
-    if version > VERSION:
-        raise EmbeddingStoreError(f"{path}: store version {version} is newer than this esm-dual "
-                                  f"understands ({VERSION}); upgrade esm-dual")
 
 
 class EmbeddingWriter:
@@ -162,7 +111,7 @@ class EmbeddingWriter:
         if os.path.exists(self.path) and self._holds_nothing():
             os.remove(self.path)  # a store that never committed a record pins no options (a failed first run)
         if os.path.exists(self.path):
-            self._f = _open_h5(self.path, "r+")  # HDF5's file lock: this is the only writer now
+            self._f = open_h5(self.path, "r+")  # HDF5's file lock: this is the only writer now
             for stale in (self.path + ".rebuild.tmp", self.path + ".drop.tmp"):  # of a run killed mid-rebuild
                 if os.path.isfile(stale):
                     os.remove(stale)
@@ -174,7 +123,7 @@ class EmbeddingWriter:
                 raise
         else:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            self._f = _open_h5(self.path, "w")
+            self._f = open_h5(self.path, "w")
             try:
                 self._create(metadata or {})
             except BaseException:
@@ -186,10 +135,10 @@ class EmbeddingWriter:
     def _holds_nothing(self) -> bool:
         """An esm-dual store of this format that has no committed record (else False, also for other files)."""
         try:
-            with _h5py().File(self.path, "r") as f:
+            with h5py_module().File(self.path, "r") as f:
                 return (f.attrs.get("format") == FORMAT and int(f.attrs.get("version", 0)) <= VERSION
                         and int(f.attrs.get("n_committed", -1)) == 0)
-        except Exception:  # not HDF5, unreadable: _open_h5 / _resume report it
+        except Exception:  # not HDF5, unreadable: open_h5 / _resume report it
             return False
 
     def _dataset(self, name: str, shape_tail: tuple[int, ...], dtype, rows_per_chunk: int | None = None):
@@ -227,7 +176,7 @@ class EmbeddingWriter:
 
     def _resume(self) -> None:
         f = self._f
-        _check_format(f, self.path)
+        check_format(f, self.path)
         if int(f.attrs.get("version", 0)) < VERSION:
             raise EmbeddingStoreError(
                 f"{self.path} was written by an older esm-dual (store version {int(f.attrs.get('version', 0))}, "
@@ -263,7 +212,7 @@ class EmbeddingWriter:
         old = self._f
         tmp = self.path + ".rebuild.tmp"
         try:
-            with _h5py().File(tmp, "w") as new:
+            with h5py_module().File(tmp, "w") as new:
                 for k, v in old.attrs.items():
                     new.attrs[k] = v
                 for name, n in extents.items():
@@ -282,7 +231,7 @@ class EmbeddingWriter:
         old.close()
         self._f = None
         os.replace(tmp, self.path)
-        self._f = _open_h5(self.path, "r+")
+        self._f = open_h5(self.path, "r+")
         self.repaired = self.counts[0]
 
     def _record_datasets(self) -> list[str]:
@@ -318,7 +267,7 @@ class EmbeddingWriter:
         """Ids already committed (what a resumed run skips)."""
         if self._ids is None:
             n = self.counts[0]
-            self._ids = {_decode(x) for x in self._f["ids"][:n]}
+            self._ids = {decode_str(x) for x in self._f["ids"][:n]}
         return self._ids
 
     def __contains__(self, record_id: object) -> bool:
@@ -329,8 +278,8 @@ class EmbeddingWriter:
         """id -> :func:`sequence_hash` of what was embedded, for the committed records."""
         if self._hashes is None:
             n = self.counts[0]
-            ids = [_decode(x) for x in self._f["ids"][:n]]
-            self._hashes = dict(zip(ids, (_decode(h) for h in self._f["seq_hash"][:n])))
+            ids = [decode_str(x) for x in self._f["ids"][:n]]
+            self._hashes = dict(zip(ids, (decode_str(h) for h in self._f["seq_hash"][:n])))
         return self._hashes
 
     def drop(self, record_ids: Sequence[str]) -> int:
@@ -348,7 +297,8 @@ class EmbeddingWriter:
         self.close()
         src = EmbeddingStore(self.path)
         try:
-            rows = [j for j in range(len(src)) if src._row_ids[j] not in gone]
+            row_ids = src.row_ids
+            rows = [j for j in range(len(src)) if row_ids[j] not in gone]
             with EmbeddingWriter(tmp, layers=self.layers, include=self.include, hidden_size=self.hidden_size,
                                  num_layers=self.num_layers, identity=identity, metadata=metadata,
                                  compression=self.compression) as out:
@@ -360,7 +310,7 @@ class EmbeddingWriter:
             raise
         src.close()
         os.replace(tmp, self.path)
-        self._f = _open_h5(self.path, "r+")
+        self._f = open_h5(self.path, "r+")
         self._ids = self._hashes = None
         return len(gone)
 
@@ -487,7 +437,7 @@ class EmbeddingWriter:
             for name, start, values in rows:  # and read back as written
                 back = f[name][start:start + len(values)]
                 if back.dtype == object:
-                    same = [_decode(x) for x in back] == [_decode(x) for x in values]
+                    same = [decode_str(x) for x in back] == [decode_str(x) for x in values]
                 else:
                     same = np.array_equal(back, values)
                 if not same:
@@ -531,179 +481,10 @@ class EmbeddingWriter:
         self.close()
 
 
-class EmbeddingStore(Mapping):
-    """Read an embedding store: ``store[record_id]["mean"][layer]`` -> np.ndarray [D].
-
-    ``store[id]`` is a dict with the kinds the store holds: ``"mean"``/``"bos"`` {layer: [D]},
-    ``"per_tok"`` {layer: [N, D]}, ``"contacts"`` [N, N], plus ``"length"``, ``"description"`` and
-    ``"sequence_hash"``. Layer keys are the ints ``embed`` wrote (negative indices normalised).
-    Everything is in input (FASTA) order, whatever order the rows were written in: iteration, ``ids``,
-    ``record(i)``, ``lengths`` and the column readers ``mean(layer)`` / ``bos(layer)`` ([n, D] for all
-    records); ``len``, ``in``, ``metadata``, ``layers``, ``hidden_size`` are there for bulk use.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"no embedding store at {self.path}")
-        self._f = _open_h5(self.path, "r")
-        try:
-            _check_format(self._f, self.path)
-        except BaseException:
-            self._f.close()
-            raise
-        a = self._f.attrs
-        self._n = int(a["n_committed"])
-        self.layers: list[int] = json.loads(a["layers"])
-        self.include: list[str] = json.loads(a["include"])
-        self.hidden_size: int = int(a["hidden_size"])
-        self.num_layers: int = int(a["num_layers"])
-        self.identity: dict[str, Any] = json.loads(a["identity"])
-        self._metadata: dict[str, Any] = json.loads(a["metadata"])
-        self._ids: list[str] | None = None
-        self._index: dict[str, int] | None = None
-        if "input_index" in self._f:  # version 2: rows in written order, records listed in input order
-            self._order = np.argsort(self._f["input_index"][: self._n], kind="stable")
-        else:
-            self._order = np.arange(self._n)
-
-    @property
-    def _file(self):
-        if self._f is None:
-            raise EmbeddingStoreError(f"{self.path}: the store is closed (reopen it with EmbeddingStore(path))")
-        return self._f
-
-    # ---- metadata ------------------------------------------------------------------------------
-    @property
-    def metadata(self) -> dict[str, Any]:
-        out = dict(self._metadata)
-        out.update(self.identity)
-        out.update(layers=self.layers, include=self.include, hidden_size=self.hidden_size,
-                   num_layers=self.num_layers, count=self._n, dims=self.dims)
-        return out
-
-    @property
-    def model(self) -> str | None:
-        return self.identity.get("model", self._metadata.get("model"))
-
-    @property
-    def dims(self) -> dict[str, tuple]:
-        """Per-record shapes: {"mean": (D,), "bos": (D,), "per_tok": ("N", D), "contacts": ("N", "N")}."""
-        D = self.hidden_size
-        shapes = {"mean": (D,), "bos": (D,), "per_tok": ("N", D), "contacts": ("N", "N")}
-        return {k: shapes[k] for k in self.include}
-
-    # ---- ids -----------------------------------------------------------------------------------
-    @property
-    def _row_ids(self) -> list[str]:
-        """Ids in the order the rows are stored."""
-        return [_decode(x) for x in self._file["ids"][: self._n]]
-
-    @property
-    def ids(self) -> list[str]:
-        """Record ids in input (FASTA) order."""
-        if self._ids is None:
-            rows = self._row_ids
-            self._ids = [rows[j] for j in self._order]
-        return self._ids
-
-    @property
-    def sequence_hashes(self) -> dict[str, str]:
-        """id -> :func:`sequence_hash` of the sequence embedded ("" where not recorded; {} for stores older than
-        version 2)."""
-        if "seq_hash" not in self._file:
-            return {}
-        return dict(zip(self._row_ids, (_decode(h) for h in self._file["seq_hash"][: self._n])))
-
-    def _idx(self, record_id: str) -> int:
-        if self._index is None:
-            self._index = {r: i for i, r in enumerate(self.ids)}
-        try:
-            return self._index[record_id]
-        except KeyError:
-            raise KeyError(f"no record {record_id!r} in {self.path}") from None
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.ids)
-
-    def __contains__(self, record_id: object) -> bool:
-        if self._index is None:
-            self._index = {r: i for i, r in enumerate(self.ids)}
-        return record_id in self._index
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return self._file["lengths"][: self._n].astype(np.int64)[self._order]
-
-    # ---- records -------------------------------------------------------------------------------
-    def __getitem__(self, record_id: str) -> dict[str, Any]:
-        return self.record(self._idx(record_id))
-
-    def record(self, i: int) -> dict[str, Any]:
-        """The i-th record in input order (see ``__getitem__``)."""
-        if not 0 <= i < self._n:
-            raise IndexError(f"record index {i} out of range (store has {self._n})")
-        return self._row(int(self._order[i]))
-
-    def _row(self, i: int) -> dict[str, Any]:
-        """The record stored in row ``i``."""
-        f = self._file
-        n = int(f["lengths"][i])
-        out: dict[str, Any] = {"id": _decode(f["ids"][i]), "description": _decode(f["descriptions"][i]),
-                               "length": n}
-        if "seq_hash" in f:
-            out["sequence_hash"] = _decode(f["seq_hash"][i])
-            out["input_index"] = int(f["input_index"][i])
-        for kind in ("mean", "bos"):
-            if kind in self.include:
-                out[kind] = {layer: f[f"{kind}/{layer}"][i] for layer in self.layers}
-        if "per_tok" in self.include:
-            start = int(f["per_tok_offsets"][i])
-            out["per_tok"] = {layer: f[f"per_tok/{layer}"][start : start + n] for layer in self.layers}
-        if "contacts" in self.include:
-            start = int(f["contacts_offsets"][i])
-            out["contacts"] = f["contacts"][start : start + n * n].reshape(n, n)
-        return out
-
-    def _column(self, kind: str, layer: int) -> np.ndarray:
-        if kind not in self.include:
-            raise KeyError(f"{self.path} holds no {kind!r} embeddings (it has {self.include})")
-        if layer not in self.layers:
-            raise KeyError(f"{self.path} holds no layer {layer} (it has {self.layers})")
-        return self._file[f"{kind}/{layer}"][: self._n][self._order]
-
-    def mean(self, layer: int) -> np.ndarray:
-        """Mean embeddings of every record, [n, D], in input order (as ``ids``)."""
-        return self._column("mean", layer)
-
-    def bos(self, layer: int) -> np.ndarray:
-        """BOS embeddings of every record, [n, D], in input order (as ``ids``)."""
-        return self._column("bos", layer)
-
-    # ---- lifetime ------------------------------------------------------------------------------
-    def close(self) -> None:
-        if self._f:
-            self._f.close()
-            self._f = None
-
-    def __enter__(self) -> EmbeddingStore:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return (f"EmbeddingStore({self.path!r}, records={self._n}, model={self.model!r}, "
-                f"layers={self.layers}, include={self.include}, hidden_size={self.hidden_size})")
-
-
 def _copy_rows(store: EmbeddingStore, out: EmbeddingWriter, rows: Sequence[int], block: int = 256) -> int:
     """Append the records stored in ``rows`` of ``store`` to ``out`` (hashes and input positions kept)."""
     for s in range(0, len(rows), block):
-        recs = [store._row(j) for j in rows[s:s + block]]
+        recs = [store.row(j) for j in rows[s:s + block]]
         kw: dict[str, Any] = {}
         for kind in ("mean", "bos"):
             if kind in store.include:
@@ -735,15 +516,19 @@ def merge_stores(path: str | os.PathLike, shards: Sequence[str | os.PathLike], *
             if s.identity != first.identity:
                 raise EmbeddingStoreError(f"{s.path} was written with other options than {first.path}; "
                                           "shards of one store must come from one run")
-        metadata = dict(first._metadata, shards=len(stores))
+        metadata = dict(first.writer_metadata, shards=len(stores))
         added = 0
         with EmbeddingWriter(path, layers=first.layers, include=first.include, hidden_size=first.hidden_size,
                              num_layers=first.num_layers, identity=first.identity, metadata=metadata,
                              compression=compression) as out:
             for store in stores:
-                rows = [j for j, rid in enumerate(store._row_ids) if rid not in out]
+                rows = [j for j, rid in enumerate(store.row_ids) if rid not in out]
                 added += _copy_rows(store, out, rows, block)
         return added
     finally:
         for s in stores:
             s.close()
+
+
+__all__ = ["FORMAT", "KINDS", "VERSION", "EmbeddingStore", "EmbeddingStoreError", "EmbeddingWriter", "StoreFullError",
+           "merge_stores", "sequence_hash"]

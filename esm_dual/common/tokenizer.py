@@ -13,35 +13,28 @@ Plain residue strings (ASCII, no whitespace, no ``<``) take a vectorised path: o
 bytes of the whole batch, so 100,000 UniRef-sized sequences encode in about a second. Anything else
 goes through a faithful re-implementation of the HF trie split.
 
+The vocabulary file and HF's trie split are in ``common.vocab``, the ragged-row numpy work behind the output
+(truncation, special tokens, padding, tensors) and ``BatchEncoding`` in ``common.batch_encoding``, and the
+rest of HF's tokenizer surface (``pad``, special-token helpers, ``save_pretrained``/``from_pretrained``) in
+``common.tokenizer_hf``'s ``HFTokenizerMixin``.
+
 This module imports numpy only; ``return_tensors="pt"``/``"tf"`` import torch/TensorFlow inside the call.
 """
 
 from __future__ import annotations
 
-import gc
-import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence, Sized
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
+from .batch_encoding import BatchEncoding, assemble, pad_rows, ragged_positions, row_offsets, split_rows
 from .config import DEFAULT_VOCAB
+from .tokenizer_hf import VERY_LARGE_INTEGER, HFTokenizerMixin, check_pad_to_multiple_of
+from .vocab import SPECIAL_ATTRS, build_trie, load_vocab_file, split_on_tokens
 
-VOCAB_FILE_NAME = "vocab.txt"
-TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP_NAME = "special_tokens_map.json"
-
-# HF's "no limit" model_max_length (int(1e30)) and the threshold above which it means "unset".
-VERY_LARGE_INTEGER = int(1e30)
-LARGE_INTEGER = int(1e20)
-
-# HF's order of the special-token attributes (``all_special_tokens`` and appending missing ones).
-_SPECIAL_ATTRS = ("eos_token", "unk_token", "pad_token", "cls_token", "mask_token")
-_PADDINGS = ("longest", "max_length", "do_not_pad")
-_TRUNCATIONS = ("longest_first", "only_first", "only_second", "do_not_truncate")
-_END = ""  # key marking the end of a token in the trie (text characters are never "")
 _WORD = re.compile(r"\S+")  # same whitespace as str.split() (both use Py_UNICODE_ISSPACE)
 _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
              (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
@@ -59,33 +52,6 @@ class TokenizerError(ValueError):
         self.index, self.character, self.position = index, character, position
 
 
-class BatchEncoding(dict):
-    """The tokenizer's output: a dict (``enc["input_ids"]``) with attribute access (``enc.input_ids``)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def to(self, device: Any, non_blocking: bool = False) -> BatchEncoding:
-        """Move torch tensors to ``device`` (values without ``.to`` are left as they are)."""
-        return BatchEncoding({k: v.to(device, non_blocking=non_blocking) if hasattr(v, "to") else v
-                              for k, v in self.items()})
-
-
-def _build_trie(tokens: Iterable[str]) -> dict:
-    root: dict = {}
-    for tok in tokens:
-        if not tok:
-            continue
-        node = root
-        for ch in tok:
-            node = node.setdefault(ch, {})
-        node[_END] = 1
-    return root
-
-
 def _clean_up(text: str) -> str:
     for a, b in _CLEANUPS:
         text = text.replace(a, b)
@@ -98,32 +64,7 @@ def _label(index: int, ids: Sequence[Any] | None) -> str:
     return f"record {index}"
 
 
-def _ragged_positions(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For ragged rows of ``lengths``: (row of every element, position of every element in its row)."""
-    total = int(lengths.sum())
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    starts = np.cumsum(lengths) - lengths
-    return rows, np.arange(total) - np.repeat(starts, lengths)
-
-
-def _keep_mask(n: np.ndarray, k: np.ndarray, left: bool) -> np.ndarray:
-    """Over ragged rows of lengths ``n``: True for the first (or, ``left``, the last) ``k`` of each row."""
-    rows, pos = _ragged_positions(n)
-    return pos >= (n - k)[rows] if left else pos < k[rows]
-
-
-def _split_flat(flat: np.ndarray, off: np.ndarray) -> list[np.ndarray]:
-    b = off.tolist()
-    return [flat[b[i]:b[i + 1]] for i in range(len(b) - 1)]
-
-
-def _offsets(lengths: np.ndarray) -> np.ndarray:
-    off = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=off[1:])
-    return off
-
-
-class EsmTokenizer:
+class EsmTokenizer(HFTokenizerMixin):
     """ESM tokenizer, id-for-id compatible with ``transformers.EsmTokenizer``.
 
     Args:
@@ -171,14 +112,14 @@ class EsmTokenizer:
         self._tok2id: dict[str, int] = {tok: i for i, tok in enumerate(tokens)}  # duplicates: last wins (HF)
         self._id2tok: dict[int, str] = dict(enumerate(tokens))
         # Special tokens missing from the file are appended, in HF's order.
-        for attr in _SPECIAL_ATTRS:
+        for attr in SPECIAL_ATTRS:
             tok = self._special[attr]
             if tok and tok not in self._tok2id:
                 new_id = len(self._tok2id)
                 self._tok2id[tok] = new_id
                 self._id2tok[new_id] = tok
-        self._no_split = {self._special[a] for a in _SPECIAL_ATTRS if self._special[a]}
-        self._trie = _build_trie(self._tok2id)
+        self._no_split = {self._special[a] for a in SPECIAL_ATTRS if self._special[a]}
+        self._trie = build_trie(self._tok2id)
         self._build_lut()
 
     # ---- vocabulary ----------------------------------------------------------------------------
@@ -227,14 +168,8 @@ class EsmTokenizer:
     sep_token_id = property(lambda self: self._id("eos_token"))
 
     @property
-    def special_tokens_map(self) -> dict[str, str]:
-        """The special-token attributes that are set (HF's ``special_tokens_map``)."""
-        return {a: self._special[a] for a in ("unk_token", "pad_token", "cls_token", "mask_token", "eos_token")
-                if self._special[a]}
-
-    @property
     def all_special_tokens(self) -> list[str]:
-        return [self._special[a] for a in _SPECIAL_ATTRS if self._special[a]]
+        return [self._special[a] for a in SPECIAL_ATTRS if self._special[a]]
 
     @property
     def all_special_ids(self) -> list[int]:
@@ -260,78 +195,10 @@ class EsmTokenizer:
         return out
 
     # ---- tokenisation (general path) -----------------------------------------------------------
-    def _split(self, text: str) -> list[tuple[int, str]]:
-        """HF's ``Trie.split``: cut ``text`` around vocabulary tokens; (offset, piece) pairs.
-
-        Re-implemented step for step (first completed match wins, extended to the longest match among
-        partial matches that began at or before it), so that custom vocabularies behave like HF too.
-        """
-        root = self._trie
-        if not text:
-            return []
-        if not any(ch in root for ch in set(text)):
-            return [(0, text)]
-        n = len(text)
-        states: dict[int, dict] = {}  # start offset -> trie node, in increasing start order
-        cuts = [0]
-        skip = 0
-        for cur, ch in enumerate(text):
-            if skip and cur < skip:
-                continue
-            dead = []
-            matched = False
-            for start, node in states.items():
-                if _END in node:
-                    # A token ends before `cur`. Look for a longer one among partial matches that began at
-                    # or before it (the earlier ones have already consumed `cur`, hence cur + 1).
-                    end = cur
-                    for s2, node2 in states.items():
-                        if s2 > start:
-                            break
-                        i = end = cur + 1 if s2 < start else cur
-                        nxt = text[i] if i < n else None
-                        if _END in node2:
-                            start, end, skip = s2, i, i
-                        while nxt in node2:
-                            node2 = node2[nxt]
-                            i += 1
-                            if _END in node2:
-                                start, end, skip = s2, i, i
-                            if i == n:
-                                break
-                            nxt = text[i]
-                    cuts += (start, end)
-                    matched = True
-                    break
-                if ch in node:
-                    states[start] = node[ch]
-                else:
-                    dead.append(start)
-            if matched:
-                states = {}
-            else:
-                for start in dead:
-                    del states[start]
-            if cur >= skip and ch in root:
-                states[cur] = root[ch]
-        for start, node in states.items():
-            if _END in node:
-                cuts += (start, n)
-                break
-        cuts.append(n)
-        pieces = []
-        prev = 0
-        for end in cuts:
-            if end <= prev:
-                continue
-            pieces.append((prev, text[prev:end]))
-            prev = end
-        return pieces
-
     def _tokenize_positions(self, text: str) -> tuple[list[str], list[int]]:
         tokens: list[str] = []
         starts: list[int] = []
-        for off, piece in self._split(text):
+        for off, piece in split_on_tokens(self._trie, text):
             if piece in self._no_split:
                 tokens.append(piece)
                 starts.append(off)
@@ -398,7 +265,7 @@ class EsmTokenizer:
         unk_mask = codes == -1
         first_error: tuple[int, TokenizerError] | None = None
         if unk_mask.any():
-            rows, pos = _ragged_positions(lengths)
+            rows, pos = ragged_positions(lengths)
             if strict:
                 p = int(np.flatnonzero(unk_mask)[0])
                 rec = int(fast_idx[rows[p]])
@@ -420,7 +287,7 @@ class EsmTokenizer:
         if not slow_idx:
             if first_error is not None:
                 raise first_error[1]
-            return codes, _offsets(lengths)
+            return codes, row_offsets(lengths)
 
         # Merge general-path records (and pre-encoded ids) with the vectorised ones, in input order.
         slow_ids: dict[int, np.ndarray] = {}
@@ -438,10 +305,10 @@ class EsmTokenizer:
         all_len[fast_idx] = lengths
         for i, a in slow_ids.items():
             all_len[i] = len(a)
-        off = _offsets(all_len)
+        off = row_offsets(all_len)
         flat = np.empty(int(off[-1]), dtype=np.int64)
         if len(codes):
-            rows, pos = _ragged_positions(lengths)
+            rows, pos = ragged_positions(lengths)
             flat[off[fast_idx][rows] + pos] = codes
         for i, a in slow_ids.items():
             flat[off[i]:off[i + 1]] = a
@@ -453,7 +320,7 @@ class EsmTokenizer:
         """Residue ids of each sequence (no <cls>/<eos>) as int64 arrays (views of one buffer)."""
         seqs = seqs if isinstance(seqs, list) else list(seqs)
         flat, off = self._encode_flat(seqs, strict, ids)
-        return _split_flat(flat, off)
+        return split_rows(flat, off)
 
     def encode_batch(
         self,
@@ -471,93 +338,17 @@ class EsmTokenizer:
         if not seqs:
             return []
         flat, off = self._encode_flat(seqs, strict, ids)
-        enc = self._assemble(flat, off, None, None, add_special_tokens,
-                             "longest_first" if max_length is not None else "do_not_truncate", max_length)
-        return _split_flat(enc["input_ids"], enc["offsets"])
+        enc = assemble(flat, off, None, None, add_special_tokens,
+                       "longest_first" if max_length is not None else "do_not_truncate", max_length,
+                       cls_token_id=self.cls_token_id, eos_token_id=self.eos_token_id,
+                       truncation_side=self.truncation_side)
+        return split_rows(enc["input_ids"], enc["offsets"])
 
     def encode(self, text: Any, text_pair: Any = None, add_special_tokens: bool = True, **kwargs: Any) -> Any:
         """``self(text, text_pair, ...)["input_ids"]`` (HF's ``encode``)."""
         return self(text, text_pair, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
 
-    # ---- special tokens ------------------------------------------------------------------------
-    def num_special_tokens_to_add(self, pair: bool = False) -> int:
-        return 3 if pair else 2
-
-    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None
-                                         ) -> list[int]:
-        cls, eos = [self.cls_token_id], [self.eos_token_id]
-        if token_ids_1 is None:
-            return cls + list(token_ids_0) + eos
-        return cls + list(token_ids_0) + eos + list(token_ids_1) + eos
-
-    def get_special_tokens_mask(self, token_ids_0: list[int], token_ids_1: list[int] | None = None,
-                                already_has_special_tokens: bool = False) -> list[int]:
-        """1 for special tokens, 0 for residues. With ``already_has_special_tokens`` the ids are inspected
-        (every special id counts, ``<unk>`` included, as in HF); otherwise the layout is assumed."""
-        if already_has_special_tokens:
-            if token_ids_1 is not None:
-                raise ValueError("You should not supply a second sequence if the provided sequence of ids is "
-                                 "already formatted with special tokens for the model.")
-            special = set(self.all_special_ids)
-            return [1 if int(t) in special else 0 for t in token_ids_0]
-        mask = [1] + [0] * len(token_ids_0) + [1]
-        if token_ids_1 is not None:
-            mask += [0] * len(token_ids_1) + [1]
-        return mask
-
-    def create_token_type_ids_from_sequences(
-        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
-    ) -> list[int]:
-        """0 over <cls> seq0 <eos>, 1 over seq1 <eos> (HF's BERT-style default)."""
-        first = [0] * (len(token_ids_0) + 2)
-        return first if token_ids_1 is None else first + [1] * (len(token_ids_1) + 1)
-
     # ---- __call__ ------------------------------------------------------------------------------
-    def _strategies(
-        self, padding: Any, truncation: Any, max_length: int | None, pad_to_multiple_of: int | None
-    ) -> tuple[str, str, int | None]:
-        check_pad_to_multiple_of(pad_to_multiple_of)
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer))
-                                       or max_length < 0):
-            raise ValueError(f"max_length must be a non-negative integer, got {max_length!r}")
-        # HF: max_length alone (no padding, truncation unset) means truncation.
-        if max_length is not None and padding is False and truncation is None:
-            truncation = "longest_first"
-        if padding is True:
-            pad = "longest"
-        elif padding is False or padding is None:
-            pad = "do_not_pad"
-        else:
-            pad = str(getattr(padding, "value", padding))
-            if pad not in _PADDINGS:
-                raise ValueError(f"padding must be True, False or one of {_PADDINGS}, got {padding!r}")
-        if truncation is True:
-            trunc = "longest_first"
-        elif truncation is False or truncation is None:
-            trunc = "do_not_truncate"
-        else:
-            trunc = str(getattr(truncation, "value", truncation))
-            if trunc not in _TRUNCATIONS:
-                raise ValueError(
-                    f"truncation must be True, False or one of {_TRUNCATIONS}, got {truncation!r}")
-        if max_length is None:
-            if pad == "max_length":
-                if self.model_max_length > LARGE_INTEGER:
-                    pad = "do_not_pad"
-                else:
-                    max_length = self.model_max_length
-            if trunc != "do_not_truncate":
-                if self.model_max_length > LARGE_INTEGER:
-                    trunc = "do_not_truncate"
-                else:
-                    max_length = self.model_max_length
-        if (trunc != "do_not_truncate" and pad != "do_not_pad" and pad_to_multiple_of is not None
-                and max_length is not None and max_length % pad_to_multiple_of != 0):
-            raise ValueError(
-                f"Truncation and padding are both activated but truncation length ({max_length}) "
-                f"is not a multiple of pad_to_multiple_of ({pad_to_multiple_of}).")
-        return pad, trunc, max_length
-
     def __call__(
         self,
         text: str | Sequence[Any],
@@ -630,284 +421,16 @@ class EsmTokenizer:
         flat1 = off1 = None
         if seconds:
             flat1, off1 = self._encode_flat(seconds, strict, ids)
-        enc = self._assemble(flat0, off0, flat1, off1, add_special_tokens, trunc, max_length,
-                             return_token_type_ids=bool(return_token_type_ids),
-                             return_special_tokens_mask=return_special_tokens_mask)
+        enc = assemble(flat0, off0, flat1, off1, add_special_tokens, trunc, max_length,
+                       cls_token_id=self.cls_token_id, eos_token_id=self.eos_token_id,
+                       truncation_side=self.truncation_side, return_token_type_ids=bool(return_token_type_ids),
+                       return_special_tokens_mask=return_special_tokens_mask)
         if return_attention_mask is None:
             return_attention_mask = "attention_mask" in self.model_input_names
-        return self._pad_and_convert(
+        return pad_rows(
             enc, pad, max_length, pad_to_multiple_of, padding_side or self.padding_side,
-            bool(return_attention_mask), return_tensors, return_length, batched)
-
-    def _assemble(
-        self,
-        flat0: np.ndarray,
-        off0: np.ndarray,
-        flat1: np.ndarray | None,
-        off1: np.ndarray | None,
-        add_special_tokens: bool,
-        trunc: str,
-        max_length: int | None,
-        return_token_type_ids: bool = False,
-        return_special_tokens_mask: bool = False,
-    ) -> dict[str, np.ndarray]:
-        """Truncate and add special tokens to ragged rows; flat arrays + ``offsets`` of the rows."""
-        pair = flat1 is not None
-        n0 = np.diff(off0)
-        n1 = np.diff(off1) if pair else np.zeros_like(n0)
-        ns = (3 if pair else 2) if add_special_tokens else 0
-        k0, k1 = n0.copy(), n1.copy()  # lengths kept after truncation
-        if trunc != "do_not_truncate" and max_length is not None:
-            if max_length < ns:
-                raise ValueError(
-                    f"max_length={max_length} with truncation leaves no room for the {ns} special tokens "
-                    f"(<cls>, <eos>{', <eos>' if pair else ''}); use max_length >= {ns + 1} to keep residues, "
-                    "or add_special_tokens=False")
-            remove = np.maximum(n0 + n1 + ns - max_length, 0)
-            if trunc == "only_first" or (trunc == "longest_first" and not pair):
-                k0 = np.maximum(n0 - remove, 0)
-            elif trunc == "longest_first":
-                first = np.minimum(np.abs(n1 - n0), remove)
-                second = remove - first
-                from0 = np.where(n0 > n1, first + second // 2, second // 2)
-                from1 = remove - from0
-                k0 = np.maximum(n0 - from0, 0)
-                k1 = np.maximum(n1 - from1, 0)
-            elif trunc == "only_second" and pair:
-                k1 = np.where(n1 > 0, np.maximum(n1 - remove, 0), n1)
-        left = self.truncation_side == "left"
-        total = k0 + k1 + ns
-        out_off = _offsets(total)
-        input_ids = np.empty(int(out_off[-1]), dtype=np.int64)
-        want_special = add_special_tokens or return_special_tokens_mask
-        special = np.zeros(len(input_ids), dtype=np.int64) if want_special else None
-        s0 = 1 if add_special_tokens else 0
-        starts = out_off[:-1]
-        type_ids = np.zeros(len(input_ids), dtype=np.int64) if return_token_type_ids else None
-        if not pair:
-            # Residues stay in order: boolean masks instead of index arrays (several times faster).
-            src = flat0 if np.array_equal(k0, n0) else flat0[_keep_mask(n0, k0, left)]
-            if add_special_tokens:
-                is_res = np.ones(len(input_ids), dtype=bool)
-                is_res[starts] = False
-                is_res[starts + 1 + k0] = False
-                input_ids[is_res] = src
-            else:
-                input_ids[:] = src
-        else:
-            rows, pos = _ragged_positions(k0)
-            src = off0[:-1][rows] + pos + ((n0 - k0)[rows] if left else 0)
-            input_ids[starts[rows] + s0 + pos] = flat0[src]
-            s1 = s0 + k0 + (1 if add_special_tokens else 0)  # where seq1 starts in each row
-            rows, pos = _ragged_positions(k1)
-            src = off1[:-1][rows] + pos + ((n1 - k1)[rows] if left else 0)
-            dst = out_off[:-1][rows] + s1[rows] + pos
-            input_ids[dst] = flat1[src]
-            if type_ids is not None and add_special_tokens:
-                type_ids[dst] = 1
-                type_ids[out_off[1:] - 1] = 1
-        if add_special_tokens:
-            input_ids[starts] = self.cls_token_id
-            input_ids[starts + 1 + k0] = self.eos_token_id
-            special[starts] = 1
-            special[starts + 1 + k0] = 1
-            if pair:
-                input_ids[out_off[1:] - 1] = self.eos_token_id
-                special[out_off[1:] - 1] = 1
-        out = {"input_ids": input_ids}
-        if type_ids is not None:
-            out["token_type_ids"] = type_ids
-        if return_special_tokens_mask:
-            out["special_tokens_mask"] = special
-        out["offsets"] = out_off
-        return out
-
-    def _pad_and_convert(
-        self,
-        enc: dict[str, np.ndarray],
-        pad: str,
-        max_length: int | None,
-        pad_to_multiple_of: int | None,
-        padding_side: str,
-        return_attention_mask: bool,
-        return_tensors: str | None,
-        return_length: bool,
-        batched: bool,
-    ) -> BatchEncoding:
-        off = enc.pop("offsets")
-        lengths = np.diff(off)
-        B = len(lengths)
-        if pad == "do_not_pad":
-            target = 0
-        else:
-            target = int(lengths.max()) if pad == "longest" else int(max_length)
-            if pad_to_multiple_of is not None and target % pad_to_multiple_of != 0:
-                target = (target // pad_to_multiple_of + 1) * pad_to_multiple_of
-        row_len = np.maximum(lengths, target)
-        pad_values = {"input_ids": self.pad_token_id, "token_type_ids": self.pad_token_type_id,
-                      "special_tokens_mask": 1, "attention_mask": 0}
-        if return_attention_mask:
-            enc["attention_mask"] = np.ones(int(off[-1]), dtype=np.int64)
-        dense = B > 0 and bool(np.all(row_len == row_len[0]))
-        out: dict[str, Any] = {}
-        if dense:
-            L = int(row_len[0])
-            col = np.arange(L)
-            # [B, L] True where a token goes (row-major order = the order of the flat arrays)
-            filled = col >= (L - lengths)[:, None] if padding_side == "left" else col < lengths[:, None]
-            for key, flat in enc.items():
-                arr = np.full((B, L), pad_values[key], dtype=np.int64)
-                arr[filled] = flat
-                out[key] = arr
-        else:
-            bounds = off.tolist()
-            extras = (row_len - lengths).tolist()
-            gc_was_enabled = gc.isenabled()
-            gc.disable()  # building ~1e5 lists of ints: the cyclic GC would rescan them again and again
-            try:
-                for key, flat in enc.items():
-                    pv = pad_values[key]
-                    if key == "attention_mask":
-                        rows_out = [[1] * (bounds[r + 1] - bounds[r]) for r in range(B)]
-                    else:
-                        lst = flat.tolist()
-                        rows_out = [lst[bounds[r]:bounds[r + 1]] for r in range(B)]
-                        del lst
-                    for r, extra in enumerate(extras):
-                        if extra:
-                            row = rows_out[r]
-                            rows_out[r] = [pv] * extra + row if padding_side == "left" else row + [pv] * extra
-                    out[key] = rows_out
-            finally:
-                if gc_was_enabled:
-                    gc.enable()
-        if return_length:
-            out["length"] = (row_len if not batched else lengths).astype(np.int64)
-
-        if return_tensors is None:
-            res = {}
-            for key, v in out.items():
-                if key == "length":
-                    v = v.tolist()
-                    res[key] = v if batched else v[0]
-                elif dense:
-                    res[key] = v.tolist() if batched else v[0].tolist()
-                else:
-                    res[key] = v
-            return BatchEncoding(res)
-        kind = str(getattr(return_tensors, "value", return_tensors))
-        if kind not in ("np", "pt", "tf"):
-            raise ValueError(f"return_tensors must be None, 'np', 'pt' or 'tf', got {return_tensors!r}")
-        res = {}
-        for key, v in out.items():
-            if not dense and key != "length":
-                if kind != "np":
-                    raise ValueError(
-                        "Unable to create tensor, you should probably activate truncation and/or padding "
-                        "with 'padding=True' 'truncation=True' to have batched tensors with the same length "
-                        f"(`{key}` has rows of different lengths).")
-                ragged = np.empty(B, dtype=object)
-                for r, row in enumerate(v):
-                    ragged[r] = np.asarray(row, dtype=np.int64)
-                res[key] = ragged
-                continue
-            res[key] = v
-        return BatchEncoding({k: _to_framework(v, kind) for k, v in res.items()})
-
-    # ---- padding (HF collators) ----------------------------------------------------------------
-    def pad(
-        self,
-        encoded_inputs: Any,
-        padding: bool | str = True,
-        max_length: int | None = None,
-        pad_to_multiple_of: int | None = None,
-        padding_side: str | None = None,
-        return_attention_mask: bool | None = None,
-        return_tensors: str | None = None,
-        verbose: bool = True,
-    ) -> BatchEncoding:
-        """Pad encoded rows to one length, as ``transformers.PreTrainedTokenizerBase.pad`` (what HF's data
-        collators call).
-
-        ``encoded_inputs``: one encoding (a dict of id lists), a dict of batched lists, or a list of such
-        dicts (``datasets`` rows). ``input_ids``, ``attention_mask`` (created when missing),
-        ``token_type_ids`` and ``special_tokens_mask`` are padded; other keys (``labels``) are passed through.
-        Tensor or array inputs come back as the same kind unless ``return_tensors`` says otherwise.
-        """
-        del verbose
-        if isinstance(encoded_inputs, (list, tuple)) and encoded_inputs and isinstance(encoded_inputs[0], Mapping):
-            encoded_inputs = {key: [row[key] for row in encoded_inputs] for key in encoded_inputs[0].keys()}
-        main = self.model_input_names[0]
-        if not isinstance(encoded_inputs, Mapping) or main not in encoded_inputs:
-            keys = list(encoded_inputs.keys()) if isinstance(encoded_inputs, Mapping) else type(encoded_inputs).__name__
-            raise ValueError("You should supply an encoding or a list of encodings to this method "
-                             f"that includes {main}, but you provided {keys}")
-        encoded = dict(encoded_inputs)
-        if padding_side is not None and padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-        required = encoded[main]
-        if required is None or (isinstance(required, Sized) and len(required) == 0):
-            if return_attention_mask:
-                encoded["attention_mask"] = []
-            return BatchEncoding(encoded)
-        first = required[0]
-        if isinstance(first, (list, tuple)):
-            first = next((row[0] for row in required if len(row)), first)
-        if not isinstance(first, (int, list, tuple)):
-            if type(first).__module__.startswith("torch"):
-                return_tensors = "pt" if return_tensors is None else return_tensors
-            elif isinstance(first, (np.ndarray, np.generic)):
-                return_tensors = "np" if return_tensors is None else return_tensors
-            elif type(first).__module__.startswith("tensorflow"):
-                return_tensors = "tf" if return_tensors is None else return_tensors
-            else:
-                raise ValueError(f"{main}: element of unknown type {type(first).__name__}; expected python ints, "
-                                 "numpy arrays or torch tensors")
-            encoded = {k: _to_py(v) for k, v in encoded.items()}
-        pad, _, max_length = self._strategies(padding, False, max_length, pad_to_multiple_of)
-        required = encoded[main]
-        if required and not isinstance(required[0], (list, tuple)):
-            return _convert(self._pad_one(encoded, pad, max_length, pad_to_multiple_of, padding_side,
-                                          return_attention_mask), return_tensors)
-        B = len(required)
-        for key, value in encoded.items():
-            if len(value) != B:
-                raise ValueError(f"{key!r} has {len(value)} rows, {main!r} has {B}")
-        if pad == "longest":
-            max_length = max(len(row) for row in required)
-            pad = "max_length"
-        batch: dict[str, list] = {}
-        for i in range(B):
-            row = self._pad_one({k: v[i] for k, v in encoded.items()}, pad, max_length, pad_to_multiple_of,
-                                padding_side, return_attention_mask)
-            for key, value in row.items():
-                batch.setdefault(key, []).append(value)
-        return _convert(batch, return_tensors)
-
-    def _pad_one(self, row: dict[str, Any], pad: str, max_length: int | None, pad_to_multiple_of: int | None,
-                 padding_side: str | None, return_attention_mask: bool | None) -> dict[str, Any]:
-        """One encoding's lists padded to ``max_length`` (HF's ``_pad``)."""
-        if return_attention_mask is None:
-            return_attention_mask = "attention_mask" in self.model_input_names
-        main = self.model_input_names[0]
-        ids = list(row[main])
-        if pad == "longest":
-            max_length = len(ids)
-        if max_length is not None and pad_to_multiple_of is not None and max_length % pad_to_multiple_of:
-            max_length = (max_length // pad_to_multiple_of + 1) * pad_to_multiple_of
-        if return_attention_mask and "attention_mask" not in row:
-            row["attention_mask"] = [1] * len(ids)
-        extra = (max_length - len(ids)) if pad != "do_not_pad" and max_length is not None else 0
-        if extra > 0:
-            left = (padding_side or self.padding_side) == "left"
-            fills = {main: self.pad_token_id, "token_type_ids": self.pad_token_type_id, "special_tokens_mask": 1}
-            if return_attention_mask:
-                fills["attention_mask"] = 0
-            for key, value in fills.items():
-                if key in row:
-                    cur = list(row[key])
-                    row[key] = [value] * extra + cur if left else cur + [value] * extra
-        return row
+            bool(return_attention_mask), return_tensors, return_length, batched,
+            pad_token_id=self.pad_token_id, pad_token_type_id=self.pad_token_type_id)
 
     # ---- decoding ------------------------------------------------------------------------------
     def decode(self, token_ids: Any, skip_special_tokens: bool = False,
@@ -917,106 +440,9 @@ class EsmTokenizer:
         text = tokens if isinstance(tokens, str) else " ".join(tokens)
         return _clean_up(text) if clean_up_tokenization_spaces else text
 
-    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False,
-                     clean_up_tokenization_spaces: bool | None = None) -> list[str]:
-        if hasattr(sequences, "tolist") and not isinstance(sequences, list):
-            sequences = sequences.tolist()
-        return [self.decode(s, skip_special_tokens, clean_up_tokenization_spaces) for s in sequences]
-
-    # ---- files ---------------------------------------------------------------------------------
-    def save_vocabulary(self, save_directory: str | os.PathLike, filename_prefix: str | None = None
-                        ) -> tuple[str]:
-        """Write ``[prefix-]vocab.txt`` (tokens joined by newlines, as HF) into ``save_directory``."""
-        path = os.path.join(os.fspath(save_directory), (filename_prefix + "-" if filename_prefix else "")
-                            + VOCAB_FILE_NAME)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write("\n".join(self.all_tokens))
-        return (path,)
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> tuple[str, ...]:
-        """Write ``vocab.txt``, ``tokenizer_config.json`` and ``special_tokens_map.json`` (HF-loadable)."""
-        d = os.fspath(save_directory)
-        if os.path.isfile(d):
-            raise ValueError(f"{d} is a file, expected a directory")
-        os.makedirs(d, exist_ok=True)
-        special_ids = sorted(self._tok2id[t] for t in set(self.all_special_tokens))
-        cfg: dict[str, Any] = {
-            "added_tokens_decoder": {
-                str(i): {"content": self._id2tok[i], "lstrip": False, "normalized": False, "rstrip": False,
-                         "single_word": False, "special": True} for i in special_ids},
-            "model_max_length": self.model_max_length,
-            "tokenizer_class": "EsmTokenizer",
-        }
-        cfg.update({a: self._special[a] for a in sorted(_SPECIAL_ATTRS)})
-        cfg_path = os.path.join(d, TOKENIZER_CONFIG_NAME)
-        with open(cfg_path, "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
-            f.write("\n")
-        map_path = os.path.join(d, SPECIAL_TOKENS_MAP_NAME)
-        with open(map_path, "w", encoding="utf-8") as f:
-            json.dump({a: self._special[a] for a in sorted(_SPECIAL_ATTRS)}, f, indent=2)
-            f.write("\n")
-        return (cfg_path, map_path) + self.save_vocabulary(d)
-
-    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
-                    token: str | bool | None = None, revision: str | None = None, create_pr: bool = False) -> Any:
-        """Upload the tokenizer files (``save_pretrained``'s) to the HF hub through ``huggingface_hub``."""
-        from .hf_hub import push_folder_to_hub
-
-        return push_folder_to_hub(self.save_pretrained, repo_id, commit_message=commit_message, private=private,
-                                  token=token, revision=revision, create_pr=create_pr, what="tokenizer")
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> EsmTokenizer:
-        """Load from a directory holding ``vocab.txt``, a ``vocab.txt`` file, or a preset name / hub id.
-
-        transformers' hub arguments (``revision``, ``cache_dir``, ``token``, ``local_files_only``,
-        ``force_download``, ``subfolder``, ``proxies``) are passed to huggingface_hub; other keyword arguments
-        are the constructor's (``strict``, ``model_max_length``, special tokens ...)."""
-        from .hf_hub import HUB_ARGS, NO_OP_ARGS
-
-        hub = {k: kwargs.pop(k) for k in HUB_ARGS if k in kwargs}
-        hub = {k: v for k, v in hub.items() if v is not None}
-        for k in NO_OP_ARGS:
-            kwargs.pop(k, None)
-        path = os.fspath(name_or_path)
-        if not os.path.exists(path) or hub.get("subfolder"):
-            from ..io.resolve import resolve_checkpoint
-
-            path = os.fspath(resolve_checkpoint(path, **hub))
-        if os.path.isfile(path):
-            return cls(path, **kwargs)
-        vocab = os.path.join(path, VOCAB_FILE_NAME)
-        if not os.path.isfile(vocab):
-            raise FileNotFoundError(f"no {VOCAB_FILE_NAME} in {path}")
-        opts: dict[str, Any] = {}
-        for name in (SPECIAL_TOKENS_MAP_NAME, TOKENIZER_CONFIG_NAME):  # tokenizer_config.json wins
-            p = os.path.join(path, name)
-            if not os.path.isfile(p):
-                continue
-            with open(p, encoding="utf-8") as f:
-                data = json.load(f)
-            for a in _SPECIAL_ATTRS:
-                v = data.get(a)
-                if isinstance(v, dict):
-                    v = v.get("content")
-                if isinstance(v, str):
-                    opts[a] = v
-            mml = data.get("model_max_length")
-            if isinstance(mml, (int, float)) and not isinstance(mml, bool):
-                opts["model_max_length"] = int(mml)
-        opts.update(kwargs)
-        return cls(vocab, **opts)
-
     def __repr__(self) -> str:
         return (f"EsmTokenizer(vocab_size={self.vocab_size}, strict={self.strict}, "
                 f"model_max_length={self.model_max_length})")
-
-
-def load_vocab_file(path: str | os.PathLike) -> list[str]:
-    """Tokens of a ``vocab.txt``: one per line, surrounding whitespace stripped (as HF)."""
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f.read().splitlines()]
 
 
 def _as_id_list(ids: Any) -> list[int]:
@@ -1033,71 +459,6 @@ def _as_id_array(seq: Any, index: int) -> np.ndarray:
         raise TypeError(
             f"record {index}: expected a string or a sequence of token ids, got {type(seq).__name__}")
     return arr.astype(np.int64)
-
-
-def check_pad_to_multiple_of(value: Any) -> None:
-    """``pad_to_multiple_of`` must be None or a positive integer (0 would divide by zero)."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"pad_to_multiple_of must be a positive integer or None, got {value!r}")
-
-
-def _to_py(value: Any) -> Any:
-    """Tensors and arrays (or lists of them) as python lists, as HF's ``to_py_obj``."""
-    if hasattr(value, "tolist") and not isinstance(value, list):
-        return value.tolist()
-    if hasattr(value, "numpy") and not isinstance(value, list):
-        return value.numpy().tolist()
-    if isinstance(value, (list, tuple)):
-        return [_to_py(v) for v in value]
-    return value
-
-
-def _convert(data: dict[str, Any], return_tensors: Any) -> BatchEncoding:
-    """HF's ``BatchEncoding(data, tensor_type=...)``: python lists, or every value as np/pt/tf."""
-    if return_tensors is None:
-        return BatchEncoding(data)
-    kind = str(getattr(return_tensors, "value", return_tensors))
-    if kind not in ("np", "pt", "tf"):
-        raise ValueError(f"return_tensors must be None, 'np', 'pt' or 'tf', got {return_tensors!r}")
-    out = {}
-    for key, value in data.items():
-        try:
-            arr = np.asarray(value)
-        except ValueError:
-            arr = None
-        if arr is None or arr.dtype == object:
-            raise ValueError(
-                "Unable to create tensor, you should probably activate truncation and/or padding with "
-                f"'padding=True' 'truncation=True' to have batched tensors with the same length (`{key}` has rows "
-                "of different lengths).")
-        if arr.dtype.kind in "iu":
-            arr = arr.astype(np.int64)
-        elif arr.dtype == np.float64 and kind == "pt":
-            arr = arr.astype(np.float32)  # torch.tensor of python floats gives float32
-        out[key] = _to_framework(arr, kind) if arr.dtype.kind in "iub" or kind != "tf" else _tf_float(arr)
-    return BatchEncoding(out)
-
-
-def _tf_float(arr: np.ndarray) -> Any:
-    import tensorflow as tf
-
-    return tf.convert_to_tensor(arr.astype(np.float32))
-
-
-def _to_framework(arr: np.ndarray, kind: str) -> Any:
-    if kind == "np":
-        return arr
-    if arr.dtype == object:
-        raise ValueError("Unable to create tensor from rows of different lengths; use padding=True")
-    if kind == "pt":
-        import torch
-
-        return torch.from_numpy(np.ascontiguousarray(arr))
-    import tensorflow as tf
-
-    return tf.convert_to_tensor(arr.astype(np.int32))
 
 
 _DEFAULT: EsmTokenizer | None = None

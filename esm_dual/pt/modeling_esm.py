@@ -1,7 +1,13 @@
 """ESM-1b / ESM-1v / ESM-2 in PyTorch: EsmModel and its task heads.
 
 Module and attribute names follow the HF hub checkpoints, so a hub ``model.safetensors`` loads 1:1.
-``esm_dual/tf/modeling_esm.py`` is the twin of this file: same classes, same statement order.
+``esm_dual/tf/modeling_esm.py`` is the twin of this file: same classes, same statement order;
+``tests/tf/test_twins.py`` checks the classes, methods and attribute names.
+
+Around the twin, in their own modules: framework idioms and input checks (``ops``), the integration surface
+that transformers' Trainer, PEFT and pipelines call and the helpers of hub loading and saving (``integration``:
+``PreTrainedMixin``, a base of ``EsmPreTrainedModel``), the GPU fast path (``fast``) and the pytree
+registration of the outputs (``pytree``).
 """
 
 from __future__ import annotations
@@ -16,16 +22,26 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ..common.config import EsmConfig, recorded_dtype, with_recorded_dtype
+from ..common.config import EsmConfig, with_recorded_dtype
 from ..common.outputs import (
     BaseModelOutputWithPooling,
     MaskedLMOutput,
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
-from ..io.dtypes import numpy_to_torch, torch_to_numpy, weights_dtype
-from ..io.schema import LoadingError, check_finite, checkpoint_has_pooler, match_state, rotary_inv_freq
+from ..io.dtypes import torch_to_numpy
+from ..io.schema import check_finite, checkpoint_has_pooler, match_state, rotary_inv_freq
 from . import pytree  # noqa: F401  (registers the output dataclasses as torch pytree nodes)
+from .integration import (
+    PreTrainedMixin,
+    attn_backend,
+    auto_dtype,
+    copy_numpy_into,
+    device_from_map,
+    split_save_kwargs,
+    str_to_torch_dtype,
+)
+from .ops import as_tensor_input, check_attention_rows, is_compiling
 
 logger = logging.getLogger("esm_dual")
 
@@ -82,47 +98,6 @@ def symmetric_apc_regression(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     # [B, N, N]
     corr = torch.einsum("bcn,bcm->bnm", u * scale[..., None], u)
     return y + y.transpose(-1, -2) - corr + bias
-
-
-def _is_compiling() -> bool:
-    """True under torch.compile / torch.export (dynamo), TorchScript or fx tracing: data-dependent checks
-    (a device sync and a Python branch on tensor values) are skipped there."""
-    try:
-        if torch.compiler.is_compiling():
-            return True
-    except AttributeError:  # pragma: no cover - torch < 2.3
-        pass
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    from torch.fx import _symbolic_trace
-
-    symbolic = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None)
-    return bool(symbolic()) if symbolic is not None else False
-
-
-def check_attention_rows(attention_mask: torch.Tensor, name: str = "attention_mask") -> None:
-    """A row with no real token (all zeros) would give NaN (token dropout divides by its length) or
-    meaningless numbers: a ValueError naming the rows (one device sync; skipped while compiling)."""
-    empty = ~attention_mask.bool().any(-1)
-    if bool(empty.any()):
-        rows = empty.nonzero().flatten().tolist()
-        shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
-        raise ValueError(f"{name}: row{'s' if len(rows) > 1 else ''} {shown} of the batch "
-                         f"{'have' if len(rows) > 1 else 'has'} no real token (all padding); every sequence needs at "
-                         "least one position with attention_mask 1 (<cls> and <eos> count)")
-
-
-def as_tensor_input(x: Any, name: str, device: torch.device | None = None) -> torch.Tensor | None:
-    """A model input as a tensor: tensors pass, numpy arrays (what ``return_tensors="np"`` gives) are converted
-    (onto ``device``); anything else is a TypeError naming the argument."""
-    if x is None or isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, np.ndarray):
-        if x.dtype == object:
-            raise TypeError(f"{name}: a numpy array of objects (ragged rows?) cannot be a model input; pad the batch")
-        t = torch.from_numpy(np.ascontiguousarray(x))
-        return t.to(device) if device is not None else t
-    raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(x).__name__}")
 
 
 # ================================================================================================
@@ -416,30 +391,20 @@ class EsmContactPredictionHead(nn.Module):
 # ================================================================================================
 
 
-class EsmPreTrainedModel(nn.Module):
+class EsmPreTrainedModel(PreTrainedMixin, nn.Module):
     config_class = EsmConfig
     base_model_prefix = "esm"
-    _tied = ("lm_head.decoder.weight",)
-    # HF attributes that Trainer, PEFT, accelerate and pipelines read.
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["EsmLayer", "EsmEmbeddings"]
-    _supports_sdpa = True
+    _tied = ("lm_head.decoder.weight",)  # state-dict names of the decoder tied to the word embeddings
 
     def __init__(self, config: EsmConfig):
-        # nn.Module's __init__ by name: esm_dual.pt.hf puts transformers.PreTrainedModel after this class in the
-        # MRO, and its __init__ (which wants a transformers config) must not run.
-        nn.Module.__init__(self)
         if not isinstance(config, EsmConfig):
             raise TypeError(f"{type(self).__name__} takes an EsmConfig, got {type(config).__name__}")
         if config.vocab_size is None:
             raise ValueError("config.vocab_size must be set")
+        super().__init__()  # PreTrainedMixin: nn.Module's __init__ and the tied decoder's state-dict hooks
         self.config = config
         self.name_or_path = ""
-        # The tied decoder is left out of state_dict() (safetensors refuses shared tensors: Trainer's checkpoints
-        # and torch's save_file) and filled back in by load_state_dict, so either side may hold it.
-        self.register_state_dict_post_hook(_drop_tied_on_save)
-        self.register_load_state_dict_pre_hook(_fill_tied_on_load)
 
     # ---- init ----------------------------------------------------------------------------------
     def _init_weights(self, module: nn.Module) -> None:
@@ -466,75 +431,10 @@ class EsmPreTrainedModel(nn.Module):
     def tie_weights(self) -> None:
         pass
 
-    def _tied_keys(self) -> tuple[str, ...]:
-        """State-dict names that alias another tensor right now (the decoder tied to the word embeddings)."""
-        if not self._tied or not self.config.tie_word_embeddings or not hasattr(self, "lm_head"):
-            return ()  # ESMFold has no tied decoder: its lm_head is a plain Linear
-        return self._tied if self.lm_head.decoder.weight is self.get_input_embeddings().weight else ()
-
-    @property
-    def _keys_to_ignore_on_save(self) -> list[str] | None:
-        """HF's name for the keys a saved state dict leaves out (Trainer re-ties them after resuming)."""
-        return list(self._tied_keys()) or None
-
-    @property
-    def _tied_weights_keys(self) -> dict[str, str] | None:
-        """transformers 5's map of tied parameters (target -> source), read by PEFT."""
-        if not self._tied_keys():
-            return None
-        return {"lm_head.decoder.weight": "esm.embeddings.word_embeddings.weight"}
-
     # ---- training conveniences -----------------------------------------------------------------
     @property
     def base_model(self) -> EsmModel:
         return self if isinstance(self, EsmModel) else getattr(self, self.base_model_prefix)
-
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None,
-                                        every_n_layers: int = 1, offload: bool = False) -> None:
-        """Recompute encoder layers in the backward pass (what Trainer's ``gradient_checkpointing=True``
-        calls). ``activation_checkpointing_kwargs`` go to ``torch.utils.checkpoint.checkpoint`` (default
-        ``use_reentrant=False``); every ``every_n_layers``-th layer is checkpointed; ``offload`` keeps the saved
-        activations on the CPU."""
-        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
-        if not isinstance(every_n_layers, int) or every_n_layers < 1:
-            raise ValueError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
-        encoder = self.base_model.encoder
-        encoder.checkpoint_kwargs = kwargs
-        encoder.checkpoint_every_n_layers = every_n_layers
-        encoder.checkpoint_offload = bool(offload)
-        encoder.gradient_checkpointing = True
-        if kwargs.get("use_reentrant"):
-            # Reentrant checkpointing only back-propagates when a layer input requires grad (a frozen
-            # embedding under PEFT does not): as transformers does, make the embedding output require it.
-            self.enable_input_require_grads()
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None,
-                                      **kwargs: Any) -> None:
-        """transformers' older name of ``activation_checkpointing_enable`` (same arguments)."""
-        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
-
-    def activation_checkpointing_disable(self) -> None:
-        self.base_model.encoder.gradient_checkpointing = False
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.activation_checkpointing_disable()
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return bool(self.base_model.encoder.gradient_checkpointing)
-
-    def enable_input_require_grads(self) -> None:
-        """Make the word-embedding output require grad (PEFT with reentrant gradient checkpointing)."""
-        def hook(module, inputs, output):
-            output.requires_grad_(True)
-
-        self.disable_input_require_grads()
-        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(hook)
-
-    def disable_input_require_grads(self) -> None:
-        handle = self.__dict__.pop("_require_grads_hook", None)
-        if handle is not None:
-            handle.remove()
 
     def freeze_base_model(self, frozen: bool = True) -> None:
         """Freeze (or unfreeze) the encoder for head-only fine-tuning."""
@@ -549,122 +449,8 @@ class EsmPreTrainedModel(nn.Module):
                    if (not exclude_embeddings or name not in embedding_names)
                    and (p.requires_grad or not only_trainable))
 
-    def estimate_tokens(self, input_dict: dict[str, Any]) -> int:
-        """Tokens in a batch (``input_ids.numel()``), as transformers estimates them."""
-        x = input_dict.get(self.main_input_name) if hasattr(input_dict, "get") else None
-        return int(x.numel()) if x is not None and hasattr(x, "numel") else 0
-
-    def floating_point_ops(self, input_dict: dict[str, Any], exclude_embeddings: bool = True) -> int:
-        """6 * tokens * parameters (forward + backward), transformers' estimate that Trainer logs."""
-        return 6 * self.estimate_tokens(input_dict) * self.num_parameters(exclude_embeddings=exclude_embeddings)
-
-    # ---- embeddings --------------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Embedding:
         return self.base_model.embeddings.word_embeddings
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.base_model.embeddings.word_embeddings = value
-        self.tie_weights()
-
-    def get_output_embeddings(self) -> nn.Linear | None:
-        """The LM decoder (tied to the input embeddings), or None for heads without one."""
-        head = getattr(self, "lm_head", None)
-        return head.decoder if head is not None else None
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        head = getattr(self, "lm_head", None)
-        if head is None:
-            raise AttributeError(f"{type(self).__name__} has no output embeddings")
-        head.decoder = value
-
-    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
-                                mean_resizing: bool = True) -> nn.Embedding:
-        """Grow or shrink the vocabulary (after adding tokens to the tokenizer), as transformers does: kept
-        rows are copied, new rows get the mean of the old ones (``mean_resizing``) or the init
-        distribution; the LM decoder stays tied and its bias is resized; ``config.vocab_size`` follows."""
-        old = self.get_input_embeddings()
-        if new_num_tokens is None and pad_to_multiple_of is None:
-            return old
-        n = old.num_embeddings if new_num_tokens is None else int(new_num_tokens)
-        if pad_to_multiple_of is not None:
-            if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) \
-                    or pad_to_multiple_of <= 0:
-                raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
-            n = -(-n // pad_to_multiple_of) * pad_to_multiple_of
-        if n <= 0:
-            raise ValueError(f"new_num_tokens must be positive, got {n}")
-        keep = min(n, old.num_embeddings)
-        pad_idx = old.padding_idx if old.padding_idx is not None and old.padding_idx < n else None
-        new = nn.Embedding(n, old.embedding_dim, padding_idx=pad_idx, device=old.weight.device,
-                           dtype=old.weight.dtype)
-        with torch.no_grad():
-            self._init_weights(new)
-            new.weight[:keep] = old.weight[:keep]
-            if n > keep and mean_resizing:
-                new.weight[keep:] = old.weight.float().mean(0).to(old.weight.dtype)
-        new.weight.requires_grad_(old.weight.requires_grad)
-        self.base_model.embeddings.word_embeddings = new
-        head = getattr(self, "lm_head", None)
-        if head is not None:
-            old_bias = head.bias
-            bias = nn.Parameter(torch.zeros(n, device=old_bias.device, dtype=old_bias.dtype),
-                                requires_grad=old_bias.requires_grad)
-            with torch.no_grad():
-                bias[:keep] = old_bias[:keep]
-            head.bias = bias
-            if not self.config.tie_word_embeddings:
-                dec = nn.Linear(head.decoder.in_features, n, bias=False, device=old.weight.device,
-                                dtype=head.decoder.weight.dtype)
-                with torch.no_grad():
-                    self._init_weights(dec)
-                    dec.weight[:keep] = head.decoder.weight[:keep]
-                head.decoder = dec
-        self.config.vocab_size = n
-        self.tie_weights()
-        return new
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    # ---- the GPU fast path (esm_dual.pt.fast) ---------------------------------------------------
-    @property
-    def fast_path_options(self):
-        """The base model's ``FastPathOptions``: its own (``set_fast_path``), else the process default read
-        from the ``ESM_DUAL_*`` environment."""
-        from .fast.options import default_options
-
-        own = self.base_model.__dict__.get("_fast_path")
-        return own if own is not None else default_options()
-
-    @fast_path_options.setter
-    def fast_path_options(self, options) -> None:
-        from .fast.options import FastPathOptions
-
-        if options is not None and not isinstance(options, FastPathOptions):
-            raise TypeError(f"fast_path_options takes FastPathOptions or None, got {type(options).__name__}")
-        self.base_model._fast_path = options
-
-    def set_fast_path(self, **changes):
-        """The base model's fast-path options with ``changes`` (``attn_implementation="sdpa"``,
-        ``fused_loop="on"``, ...; see ``FastPathOptions``); returns them."""
-        options = self.fast_path_options.replace(**changes)
-        self.base_model._fast_path = options
-        return options
-
-    @property
-    def attn_implementation(self) -> str:
-        """"auto": packed varlen attention on CUDA in fp16/bf16, padded SDPA otherwise; "sdpa": always
-        padded; "packed": always packed. Short for ``fast_path_options.attn_implementation``."""
-        return self.fast_path_options.attn_implementation
-
-    @attn_implementation.setter
-    def attn_implementation(self, value: str) -> None:
-        self.set_fast_path(attn_implementation=value)
 
     # ---- names ----------------------------------------------------------------------------------
     def _hub_state(self) -> dict[str, torch.Tensor]:
@@ -707,11 +493,11 @@ class EsmPreTrainedModel(nn.Module):
         # add_pooling_layer (the encoder alone) is from_checkpoint's, as in transformers' EsmModel.
         fields = EsmConfig._field_names() + (["add_pooling_layer"] if issubclass(cls, EsmModel) else [])
         hub_kwargs, framework, config_overrides = split_pretrained_kwargs(kwargs, fields, where)
-        attn = _attn_implementation(framework.get("attn_implementation"))
+        attn = attn_backend(framework.get("attn_implementation"))
         if "device_map" in framework:
             if device is not None:
                 raise ValueError(f"{where}: pass device= or device_map=, not both")
-            device = _device_from_map(framework["device_map"])
+            device = device_from_map(framework["device_map"])
         ckpt = load_checkpoint(resolve_checkpoint(pretrained, **hub_kwargs))
         model = cls.from_checkpoint(ckpt, dtype=torch_dtype if torch_dtype is not None else dtype, device=device,
                                     config=config, **config_overrides)
@@ -746,9 +532,9 @@ class EsmPreTrainedModel(nn.Module):
             cfg = EsmConfig.from_dict(cfg.to_dict(), **overrides)
         check_finite(ckpt.tensors, str(ckpt.source))
         if dtype == "auto":
-            dtype = _auto_dtype(ckpt.config, ckpt.tensors)
+            dtype = auto_dtype(ckpt.config, ckpt.tensors)
         if isinstance(dtype, str):
-            dtype = _str_to_torch_dtype(dtype)
+            dtype = str_to_torch_dtype(dtype)
         kwargs = {}
         if cls is EsmModel:
             kwargs["add_pooling_layer"] = (checkpoint_has_pooler(ckpt.tensors) if add_pooling_layer is None
@@ -762,10 +548,6 @@ class EsmPreTrainedModel(nn.Module):
         model._before_loading(torch.device(device or "cpu"))
         model.load_hub_tensors(ckpt.tensors, source=str(ckpt.source))
         return model.eval()
-
-    def _before_loading(self, device: torch.device) -> None:
-        """Called by ``from_checkpoint`` between allocation and the tensor copy (ESMFold sets its stem's
-        precision here)."""
 
     def load_hub_tensors(self, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> list[str]:
         """Copy hub-named numpy tensors into this model (names matched by ``match_state``)."""
@@ -808,16 +590,7 @@ class EsmPreTrainedModel(nn.Module):
         ``commit_message``, ``private``, ``token``, ``revision``, ``create_pr`` as for ``push_to_hub``)."""
         from ..io.hub import save_checkpoint
 
-        push_args = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "revision", "create_pr")
-                     if k in kwargs}
-        if kwargs:
-            raise TypeError(f"save_pretrained: unexpected argument(s) {', '.join(map(repr, sorted(kwargs)))}")
-        if save_function is not None:
-            raise ValueError("save_pretrained: save_function is not supported; files are written as safetensors")
-        if variant is not None:
-            raise ValueError("save_pretrained: variant is not supported; esm-dual writes model.safetensors")
-        if push_args and not push_to_hub:
-            raise TypeError(f"save_pretrained: {sorted(push_args)} only apply with push_to_hub=True")
+        push_args = split_save_kwargs(kwargs, save_function, variant, push_to_hub)
         if not is_main_process:
             return
         cfg = with_recorded_dtype(self.config.copy(architectures=[type(self).__name__]),
@@ -867,7 +640,7 @@ class EsmPreTrainedModel(nn.Module):
 
     # ---- input checks ---------------------------------------------------------------------------
     def _check_inputs(self, input_ids, attention_mask, inputs_embeds) -> None:
-        if _is_compiling():
+        if is_compiling():
             return
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -891,85 +664,6 @@ class EsmPreTrainedModel(nn.Module):
             raise ValueError(
                 f"this model uses learned positions and takes at most {limit} tokens "
                 f"({limit - 2} residues + BOS/EOS); got a batch of length {L}. Truncate the sequences.")
-
-
-def _drop_tied_on_save(module: EsmPreTrainedModel, state_dict: dict[str, Any], prefix: str, local_metadata: Any
-                       ) -> None:
-    for key in module._tied_keys():
-        state_dict.pop(prefix + key, None)
-
-
-def _fill_tied_on_load(module: EsmPreTrainedModel, state_dict: dict[str, Any], prefix: str, local_metadata: Any,
-                       strict: bool, missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]
-                       ) -> None:
-    embeddings = prefix + ("" if isinstance(module, EsmModel) else "esm.") + "embeddings.word_embeddings.weight"
-    for key in module._tied_keys():
-        if prefix + key not in state_dict and embeddings in state_dict:
-            state_dict[prefix + key] = state_dict[embeddings]
-
-
-def copy_numpy_into(own: dict[str, torch.Tensor], tensors: dict[str, np.ndarray], source: str) -> None:
-    """Copy numpy arrays into the model tensors of the same name, checking shapes (names must match)."""
-    with torch.no_grad():
-        for name, arr in tensors.items():
-            target = own[name]
-            if tuple(arr.shape) != tuple(target.shape):
-                raise LoadingError(f"{source}: tensor {name} has shape {tuple(arr.shape)}, "
-                                   f"the model expects {tuple(target.shape)}")
-            target.copy_(numpy_to_torch(np.asarray(arr)).to(target.dtype))
-
-
-def _auto_dtype(config: EsmConfig, tensors: dict[str, np.ndarray]) -> torch.dtype | None:
-    """``torch_dtype="auto"`` as transformers resolves it: the dtype the config records, else the dtype of
-    the first floating weight (rotary ``inv_freq`` tables, kept in float32 in every ESM-2 file, and
-    integer buffers do not count)."""
-    name = recorded_dtype(config) or weights_dtype(tensors)
-    return _str_to_torch_dtype(name) if name is not None else None
-
-
-_ATTN_IMPLEMENTATIONS = {"auto": "auto", "sdpa": "sdpa", "eager": "sdpa", "packed": "packed",
-                         "flash_attention_2": "packed", "flash_attention_3": "packed"}
-
-
-def _attn_implementation(name: Any) -> str | None:
-    """transformers' ``attn_implementation`` as esm-dual's back end ("auto", "sdpa" or "packed")."""
-    if name is None:
-        return None
-    if name not in _ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"attn_implementation={name!r} is not supported; choose one of "
-                         f"{', '.join(map(repr, _ATTN_IMPLEMENTATIONS))} ('eager' runs the padded SDPA path, which "
-                         "gives the same numbers; 'flash_attention_2'/'flash_attention_3' the packed varlen path)")
-    return _ATTN_IMPLEMENTATIONS[name]
-
-
-def _device_from_map(device_map: Any) -> torch.device:
-    """transformers' ``device_map`` when it names one device: a device (str, int, torch.device), "auto"
-    (the GPU if there is one, else the CPU) or a dict whose values are all the same device."""
-    if isinstance(device_map, dict):
-        devices = {str(v) for v in device_map.values()}
-        if len(devices) != 1:
-            raise ValueError(f"device_map={device_map!r} splits the model over {sorted(devices)}; esm-dual places "
-                             "a model on one device (pass one device, or 'auto')")
-        device_map = next(iter(device_map.values()))
-    if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
-        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    if isinstance(device_map, bool):
-        raise ValueError(f"device_map={device_map!r} is not a device")
-    if isinstance(device_map, int):
-        return torch.device("cuda", device_map)
-    try:
-        return torch.device(device_map)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device_map={device_map!r} is not a device, a dict of one device, or 'auto'") from None
-
-
-def _str_to_torch_dtype(s: str) -> torch.dtype:
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float64": torch.float64}
-    if s not in table:
-        raise ValueError(f"unknown dtype {s!r}; use one of {sorted(table)}")
-    return table[s]
 
 
 # ================================================================================================
@@ -1015,7 +709,7 @@ class EsmModel(EsmPreTrainedModel):
                 attention_mask = input_ids.ne(self.config.pad_token_id)
             else:
                 attention_mask = torch.ones(B, L, dtype=torch.long, device=x.device)
-        if not _is_compiling():
+        if not is_compiling():
             check_attention_rows(attention_mask, mask_name)
         if position_ids is None and self.config.position_embedding_type == "absolute":
             if input_ids is not None:

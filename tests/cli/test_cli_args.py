@@ -13,19 +13,11 @@ import sys
 import numpy as np
 import pytest
 
-from esm_dual.cli.main import main
 from esm_dual.common.embeddings import EmbeddingStore
 from tests.conftest import tiny_config
-from tests.utils import write_hub_checkpoint
+from tests.utils import ROOT, run_cli, write_hub_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEQS = {"p1": "MKTAYIAKQRQISFVKSHFSRQ", "p2": "GSHMLEDPVK", "p3": "MKVLAAGIVGLLLAA"}
-
-
-def _run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +48,7 @@ def test_embed_model_forms_agree(tmp_path, capsys, model, fasta, one_torch_threa
     }
     results = {}
     for name, argv in forms.items():
-        rc, _, err = _run(capsys, *argv, "-q")
+        rc, _, err = run_cli(capsys, *argv, "-q")
         assert rc == 0, (name, err)
         results[name] = _means(argv[[i for i, a in enumerate(argv) if str(a).endswith(".h5")][0]])
     ref = results.pop("option")
@@ -66,26 +58,26 @@ def test_embed_model_forms_agree(tmp_path, capsys, model, fasta, one_torch_threa
 
 
 def test_usage_errors_point_at_the_subcommand_help(tmp_path, capsys, model, fasta):
-    rc, _, err = _run(capsys, "embed", fasta, tmp_path / "x.h5")
+    rc, _, err = run_cli(capsys, "embed", fasta, tmp_path / "x.h5")
     assert rc == 2 and "--model" in err and "esm-dual embed --help" in err
-    rc, _, err = _run(capsys, "embed", fasta, tmp_path / "x.h5", "--model", model, "--no-such-flag")
+    rc, _, err = run_cli(capsys, "embed", fasta, tmp_path / "x.h5", "--model", model, "--no-such-flag")
     assert rc == 2 and "unrecognized arguments: --no-such-flag" in err and "esm-dual embed --help" in err
-    rc, _, err = _run(capsys, "embed", model, fasta, tmp_path / "x.h5", "extra", "--model", model)
+    rc, _, err = run_cli(capsys, "embed", model, fasta, tmp_path / "x.h5", "extra", "--model", model)
     assert rc == 2 and "unexpected argument" in err and "esm-dual embed --help" in err
-    rc, _, err = _run(capsys, "fold", "--bogus")
+    rc, _, err = run_cli(capsys, "fold", "--bogus")
     assert rc == 2 and "esm-dual fold --help" in err
-    rc, _, err = _run(capsys, "convert", model)
+    rc, _, err = run_cli(capsys, "convert", model)
     assert rc == 2 and "missing DST" in err and "esm-dual convert --help" in err
-    rc, _, err = _run(capsys, "info", model, "--model", model)
+    rc, _, err = run_cli(capsys, "info", model, "--model", model)
     assert rc == 2 and "esm-dual info --help" in err
     assert not (tmp_path / "x.h5").exists()
 
 
 def test_info_and_convert_take_model_options(tmp_path, capsys, model):
-    outs = [_run(capsys, "info", *form, "--json") for form in ([model], ["--model", model], ["--model-location",
+    outs = [run_cli(capsys, "info", *form, "--json") for form in ([model], ["--model", model], ["--model-location",
                                                                                              model])]
     assert all(rc == 0 for rc, _, _ in outs) and len({out for _, out, _ in outs}) == 1
-    rc, _, err = _run(capsys, "convert", "--model-location", model, tmp_path / "copy", "--to", "hf", "-q")
+    rc, _, err = run_cli(capsys, "convert", "--model-location", model, tmp_path / "copy", "--to", "hf", "-q")
     assert rc == 0, err
     assert sorted(os.listdir(tmp_path / "copy")) == ["config.json", "model.safetensors"]
 
@@ -95,11 +87,11 @@ def test_unknown_residues_embed(tmp_path, capsys, model, one_torch_thread):
 
     fa = tmp_path / "lower.fasta"
     fa.write_text(">ok\nMKTAYIAK\n>bad\nMKtaYI*K\n")
-    rc, _, err = _run(capsys, "embed", fa, tmp_path / "e.h5", "-m", model, "-q")
+    rc, _, err = run_cli(capsys, "embed", fa, tmp_path / "e.h5", "-m", model, "-q")
     assert rc == 2 and "record 'bad', residue 3" in err and "lower-case 't'" in err
     assert "--unknown-residues unk" in err
-    rc, _, err = _run(capsys, "embed", fa, tmp_path / "u.h5", "-m", model, "-q", "--unknown-residues", "unk",
-                      "--include", "per_tok")
+    rc, _, err = run_cli(capsys, "embed", fa, tmp_path / "u.h5", "-m", model, "-q", "--unknown-residues", "unk",
+                         "--include", "per_tok")
     assert rc == 0, err
     with EmbeddingStore(str(tmp_path / "u.h5")) as s:
         n = s["bad"]["per_tok"][3].shape[0]
@@ -129,9 +121,9 @@ def test_unknown_residues_score(tmp_path, capsys, model, one_torch_thread):
     seq = "MKaTY"
     args = ["score", "--model", model, "--sequence", seq, "--dms-input", csv_path, "--mutation-col", "mutant",
             "--dms-output", tmp_path / "o.csv", "--offset-idx", 1, "-q"]
-    rc, _, err = _run(capsys, *args)
+    rc, _, err = run_cli(capsys, *args)
     assert rc == 2 and "position 3" in err and "--unknown-residues unk" in err
-    rc, _, err = _run(capsys, *args, "--unknown-residues", "unk")
+    rc, _, err = run_cli(capsys, *args, "--unknown-residues", "unk")
     assert rc == 0, err
     with open(tmp_path / "o.csv") as f:
         rows = list(csv.DictReader(f))
@@ -154,8 +146,8 @@ def test_pseudo_ppl_scores_each_distinct_sequence_once(tmp_path, capsys, model, 
 
     monkeypatch.setattr(_common.TorchRunner, "log_probs", counting)
     monkeypatch.setenv("ESM_DUAL_PROGRESS_INTERVAL", "0")
-    rc, _, err = _run(capsys, "score", "--model", model, "--sequence", seq, "--dms-input", csv_path,
-                      "--dms-output", tmp_path / "o.csv", "--offset-idx", 1, "--scoring-strategy", "pseudo-ppl")
+    rc, _, err = run_cli(capsys, "score", "--model", model, "--sequence", seq, "--dms-input", csv_path,
+                         "--dms-output", tmp_path / "o.csv", "--offset-idx", 1, "--scoring-strategy", "pseudo-ppl")
     assert rc == 0, err
     assert sum(rows_seen) == 3 * len(seq)  # wild type, A4G, A4G:Y5F: one masked copy per residue each
     assert "7 rows are 3 distinct sequences" in err
@@ -168,12 +160,12 @@ def test_pseudo_ppl_scores_each_distinct_sequence_once(tmp_path, capsys, model, 
 
 def test_progress_lines_in_logs(tmp_path, capsys, model, fasta, monkeypatch, one_torch_thread):
     monkeypatch.setenv("ESM_DUAL_PROGRESS_INTERVAL", "0")
-    rc, _, err = _run(capsys, "embed", fasta, tmp_path / "p.h5", "-m", model, "--toks-per-batch", "30")
+    rc, _, err = run_cli(capsys, "embed", fasta, tmp_path / "p.h5", "-m", model, "--toks-per-batch", "30")
     assert rc == 0, err
     lines = [ln for ln in err.splitlines() if ln.startswith("esm-dual: embed: ")]
     assert lines and lines[-1].startswith("esm-dual: embed: 3/3 seq (100%)")
     assert "\r" not in err
-    rc, _, err = _run(capsys, "embed", fasta, tmp_path / "q.h5", "-m", model, "-q")
+    rc, _, err = run_cli(capsys, "embed", fasta, tmp_path / "q.h5", "-m", model, "-q")
     assert rc == 0 and err == ""
 
 
@@ -201,9 +193,9 @@ def test_tensorflow_files_name_the_convert_command(tmp_path, capsys, model, fast
     (tf_dir / "tf_model.h5").write_bytes(b"")
     for path, stem in ((keras_file, "m"), (tf_dir, "tfh5")):
         want = f"esm-dual convert {path} {stem}_hf --to hf"
-        rc, _, err = _run(capsys, "info", path)
+        rc, _, err = run_cli(capsys, "info", path)
         assert rc == 2 and want in err, err
-        rc, _, err = _run(capsys, "embed", fasta, tmp_path / "o.h5", "--model", path, "-q")
+        rc, _, err = run_cli(capsys, "embed", fasta, tmp_path / "o.h5", "--model", path, "-q")
         assert rc == 2 and want in err, err
         from esm_dual.pt import EsmModel
 

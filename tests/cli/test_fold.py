@@ -12,14 +12,7 @@ import torch
 
 from esm_dual.common.fasta import read_fasta
 from esm_dual.common.protein import read_pdb_atoms
-from tests.pt.test_esmfold import one_thread, write_tiny_esmfold  # noqa: F401 (autouse fixture)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("esmfold_cli"))
-    write_tiny_esmfold(d)
-    return d
+from tests.pt.test_esmfold import one_thread  # noqa: F401 (autouse fixture)
 
 
 def _args(fasta, outdir, model, *extra):
@@ -35,7 +28,7 @@ def _summary(outdir):
         return list(csv.DictReader(f, delimiter="\t"))
 
 
-def test_fold_end_to_end_and_resume(tmp_path, tiny_model_dir, data_dir, monkeypatch, capsys):
+def test_fold_end_to_end_and_resume(tmp_path, esmfold_dir, data_dir, monkeypatch, capsys):
     from esm_dual.cli import fold
     from esm_dual.pt import EsmForProteinFolding
 
@@ -46,7 +39,7 @@ def test_fold_end_to_end_and_resume(tmp_path, tiny_model_dir, data_dir, monkeypa
         _args(
             fasta,
             out,
-            tiny_model_dir,
+            esmfold_dir,
             "--num-recycles",
             "1",
             "--max-tokens-per-batch",
@@ -60,7 +53,7 @@ def test_fold_end_to_end_and_resume(tmp_path, tiny_model_dir, data_dir, monkeypa
     rows = _summary(out)
     assert [r["id"] for r in sorted(rows, key=lambda r: r["id"])] == sorted(r.id for r in records)
     assert list(rows[0]) == ["id", "length", "mean_plddt", "ptm"]
-    model = EsmForProteinFolding.from_pretrained(tiny_model_dir)
+    model = EsmForProteinFolding.from_pretrained(esmfold_dir)
     model.set_chunk_size(16)
     for rec in records:
         row = next(r for r in rows if r["id"] == rec.id)
@@ -81,29 +74,29 @@ def test_fold_end_to_end_and_resume(tmp_path, tiny_model_dir, data_dir, monkeypa
         raise AssertionError("model loaded although every record is done")
 
     monkeypatch.setattr(EsmForProteinFolding, "from_pretrained", classmethod(boom))
-    assert fold.run(_args(fasta, out, tiny_model_dir, "--num-recycles", "1")) == 0
+    assert fold.run(_args(fasta, out, esmfold_dir, "--num-recycles", "1")) == 0
     assert len(_summary(out)) == len(records)
     monkeypatch.undo()
 
     # Other options than those that made the folder's structures: refused, nothing changed.
     capsys.readouterr()
-    assert fold.run(_args(fasta, out, tiny_model_dir, "--num-recycles", "2")) == 2
+    assert fold.run(_args(fasta, out, esmfold_dir, "--num-recycles", "2")) == 2
     assert "num_recycles: stored 1, this run 2" in capsys.readouterr().err
 
     # A record missing a file that is asked for (--mmcif) is folded again.
     os.remove(out / f"{records[0].id}.cif")
-    assert fold.run(_args(fasta, out, tiny_model_dir, "--num-recycles", "1", "--mmcif")) == 0
+    assert fold.run(_args(fasta, out, esmfold_dir, "--num-recycles", "1", "--mmcif")) == 0
     assert (out / f"{records[0].id}.cif").is_file()
 
     # A record whose PDB was deleted is folded again; the others are skipped.
     os.remove(out / f"{records[1].id}.pdb")
-    assert fold.run(_args(fasta, out, tiny_model_dir, "--num-recycles", "1")) == 0
+    assert fold.run(_args(fasta, out, esmfold_dir, "--num-recycles", "1")) == 0
     assert (out / f"{records[1].id}.pdb").is_file()
     assert [r["id"] for r in _summary(out)] == [r.id for r in records]  # one row each, FASTA order
 
 
 def test_out_of_memory_record_is_reported_and_others_continue(
-    tmp_path, tiny_model_dir, data_dir, monkeypatch, capsys
+    tmp_path, esmfold_dir, data_dir, monkeypatch, capsys
 ):
     from esm_dual.cli import fold
     from esm_dual.pt import EsmForProteinFolding
@@ -123,7 +116,7 @@ def test_out_of_memory_record_is_reported_and_others_continue(
     monkeypatch.setattr(EsmForProteinFolding, "infer", infer)
     out = tmp_path / "out"
     rc = fold.run(
-        _args(fasta, out, tiny_model_dir, "--num-recycles", "0", "--max-tokens-per-batch", "100000")
+        _args(fasta, out, esmfold_dir, "--num-recycles", "0", "--max-tokens-per-batch", "100000")
     )
     assert rc == 1
     assert calls[0] == len(records) and calls[1:] == [1] * len(records)  # batch, then each alone
@@ -162,7 +155,7 @@ def test_bad_sequences_are_refused_before_loading(tmp_path, content, message, ca
     assert message in err and "Traceback" not in err
 
 
-def test_unknown_residues_fold_as_x_and_main_entry(tmp_path, tiny_model_dir):
+def test_unknown_residues_fold_as_x_and_main_entry(tmp_path, esmfold_dir):
     from esm_dual.cli.main import main
 
     fasta = tmp_path / "in.fasta"
@@ -174,7 +167,7 @@ def test_unknown_residues_fold_as_x_and_main_entry(tmp_path, tiny_model_dir):
             str(fasta),
             str(out),
             "--model",
-            tiny_model_dir,
+            esmfold_dir,
             "--cpu-only",
             "--quiet",
             "--num-recycles",
@@ -194,7 +187,7 @@ def test_unknown_residues_fold_as_x_and_main_entry(tmp_path, tiny_model_dir):
     shutil.rmtree(out)
 
 
-def test_fold_batches_by_length_and_fast_mode_option(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+def test_fold_batches_by_length_and_fast_mode_option(tmp_path, esmfold_dir, data_dir, monkeypatch):
     """Records go to infer() in fold_batches' buckets (the one bucketing helper); --trunk-dtype fast
     runs the fast mode (bf16, SDPA kernels on the CPU) and is recorded with the structures."""
     import json
@@ -215,7 +208,7 @@ def test_fold_batches_by_length_and_fast_mode_option(tmp_path, tiny_model_dir, d
     monkeypatch.setattr(EsmForProteinFolding, "infer", infer)
     out = tmp_path / "out"
     budget = 2 * max(len(r.sequence) for r in records)
-    assert fold.run(_args(fasta, out, tiny_model_dir, "--num-recycles", "0", "--trunk-dtype", "fast",
+    assert fold.run(_args(fasta, out, esmfold_dir, "--num-recycles", "0", "--trunk-dtype", "fast",
                           "--max-tokens-per-batch", str(budget))) == 0
     lengths = [len(r.sequence) for r in records]
     expected = [[records[i].sequence.upper() for i in b] for b in fold_batches(lengths, budget)]
@@ -225,7 +218,7 @@ def test_fold_batches_by_length_and_fast_mode_option(tmp_path, tiny_model_dir, d
     assert len(_summary(out)) == len(records)
 
 
-def test_trunk_mode_from_the_environment_and_the_flag_over_it(tmp_path, tiny_model_dir, monkeypatch, capsys):
+def test_trunk_mode_from_the_environment_and_the_flag_over_it(tmp_path, esmfold_dir, monkeypatch, capsys):
     """Without --trunk-dtype the ESM_DUAL_FOLD_* environment decides (and is recorded by name); the flag sets
     the model's fold_fast / fold_kernels over it; an invalid value is an error naming the variable."""
     import json
@@ -248,22 +241,22 @@ def test_trunk_mode_from_the_environment_and_the_flag_over_it(tmp_path, tiny_mod
     previous = set_default_options(None)  # read the environment again
     try:
         monkeypatch.setenv("ESM_DUAL_FOLD_FAST", "on")
-        assert fold.run(_args(fasta, tmp_path / "env", tiny_model_dir, "--num-recycles", "0")) == 0
+        assert fold.run(_args(fasta, tmp_path / "env", esmfold_dir, "--num-recycles", "0")) == 0
         assert seen.pop() == (True, "on", "auto")
         assert json.loads((tmp_path / "env" / "fold_options.json").read_text())["trunk_dtype"] == "fast"
-        assert fold.run(_args(fasta, tmp_path / "flag", tiny_model_dir, "--num-recycles", "0",
+        assert fold.run(_args(fasta, tmp_path / "flag", esmfold_dir, "--num-recycles", "0",
                               "--trunk-dtype", "bf16")) == 0
         assert seen.pop() == (False, "on", "torch")
         monkeypatch.setenv("ESM_DUAL_FOLD_KERNELS", "sdpa")
         set_default_options(None)
-        assert fold.run(_args(fasta, tmp_path / "sdpa", tiny_model_dir, "--num-recycles", "0")) == 0
+        assert fold.run(_args(fasta, tmp_path / "sdpa", esmfold_dir, "--num-recycles", "0")) == 0
         assert seen.pop() == (True, "on", "sdpa")
         recorded = json.loads((tmp_path / "sdpa" / "fold_options.json").read_text())["trunk_dtype"]
         assert recorded == "fold_fast=on, fold_kernels=sdpa"
         monkeypatch.setenv("ESM_DUAL_FOLD_FAST", "fast")
         set_default_options(None)
         capsys.readouterr()
-        assert fold.run(_args(fasta, tmp_path / "bad", tiny_model_dir)) == 2
+        assert fold.run(_args(fasta, tmp_path / "bad", esmfold_dir)) == 2
         err = capsys.readouterr().err
         assert "ESM_DUAL_FOLD_FAST='fast'" in err and "auto, on, off" in err
         assert not seen and not (tmp_path / "bad").exists()

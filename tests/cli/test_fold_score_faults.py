@@ -12,23 +12,10 @@ import pytest
 
 from esm_dual.cli.main import main
 from tests.conftest import tiny_config
-from tests.pt.test_esmfold import one_thread, write_tiny_esmfold  # noqa: F401 (autouse fixture)
-from tests.utils import write_hub_checkpoint
+from tests.pt.test_esmfold import one_thread  # noqa: F401 (autouse fixture)
+from tests.utils import write_fasta, write_hub_checkpoint
 
 SEQS = {"a": "MKTAYIAKQRQISFVKSHFSRQ", "b": "GSHMLEDPVAGGL", "c": "MKVLAAGIVGLLLA"}
-
-
-@pytest.fixture(scope="module")
-def esmfold(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("esmfold_faults"))
-    write_tiny_esmfold(d)
-    return d
-
-
-def _fasta(path, seqs, newline="\n", bom=False):
-    raw = "".join(f">{k}\n{v}\n" for k, v in seqs.items()).replace("\n", newline).encode()
-    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + raw)
-    return str(path)
 
 
 def _fold(outdir, fasta, model, *extra):
@@ -40,22 +27,22 @@ def _fold(outdir, fasta, model, *extra):
                                        "--num-recycles", "0", *extra]))
 
 
-def test_fold_reads_cr_only_and_bom_files_whole(tmp_path, esmfold, capsys):
+def test_fold_reads_cr_only_and_bom_files_whole(tmp_path, esmfold_dir, capsys):
     """Guarantee "one FASTA reader" for fold: a CR-only file with a BOM folds every record."""
-    fa = _fasta(tmp_path / "x.fa", SEQS, newline="\r", bom=True)
-    assert _fold(tmp_path / "out", fa, esmfold) == 0, capsys.readouterr().err
+    fa = write_fasta(tmp_path / "x.fa", SEQS, newline="\r", bom=True)
+    assert _fold(tmp_path / "out", fa, esmfold_dir) == 0, capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").glob("*.pdb")) == ["a.pdb", "b.pdb", "c.pdb"]
 
 
-def test_fold_resume_refuses_changed_sequences_and_new_weights(tmp_path, esmfold, capsys):
+def test_fold_resume_refuses_changed_sequences_and_new_weights(tmp_path, esmfold_dir, capsys):
     """Guarantee "resume checks sequences and weights" for fold."""
     model = tmp_path / "model"
-    shutil.copytree(esmfold, model)
+    shutil.copytree(esmfold_dir, model)
     out = tmp_path / "out"
-    fa = _fasta(tmp_path / "x.fa", SEQS)
+    fa = write_fasta(tmp_path / "x.fa", SEQS)
     assert _fold(out, fa, str(model)) == 0
     pdb_b = (out / "b.pdb").read_text()
-    fa2 = _fasta(tmp_path / "y.fa", dict(SEQS, a="MKTAYIAKQRQISFVKSHFSRQLEERLGL"))
+    fa2 = write_fasta(tmp_path / "y.fa", dict(SEQS, a="MKTAYIAKQRQISFVKSHFSRQLEERLGL"))
     capsys.readouterr()
     assert _fold(out, fa2, str(model)) == 2
     err = capsys.readouterr().err
@@ -77,18 +64,18 @@ def test_fold_resume_refuses_changed_sequences_and_new_weights(tmp_path, esmfold
     assert "weights" in capsys.readouterr().err
 
 
-def test_a_failed_fold_leaves_no_folder_and_stale_tmp_files_are_cleaned(tmp_path, esmfold, capsys):
+def test_a_failed_fold_leaves_no_folder_and_stale_tmp_files_are_cleaned(tmp_path, esmfold_dir, capsys):
     """Guarantee "failed runs leave nothing to trip on": a run that fails before folding anything removes the
     folder it created (no folder holding only fold_options.json); our own *.pdb.tmp / summary.tsv.tmp of a
     killed run are removed by the next run, other files are left alone."""
-    fa = _fasta(tmp_path / "x.fa", SEQS)
+    fa = write_fasta(tmp_path / "x.fa", SEQS)
     out = tmp_path / "out"
     assert _fold(out, fa, str(tmp_path / "no_such_model")) == 2
     assert not out.exists(), os.listdir(out)
     out.mkdir()
     for name in ("a.pdb.tmp", "summary.tsv.tmp", "fold_options.json.tmp", "mine.tmp"):
         (out / name).write_text("partial")
-    assert _fold(out, fa, esmfold) == 0
+    assert _fold(out, fa, esmfold_dir) == 0
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == ["mine.tmp"]
 
 

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from esm_dual.cli.main import main
 from esm_dual.common.fasta import read_fasta
 from esm_dual.io.fair_esm import save_fair_esm
 from tests.conftest import DATA_DIR, tiny_config
-from tests.utils import write_hub_checkpoint
+from tests.utils import run_cli, write_hub_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")  # tiny models: one thread is faster
 N_ROWS = 30
 MULTI = ["E26A:V31C", "S2A:K284W"]  # checked against the wild type in _dms()
 
@@ -62,21 +62,6 @@ def dms(tmp_path_factory):
         w.writeheader()
         w.writerows(rows)
     return seq, str(path), rows
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: the tiny models gain nothing from more, and a busy 2-core box loses a lot."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
-def _run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
 
 
 def _read(path):
@@ -145,9 +130,9 @@ def test_marginals_match_fair_esm_predict(tmp_path, capsys, models, dms, flavour
     hub, pt = models[flavour]
     seq, path, rows = dms
     out = tmp_path / "out.csv"
-    rc, _, err = _run(capsys, "score", "--model-location", pt, hub, "--sequence", seq, "--dms-input", path,
-                      "--mutation-col", "mutant", "--dms-output", out, "--offset-idx", 1,
-                      "--scoring-strategy", strategy, "--nogpu", "--toks-per-batch", 2000, "-q")
+    rc, _, err = run_cli(capsys, "score", "--model-location", pt, hub, "--sequence", seq, "--dms-input", path,
+                         "--mutation-col", "mutant", "--dms-output", out, "--offset-idx", 1,
+                         "--scoring-strategy", strategy, "--nogpu", "--toks-per-batch", 2000, "-q")
     assert rc == 0, err
     header, got = _read(out)
     assert header == ["index", "mutant", "DMS_score", pt, hub, "ensemble"]  # input columns kept, in order
@@ -174,9 +159,9 @@ def test_pseudo_ppl_is_the_pseudo_log_likelihood(tmp_path, capsys, models, dms):
         w.writeheader()
         w.writerows({"mutant": r["mutant"], "DMS_score": r["DMS_score"]} for r in pick)
     out = tmp_path / "out.csv"
-    rc, _, err = _run(capsys, "score", "--model-location", hub, "--sequence", seq, "--dms-input", small,
-                      "--dms-output", out, "--offset-idx", 1, "--scoring-strategy", "pseudo-ppl",
-                      "--toks-per-batch", 20000, "-q")
+    rc, _, err = run_cli(capsys, "score", "--model-location", hub, "--sequence", seq, "--dms-input", small,
+                         "--dms-output", out, "--offset-idx", 1, "--scoring-strategy", "pseudo-ppl",
+                         "--toks-per-batch", 20000, "-q")
     assert rc == 0, err
     header, got = _read(out)
     assert header == ["mutant", "DMS_score", hub]
@@ -191,9 +176,9 @@ def test_tf_backend_matches_pt(tmp_path, capsys, models, dms):
     cols = []
     for backend in ("pt", "tf"):
         out = tmp_path / f"{backend}.csv"
-        rc, _, err = _run(capsys, "score", "--model-location", hub, "--sequence", seq, "--dms-input", path,
-                          "--dms-output", out, "--offset-idx", 1, "--scoring-strategy", "masked-marginals",
-                          "--backend", backend, "-q")
+        rc, _, err = run_cli(capsys, "score", "--model-location", hub, "--sequence", seq, "--dms-input", path,
+                             "--dms-output", out, "--offset-idx", 1, "--scoring-strategy", "masked-marginals",
+                             "--backend", backend, "-q")
         assert rc == 0, err
         cols.append([float(r[hub]) for r in _read(out)[1]])
     np.testing.assert_allclose(cols[1], cols[0], atol=1e-4, rtol=0)
@@ -209,15 +194,15 @@ def test_wild_type_mismatch_names_the_row(tmp_path, capsys, models, dms):
         w.writerows([{"mutant": "P20P", "DMS_score": "1"}, {"mutant": "D207D", "DMS_score": "1"},
                      {"mutant": "W26A", "DMS_score": "1"}])
     out = tmp_path / "out.csv"
-    rc, _, err = _run(capsys, "score", "--model-location", hub, "--sequence", seq, "--dms-input", bad,
-                      "--dms-output", out, "--offset-idx", 1)
+    rc, _, err = run_cli(capsys, "score", "--model-location", hub, "--sequence", seq, "--dms-input", bad,
+                         "--dms-output", out, "--offset-idx", 1)
     assert rc == 2
     assert "line 4 ('W26A')" in err and "wild type 'W'" in err and "'E' at position 26" in err  # file line
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
     # Forgetting the offset is caught the same way (position 20 is 'E' 0-based, not 'P').
-    rc, _, err = _run(capsys, "score", "--model-location", hub, "--sequence", seq, "--dms-input", path,
-                      "--dms-output", out)
+    rc, _, err = run_cli(capsys, "score", "--model-location", hub, "--sequence", seq, "--dms-input", path,
+                         "--dms-output", out)
     assert rc == 2 and "line 2 ('P20P')" in err and "--offset-idx 0" in err
 
 
@@ -228,20 +213,20 @@ def test_bad_sequence_and_csv_are_named(tmp_path, capsys, models, dms):
     base = ["score", "--model-location", hub, "--dms-input", path, "--dms-output", out, "--offset-idx", 1]
     for bad, msg in ((seq[:20] + "*" + seq[21:], "'*' (a stop codon?"), (seq[:20] + "1" + seq[21:], "'1', not a"),
                      (seq.lower(), "lower-case 'm'" if seq[0] == "M" else "lower-case")):
-        rc, _, err = _run(capsys, *base, "--sequence", bad)
+        rc, _, err = run_cli(capsys, *base, "--sequence", bad)
         assert rc == 2 and msg in err, err
         assert ("position 21" if bad[:20] == seq[:20] else "position 1") in err and "Traceback" not in err
     assert not out.exists()
     # a CSV that is not UTF-8, a directory, blank lines counted in the line numbers
     latin = tmp_path / "latin.csv"
     latin.write_bytes(b"mutant,DMS_score\nP20A,1\xff\n")
-    rc, _, err = _run(capsys, *base[:4], latin, *base[5:], "--sequence", seq)
+    rc, _, err = run_cli(capsys, *base[:4], latin, *base[5:], "--sequence", seq)
     assert rc == 2 and "latin.csv: not UTF-8" in err and "Traceback" not in err
-    rc, _, err = _run(capsys, *base[:4], tmp_path, *base[5:], "--sequence", seq)
+    rc, _, err = run_cli(capsys, *base[:4], tmp_path, *base[5:], "--sequence", seq)
     assert rc == 2 and "is a directory" in err
     gaps = tmp_path / "gaps.csv"
     gaps.write_text(f"mutant,DMS_score\n\n{rows[0]['mutant']},1\n\nW26A,1\n")
-    rc, _, err = _run(capsys, *base[:4], gaps, *base[5:], "--sequence", seq)
+    rc, _, err = run_cli(capsys, *base[:4], gaps, *base[5:], "--sequence", seq)
     assert rc == 2 and "gaps.csv line 5 ('W26A')" in err, err
 
 
@@ -261,12 +246,12 @@ def test_input_errors(tmp_path, capsys, models, dms):
           "--model-location", hub], "no such file"),
     ]
     for argv, msg in cases:
-        rc, _, err = _run(capsys, *argv)
+        rc, _, err = run_cli(capsys, *argv)
         assert rc == 2 and msg in err and "Traceback" not in err, (argv, err)
     # A checkpoint without the LM head cannot score.
     base_dir = tmp_path / "base"
     write_hub_checkpoint(str(base_dir), tiny_config("esm2"), "base")
-    rc, _, err = _run(capsys, *base, "--model-location", base_dir)
+    rc, _, err = run_cli(capsys, *base, "--model-location", base_dir)
     assert rc == 2 and "no language-model head" in err
 
 
@@ -274,7 +259,7 @@ def test_score_plot(tmp_path, capsys, models, dms):
     pytest.importorskip("matplotlib")
     hub, pt = models["esm2"]
     seq, path, _ = dms
-    rc, _, err = _run(capsys, "score", "--model-location", hub, pt, "--sequence", seq, "--dms-input", path,
-                      "--dms-output", tmp_path / "o.csv", "--offset-idx", 1, "--plot", tmp_path / "p.png", "-q")
+    rc, _, err = run_cli(capsys, "score", "--model-location", hub, pt, "--sequence", seq, "--dms-input", path,
+                         "--dms-output", tmp_path / "o.csv", "--offset-idx", 1, "--plot", tmp_path / "p.png", "-q")
     assert rc == 0, err
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

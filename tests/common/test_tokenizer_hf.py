@@ -1,7 +1,12 @@
-"""The tokenizer surface HF collators, ``datasets`` and pipelines use, against ``transformers.EsmTokenizer``."""
+"""The tokenizer surface HF collators, ``datasets`` and pipelines use (``common.tokenizer_hf``: ``pad``, the
+special-token helpers, ``save_pretrained``/``from_pretrained``), against ``transformers.EsmTokenizer``."""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import types
 import warnings
 
 import numpy as np
@@ -15,23 +20,7 @@ torch = pytest.importorskip("torch")
 transformers.utils.logging.set_verbosity_error()
 
 SEQS = ["MKTAYIAKQR", "MKV", "ACDEFGHIKLMN", "W"]
-
-
-@pytest.fixture(scope="module")
-def vocab_file(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
-    path.write_text("\n".join(DEFAULT_VOCAB), encoding="utf-8")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def hf(vocab_file):
-    return transformers.EsmTokenizer(vocab_file)
-
-
-@pytest.fixture(scope="module")
-def tok(vocab_file) -> EsmTokenizer:
-    return EsmTokenizer(vocab_file)
+BATCH = ["MKTAYIAKQRQISFVKSHFSRQ", "ACD", "", "A<mask>CJJD", "kl", "MKTAYIAKQ"]
 
 
 def _plain(x):
@@ -190,8 +179,6 @@ def test_hf_collators_on_datasets_rows_match_hf(hf, tok, collator):
 
 def test_from_pretrained_hub_arguments(tmp_path, monkeypatch, tok):
     huggingface_hub = pytest.importorskip("huggingface_hub")
-    import json
-
     snap = tmp_path / "snap"
     tok.save_pretrained(snap / "tokenizer")
     (snap / "tokenizer" / "config.json").write_text(json.dumps({"model_type": "esm"}))
@@ -208,3 +195,59 @@ def test_from_pretrained_hub_arguments(tmp_path, monkeypatch, tok):
     assert back(SEQS)["input_ids"] == tok(SEQS)["input_ids"]
     with pytest.raises(ValueError, match="padding_side"):
         tok(SEQS, padding=True, padding_side="middle")
+
+
+# ---- files ---------------------------------------------------------------------------------------
+def test_save_pretrained_round_trip_and_hf_loads_it(tmp_path, hf):
+    tok = EsmTokenizer(model_max_length=1024)
+    paths = tok.save_pretrained(tmp_path / "tok")
+    assert all(os.path.isfile(p) for p in paths)
+    text = (tmp_path / "tok" / "vocab.txt").read_text(encoding="utf-8")
+    assert text.split("\n") == list(DEFAULT_VOCAB)
+    again = EsmTokenizer.from_pretrained(tmp_path / "tok")
+    assert again.get_vocab() == tok.get_vocab() and again.model_max_length == 1024
+    ref = transformers.EsmTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert ref.get_vocab() == tok.get_vocab()
+    assert ref.model_max_length == 1024
+    assert ref.all_special_ids == tok.all_special_ids
+    assert dict(_quiet(ref, BATCH, padding=True)) == dict(again(BATCH, padding=True))
+    # A directory saved by HF loads here.
+    hf.save_pretrained(str(tmp_path / "hf"))
+    from_hf = EsmTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert from_hf.get_vocab() == hf.get_vocab()
+    assert dict(from_hf(BATCH)) == dict(_quiet(hf, BATCH))
+
+
+def test_custom_vocab_round_trip(tmp_path):
+    vocab = ["<cls>", "<pad>", "<eos>", "<unk>", "A", "C", "G", "T", "<mask>"]
+    tok = EsmTokenizer(vocab=vocab)
+    (path,) = tok.save_vocabulary(tmp_path, filename_prefix="dna")
+    assert os.path.basename(path) == "dna-vocab.txt"
+    loaded = EsmTokenizer.from_pretrained(path)
+    assert loaded.all_tokens == vocab
+    assert loaded("ACGTN<mask>")["input_ids"] == [0, 4, 5, 6, 7, 3, 8, 2]
+    ref = transformers.EsmTokenizer(path)
+    assert ref("ACGTN<mask>")["input_ids"] == loaded("ACGTN<mask>")["input_ids"]
+
+
+def test_from_pretrained_resolves_preset_names(tmp_path, monkeypatch):
+    EsmTokenizer(vocab=list(DEFAULT_VOCAB)[:-1] + ["<mask>"]).save_pretrained(tmp_path / "preset")
+    calls = []
+
+    def resolve_checkpoint(name):
+        calls.append(name)
+        return str(tmp_path / "preset")
+
+    fake = types.ModuleType("esm_dual.io.resolve")
+    fake.resolve_checkpoint = resolve_checkpoint
+    monkeypatch.setitem(sys.modules, "esm_dual.io.resolve", fake)
+    tok = EsmTokenizer.from_pretrained("facebook/esm2_t6_8M_UR50D")
+    assert calls == ["facebook/esm2_t6_8M_UR50D"]
+    assert tok.get_vocab() == EsmTokenizer().get_vocab()
+    with open(tmp_path / "preset" / "tokenizer_config.json") as f:
+        assert json.load(f)["tokenizer_class"] == "EsmTokenizer"
+
+
+def test_from_pretrained_missing_vocab(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        EsmTokenizer.from_pretrained(tmp_path)

@@ -3,15 +3,14 @@ other files, staging directories that failed runs left. Promises of README "What
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
 
 import pytest
 
-from esm_dual.cli.main import main
 from tests.conversion.helpers import assert_same_tensors, hub_tensors, leftovers, make_hub
+from tests.utils import run_cli, small_disk
 
 
 @pytest.fixture(scope="module")
@@ -21,28 +20,22 @@ def hub(tmp_path_factory):
     return d
 
 
-def _run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def test_overwrite_refuses_a_directory_holding_other_files(hub, tmp_path, capsys):
     """Guarantee "--overwrite replaces only a checkpoint": notes beside the weights are never deleted silently."""
     dst = tmp_path / "out"
-    assert _run(capsys, "convert", hub, dst, "--to", "hf", "-q")[0] == 0
+    assert run_cli(capsys, "convert", hub, dst, "--to", "hf", "-q")[0] == 0
     (dst / "notes.txt").write_text("my results")
     (dst / "results").mkdir()
-    rc, _, err = _run(capsys, "convert", hub, dst, "--to", "hf", "--overwrite")
+    rc, _, err = run_cli(capsys, "convert", hub, dst, "--to", "hf", "--overwrite")
     assert rc == 2 and "notes.txt" in err and "results/" in err and "--overwrite-dir" in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert (dst / "notes.txt").read_text() == "my results"
     # a directory holding only checkpoint files is replaced by --overwrite
     clean = tmp_path / "clean"
-    assert _run(capsys, "convert", hub, clean, "--to", "hf", "-q")[0] == 0
-    assert _run(capsys, "convert", hub, clean, "--to", "hf", "--overwrite", "--dtype", "fp16", "-q")[0] == 0
+    assert run_cli(capsys, "convert", hub, clean, "--to", "hf", "-q")[0] == 0
+    assert run_cli(capsys, "convert", hub, clean, "--to", "hf", "--overwrite", "--dtype", "fp16", "-q")[0] == 0
     # --overwrite-dir replaces the whole directory, as asked
-    assert _run(capsys, "convert", hub, dst, "--to", "hf", "--overwrite-dir", "-q")[0] == 0
+    assert run_cli(capsys, "convert", hub, dst, "--to", "hf", "--overwrite-dir", "-q")[0] == 0
     assert not (dst / "notes.txt").exists()
     assert_same_tensors(hub_tensors(hub), hub_tensors(str(dst)))
 
@@ -58,31 +51,18 @@ def test_stale_staging_directories_are_cleaned_by_the_next_run(hub, tmp_path, ca
     (live / ".owner").write_text(str(os.getpid()))
     other = tmp_path / ".other.tmp-abc_1234"
     other.mkdir()
-    assert _run(capsys, "convert", hub, tmp_path / "out", "--to", "hf", "-q")[0] == 0
+    assert run_cli(capsys, "convert", hub, tmp_path / "out", "--to", "hf", "-q")[0] == 0
     assert not stale.exists() and live.exists() and other.exists()
     assert sorted(leftovers(str(tmp_path))) == [".other.tmp-abc_1234", ".out.tmp-live0000"]
-
-
-@contextlib.contextmanager
-def _small_disk(tmp_path, size):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
-                                          capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.parametrize("to, name", [("tf-h5", "out"), ("fair-esm", "esm2_t3_tiny.pt"), ("hf", "out")])
 def test_convert_onto_a_full_disk_is_one_clear_error(hub, tmp_path, capsys, to, name):
     """Guarantee "a full disk is an error, not a crash": a destination without room is refused before anything
     is written, in one line naming DST; nothing is left behind."""
-    with _small_disk(tmp_path, "200k") as disk:
+    with small_disk(tmp_path, "200k") as disk:
         dst = disk / name
-        rc, _, err = _run(capsys, "convert", hub, dst, "--to", to)
+        rc, _, err = run_cli(capsys, "convert", hub, dst, "--to", to)
         assert rc == 2 and str(dst) in err and "free space" in err and "Traceback" not in err, err
         assert os.listdir(disk) == []
 
@@ -90,7 +70,7 @@ def test_convert_onto_a_full_disk_is_one_clear_error(hub, tmp_path, capsys, to, 
 @pytest.mark.parametrize("size", ["300k", "400k"])  # the disk fills in the middle of the file (h5py crashed)
 def test_tf_h5_on_a_disk_that_fills_during_the_write_raises(hub, tmp_path, size):
     """The library call (no room check) onto a full disk: an OSError, no segfault, nothing left behind."""
-    with _small_disk(tmp_path, size) as disk:
+    with small_disk(tmp_path, size) as disk:
         code = ("import esm_dual.conversion as c\n"
                 "try:\n"
                 f"    c.convert({hub!r}, {str(disk / 'out')!r}, to='tf-h5')\n"
@@ -107,9 +87,9 @@ def test_fair_esm_on_a_disk_that_fills_during_the_write(hub, tmp_path, capsys, m
     from esm_dual.cli import convert as cli_convert
 
     monkeypatch.setattr(cli_convert, "_check_room", lambda *a: None)
-    with _small_disk(tmp_path, "200k") as disk:
+    with small_disk(tmp_path, "200k") as disk:
         dst = disk / "esm2_t3_x.pt"
-        rc, _, err = _run(capsys, "convert", hub, dst, "--to", "fair-esm")
+        rc, _, err = run_cli(capsys, "convert", hub, dst, "--to", "fair-esm")
         assert rc == 2 and "the disk is full" in err and str(dst) in err, err
         assert "internal error" not in err and "Traceback" not in err
         assert os.listdir(disk) == []
@@ -136,7 +116,7 @@ def test_disk_filling_during_the_write_is_one_clear_error(hub, tmp_path, capsys,
 
     monkeypatch.setattr(conv, "_get_hook", failing_get)
     for to, name in (("hf", "a"), ("fair-esm", "esm2_t3_x.pt")):
-        rc, _, err = _run(capsys, "convert", hub, tmp_path / name, "--to", to)
+        rc, _, err = run_cli(capsys, "convert", hub, tmp_path / name, "--to", to)
         assert rc == 2 and "the disk is full" in err and str(tmp_path / name) in err, err
         assert "Traceback" not in err and "internal error" not in err
         assert leftovers(str(tmp_path)) == [] and not (tmp_path / name).exists()

@@ -7,8 +7,10 @@ import socket
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FASTA = os.path.join(REPO, "tests", "data", "P62593.fasta")
+from tests.utils import DATA_DIR, write_fasta
+from tests.utils import ROOT as REPO
+
+FASTA = os.path.join(DATA_DIR, "P62593.fasta")
 
 
 def free_port() -> int:
@@ -41,10 +43,5 @@ def head_fasta(path: str, n: int, max_len: int | None = None) -> str:
     """Write the first ``n`` records of tests/data/P62593.fasta (optionally cut to ``max_len`` residues)."""
     from esm_dual.common.fasta import read_fasta
 
-    with open(path, "w") as f:
-        for i, r in enumerate(read_fasta(FASTA)):
-            if i >= n:
-                break
-            seq = r.sequence[:max_len] if max_len else r.sequence
-            f.write(f">{r.description}\n{seq}\n")
-    return path
+    records = [r for _, r in zip(range(n), read_fasta(FASTA))]
+    return write_fasta(path, {r.description: r.sequence[:max_len] if max_len else r.sequence for r in records})

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_config
-from tests.utils import write_hub_checkpoint
+from tests.utils import maxdiff, write_hub_checkpoint
 
 from .helpers import REPO, env, free_port, head_fasta, run
 
@@ -45,11 +45,6 @@ def _weights(path):
     return load_file(os.path.join(path, "model.safetensors"))
 
 
-def _maxdiff(a, b):
-    assert set(a) == set(b)
-    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
-
-
 def _history(path):
     with open(os.path.join(path, "history.json")) as f:
         return json.load(f)
@@ -61,7 +56,7 @@ def test_mirrored_two_cpu_devices_equals_one_device(setup):
     run([sys.executable, "-m", MODULE, *_args(setup, out, "mirrored"), "--cpu-devices", "2"], timeout=180)
     assert _history(out / "final")["replicas"] == 2
     ref, got = _weights(setup / "single" / "final"), _weights(out / "final")
-    assert _maxdiff(ref, got) < 1e-4
+    assert maxdiff(ref, got) < 1e-4
     assert max(float(np.abs(ref[k] - v).max()) for k, v in _weights(setup / "ckpt").items() if k in ref) > 1e-3
     np.testing.assert_allclose(_history(out / "final")["loss"], _history(setup / "single" / "final")["loss"],
                                rtol=1e-5)
@@ -89,5 +84,5 @@ def test_multi_worker_mirrored_two_processes(setup):
         assert p.returncode == 0, log[-4000:]
     chief, other = _weights(out / "final"), _weights(out / "final-worker1")
     assert _history(out / "final")["replicas"] == 2
-    assert _maxdiff(chief, other) == 0.0  # both workers hold the same weights
-    assert _maxdiff(chief, _weights(setup / "single" / "final")) < 1e-4
+    assert maxdiff(chief, other) == 0.0  # both workers hold the same weights
+    assert maxdiff(chief, _weights(setup / "single" / "final")) < 1e-4

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_config
-from tests.utils import write_hub_checkpoint
+from tests.utils import maxdiff, write_hub_checkpoint
 
 from .helpers import head_fasta, torchrun
 
@@ -48,11 +48,6 @@ def _weights(out):
     return load_file(os.path.join(out, "final", "model.safetensors"))
 
 
-def _maxdiff(a, b):
-    assert set(a) == set(b)
-    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
-
-
 def _losses(out):
     with open(os.path.join(out, "log.jsonl")) as f:
         return [json.loads(line)["loss"] for line in f]
@@ -70,7 +65,7 @@ def test_ddp_equals_single_process_and_resume_is_exact(setup, single_mlm):
     torchrun(2, MODULE, _args(setup, ddp, strategy="ddp"))
     ref = _weights(single_mlm)
     got = _weights(ddp)
-    assert _maxdiff(ref, got) < 1e-5
+    assert maxdiff(ref, got) < 1e-5
     # Training changed the weights (the comparison is not vacuous).
     init = _weights_init(setup)
     assert max(float(np.abs(ref[k] - init[k]).max()) for k in ref if k in init) > 1e-3
@@ -82,7 +77,7 @@ def test_ddp_equals_single_process_and_resume_is_exact(setup, single_mlm):
     assert not os.path.exists(res / "final")
     assert sorted(os.listdir(res / "checkpoints")) == ["step-2"]
     torchrun(2, MODULE, _args(setup, res, strategy="ddp") + ["--resume"])
-    assert _maxdiff(_weights(ddp), _weights(res)) == 0.0
+    assert maxdiff(_weights(ddp), _weights(res)) == 0.0
 
 
 def _weights_init(setup):
@@ -97,7 +92,7 @@ def test_fsdp_sharded_checkpoint_equals_single_process(setup, single_mlm):
     shard_files = sorted(f for f in os.listdir(out / "checkpoints" / "step-2" / "sharded") if f.endswith(".distcp"))
     assert len(shard_files) == 2  # one file per rank: the state was saved sharded
     torchrun(2, MODULE, _args(setup, out, strategy="fsdp", state_dict="sharded") + ["--resume"])
-    assert _maxdiff(_weights(single_mlm), _weights(out)) < 1e-5
+    assert maxdiff(_weights(single_mlm), _weights(out)) < 1e-5
     with open(out / "run.json") as f:
         info = json.load(f)
     assert info["strategy"] == "fsdp" and info["world_size"] == 2 and info["start_step"] == 2
@@ -114,7 +109,7 @@ def test_fsdp_regression_full_state_dict_resume(setup):
     torchrun(2, MODULE, _args(setup, out, task="regression", strategy="fsdp", state_dict="full") + ["--resume"])
     a, b = _weights(ref), _weights(out)
     assert "classifier.out_proj.weight" in a
-    assert _maxdiff(a, b) < 1e-5
+    assert maxdiff(a, b) < 1e-5
     np.testing.assert_allclose(_losses(out), _losses(ref), rtol=1e-5)
 
 

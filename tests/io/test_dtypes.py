@@ -16,13 +16,12 @@ from esm_dual.io.hub import (
     save_checkpoint,
 )
 from tests.conftest import tiny_config
-from tests.utils import random_hub_tensors, write_hub_checkpoint
+from tests.utils import ROOT, random_hub_tensors, write_hub_checkpoint
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_bfloat16_without_ml_dtypes_reads_exact_float32(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from esm_dual.io.hub import (
 )
 from tests.conftest import make_batch, tiny_config
 from tests.io.helpers import assert_same, bits, torch_bits
-from tests.utils import hf_model, random_hub_tensors, write_hub_checkpoint
+from tests.utils import ROOT, hf_model, random_hub_tensors, write_hub_checkpoint
 
 torch = pytest.importorskip("torch")
 
@@ -33,7 +33,6 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _state_dict_bin(tensors: dict, dtype=None) -> dict:

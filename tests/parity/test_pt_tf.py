@@ -14,7 +14,7 @@ import esm_dual.pt as P  # noqa: E402
 import esm_dual.tf as T  # noqa: E402
 from esm_dual.tf.modeling_esm import hub_variable_map  # noqa: E402
 from tests.conftest import make_batch, tiny_config  # noqa: E402
-from tests.utils import hf_model, write_hub_checkpoint  # noqa: E402
+from tests.utils import hf_model, maxdiff, random_labels  # noqa: E402
 
 TOL = 1e-4
 HEADS = ("base", "mlm", "seq", "tok")
@@ -29,48 +29,6 @@ SEQ_VARIANTS = {
     "regression3": (3, "regression", "float"),
     "multi": (3, "multi_label_classification", "binary"),
 }
-
-
-def _maxdiff(a, b) -> float:
-    a = a.detach().float().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, np.float32)
-    b = b.detach().float().numpy() if isinstance(b, torch.Tensor) else np.asarray(b, np.float32)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max())
-
-
-@pytest.fixture(scope="module")
-def hub_dir(tmp_path_factory):
-    cache = {}
-
-    def get(flavour: str, head: str, **changes) -> str:
-        key = (flavour, head, tuple(sorted(changes.items())))
-        if key not in cache:
-            d = tmp_path_factory.mktemp(f"{flavour}_{head}")
-            write_hub_checkpoint(str(d), tiny_config(flavour, **changes), head=head, seed=len(cache))
-            cache[key] = str(d)
-        return cache[key]
-
-    return get
-
-
-def _labels(head, ids, mask, num_labels=2, kind="int", seed=0):
-    rng = np.random.default_rng(seed)
-    B, L = ids.shape
-    if head == "mlm":
-        labels = np.where(rng.random((B, L)) < 0.3, ids, -100)
-        labels[:, 1] = ids[:, 1]
-        return labels
-    if head == "tok":
-        return np.where(mask == 0, -100, rng.integers(0, num_labels, (B, L)))
-    if head == "seq":
-        if kind == "float1":
-            return rng.normal(size=(B,)).astype(np.float32)
-        if kind == "float":
-            return rng.normal(size=(B, num_labels)).astype(np.float32)
-        if kind == "binary":
-            return (rng.random((B, num_labels)) > 0.5).astype(np.float32)
-        return rng.integers(0, num_labels, (B,))
-    return None
 
 
 def _pair(directory, head):
@@ -108,7 +66,7 @@ def test_hub_name_sets_identical_with_pooler():
 def test_forward_parity(hub_dir, flavour, head):
     pt_model, tf_model = _pair(hub_dir(flavour, head), head)
     ids, mask = make_batch(seed=1)
-    labels = _labels(head, ids, mask)
+    labels = random_labels(head, ids, mask)
     kw = {} if labels is None else {"labels": labels}
     with torch.no_grad():
         a = pt_model(torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True,
@@ -118,16 +76,16 @@ def test_forward_parity(hub_dir, flavour, head):
     cb = tf_model.predict_contacts(ids, mask)
     assert list(b.keys()) == list(a.keys())
     key = "last_hidden_state" if head == "base" else "logits"
-    assert _maxdiff(a[key], b[key]) < TOL
+    assert maxdiff(a[key], b[key]) < TOL
     assert len(b.hidden_states) == tf_model.config.num_hidden_layers + 1
     for x, y in zip(a.hidden_states, b.hidden_states):
-        assert _maxdiff(x, y) < TOL
+        assert maxdiff(x, y) < TOL
     assert len(b.attentions) == tf_model.config.num_hidden_layers
     for x, y in zip(a.attentions, b.attentions):
-        assert _maxdiff(x, y) < TOL
+        assert maxdiff(x, y) < TOL
     B, L = ids.shape
     assert tuple(cb.shape) == (B, L - 2, L - 2)
-    assert _maxdiff(ca, cb) < TOL
+    assert maxdiff(ca, cb) < TOL
     if labels is not None:
         assert abs(a.loss.item() - float(b.loss)) < TOL
 
@@ -138,7 +96,7 @@ def test_sequence_classification_losses(hub_dir, variant):
     d = hub_dir("esm2", "seq", num_labels=num_labels, problem_type=problem_type)
     pt_model, tf_model = _pair(d, "seq")
     ids, mask = make_batch(seed=2)
-    labels = _labels("seq", ids, mask, num_labels, kind)
+    labels = random_labels("seq", ids, mask, num_labels, kind)
     with torch.no_grad():
         a = pt_model(torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels)).loss
     b = tf_model(ids, attention_mask=mask, labels=labels).loss
@@ -152,7 +110,7 @@ def test_inputs_embeds_path(hub_dir, flavour):
     with torch.no_grad():
         a = pt_model(inputs_embeds=emb, attention_mask=torch.tensor(mask)).last_hidden_state
     b = tf_model(inputs_embeds=emb.numpy(), attention_mask=mask).last_hidden_state
-    assert _maxdiff(a, b) < TOL
+    assert maxdiff(a, b) < TOL
 
 
 def test_padded_and_unpadded_agree_in_tf(hub_dir, flavour):
@@ -163,12 +121,12 @@ def test_padded_and_unpadded_agree_in_tf(hub_dir, flavour):
     for b in range(ids.shape[0]):
         n = int(mask[b].sum())
         alone = model(ids[b:b + 1, :n], output_hidden_states=True, output_attentions=True)
-        assert _maxdiff(alone.logits[0], batched.logits[b, :n]) < TOL
+        assert maxdiff(alone.logits[0], batched.logits[b, :n]) < TOL
         for x, y in zip(alone.hidden_states, batched.hidden_states):
-            assert _maxdiff(x[0], y[b, :n]) < TOL
+            assert maxdiff(x[0], y[b, :n]) < TOL
         for x, y in zip(alone.attentions, batched.attentions):
-            assert _maxdiff(x[0], y[b, :, :n, :n]) < TOL
-        assert _maxdiff(model.predict_contacts(ids[b:b + 1, :n])[0], contacts[b, :n - 2, :n - 2]) < TOL
+            assert maxdiff(x[0], y[b, :, :n, :n]) < TOL
+        assert maxdiff(model.predict_contacts(ids[b:b + 1, :n])[0], contacts[b, :n - 2, :n - 2]) < TOL
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,7 +156,7 @@ def _compare_gradients(pt_model, tf_model, pt_loss_fn, tf_loss_fn) -> float:
         assert g is not None, n
         g = tf.convert_to_tensor(g).numpy()
         g = g.T if hub[n][1] else g
-        d = _maxdiff(ref, g)
+        d = maxdiff(ref, g)
         assert d < TOL, (n, d)
         worst = max(worst, d)
     return worst
@@ -208,7 +166,7 @@ def _compare_gradients(pt_model, tf_model, pt_loss_fn, tf_loss_fn) -> float:
 def test_gradients_match_every_weight(hub_dir, flavour, head):
     pt_model, tf_model = _pair(hub_dir(flavour, head), head)
     ids, mask = make_batch(seed=5)
-    labels = _labels(head, ids, mask)
+    labels = random_labels(head, ids, mask)
     _compare_gradients(
         pt_model, tf_model,
         lambda m: m(torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels)).loss,
@@ -221,7 +179,7 @@ def test_gradients_match_other_problem_types(hub_dir, variant):
     d = hub_dir("esm2", "seq", num_labels=num_labels, problem_type=problem_type)
     pt_model, tf_model = _pair(d, "seq")
     ids, mask = make_batch(seed=6)
-    labels = _labels("seq", ids, mask, num_labels, kind)
+    labels = random_labels("seq", ids, mask, num_labels, kind)
     _compare_gradients(
         pt_model, tf_model,
         lambda m: m(torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels)).loss,
@@ -267,7 +225,7 @@ def test_keras_trained_model_loads_in_pytorch_and_transformers(hub_dir, tmp_path
 
     tf_model = TF[head].from_pretrained(hub_dir("esm1b", head))
     ids, mask = make_batch(seed=8)
-    labels = _labels(head, ids, mask)
+    labels = random_labels(head, ids, mask)
     before = {n: v.numpy().copy() for n, (v, _) in hub_variable_map(tf_model).items()}
     tf_model.compile(optimizer=keras.optimizers.SGD(0.1), run_eagerly=True)  # graph modes: tests/tf
     tf_model.fit({"input_ids": ids, "attention_mask": mask}, labels, epochs=1, batch_size=4, verbose=0)
@@ -281,8 +239,8 @@ def test_keras_trained_model_loads_in_pytorch_and_transformers(hub_dir, tmp_path
     with torch.no_grad():
         out_pt = pt_model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
         out_hf = ref(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
-    assert _maxdiff(out_pt, out_tf) < TOL
-    assert _maxdiff(out_hf, out_tf) < TOL
+    assert maxdiff(out_pt, out_tf) < TOL
+    assert maxdiff(out_hf, out_tf) < TOL
     # The saved tensors are the Keras variables, bit for bit.
     for n, (v, transposed) in hub_variable_map(tf_model).items():
         w = pt_model._hub_state()[n].numpy()
@@ -302,7 +260,7 @@ def test_pytorch_saved_model_loads_in_tf(tmp_path, head):
     key = "last_hidden_state" if head == "base" else "logits"
     with torch.no_grad():
         a = pt_model(torch.tensor(ids), attention_mask=torch.tensor(mask))[key]
-    assert _maxdiff(a, tf_model(ids, attention_mask=mask)[key]) < TOL
+    assert maxdiff(a, tf_model(ids, attention_mask=mask)[key]) < TOL
     # and back: TF's save is the same file content
     tf_model.save_pretrained(str(tmp_path / "again"))
     again = PT[head].from_pretrained(str(tmp_path / "again"))
@@ -325,4 +283,4 @@ def test_fair_esm_file_loads_in_tf_like_pt(tmp_path, flavour):
     ids, mask = make_batch(seed=10)
     with torch.no_grad():
         a = pt_model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
-    assert _maxdiff(a, tf_model(ids, attention_mask=mask).logits) < TOL
+    assert maxdiff(a, tf_model(ids, attention_mask=mask).logits) < TOL

@@ -25,37 +25,25 @@ from esm_dual.pt import (  # noqa: E402
     EsmModel,
 )
 from tests.conftest import make_batch, tiny_config  # noqa: E402
-from tests.utils import hf_model, write_hub_checkpoint  # noqa: E402
+from tests.utils import hf_model, write_hub_checkpoint, write_hub_heads  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 CLASSES = {"base": EsmModel, "mlm": EsmForMaskedLM, "seq": EsmForSequenceClassification,
            "tok": EsmForTokenClassification}
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("hub")
-    out = {}
-    for head in CLASSES:
-        out[head] = str(d / head)
-        write_hub_checkpoint(out[head], tiny_config("esm2"), head, seed=1)
-    return out
+    return write_hub_heads(tmp_path_factory.mktemp("hub"), tiny_config("esm2"), seed=1)
 
 
 @pytest.fixture(scope="module")
 def one_layer(tmp_path_factory):
     """One encoder layer: graph capture and ONNX translation time grow with the layers."""
-    d = tmp_path_factory.mktemp("hub1")
-    out = {}
-    for head in ("base", "mlm"):
-        out[head] = str(d / head)
-        write_hub_checkpoint(out[head], tiny_config("esm2", num_hidden_layers=1), head, seed=1)
-    return out
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    yield
+    return write_hub_heads(tmp_path_factory.mktemp("hub1"), tiny_config("esm2", num_hidden_layers=1), seed=1,
+                           heads=("base", "mlm"))
 
 
 # ---- outputs ---------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import esm_dual.pt as plain  # noqa: E402
 from esm_dual.common.tokenizer import EsmTokenizer  # noqa: E402
 from esm_dual.pt import hf as hfclasses  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
-from tests.utils import write_hub_checkpoint  # noqa: E402
+from tests.utils import write_hub_heads  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 datasets.disable_progress_bars()
@@ -26,20 +26,12 @@ SEQS = ["MKTAYIAKQRQISFVK", "MKVLA", "ACDEFGHIKLMNPQ", "WYVTS", "MKKLLPTAAAG", "
 HEADS = {"mlm": "EsmForMaskedLM", "seq": "EsmForSequenceClassification", "tok": "EsmForTokenClassification",
          "base": "EsmModel"}
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("trainer_hub")
-    out = {}
-    for head in HEADS:
-        out[head] = str(d / head)
-        write_hub_checkpoint(out[head], tiny_config("esm2"), head, seed=4)
-    return out
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    yield
+    return write_hub_heads(tmp_path_factory.mktemp("trainer_hub"), tiny_config("esm2"), seed=4, heads=HEADS)
 
 
 def dataset(tok, head):

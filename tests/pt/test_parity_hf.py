@@ -8,15 +8,11 @@ import torch
 
 from esm_dual.pt import EsmForMaskedLM, EsmForSequenceClassification, EsmForTokenClassification, EsmModel
 from tests.conftest import make_batch, tiny_config
-from tests.utils import hf_model, write_hub_checkpoint
+from tests.utils import hf_model, maxdiff, write_hub_checkpoint
 
 TOL = 1e-5
 OURS = {"base": EsmModel, "mlm": EsmForMaskedLM, "seq": EsmForSequenceClassification,
         "tok": EsmForTokenClassification}
-
-
-def _maxdiff(a, b) -> float:
-    return (a.detach().float() - b.detach().float()).abs().max().item()
 
 
 def _pair(tmp_path, flavour, head, **cfg_changes):
@@ -56,13 +52,13 @@ def test_forward_outputs_match_hf(tmp_path, flavour, head):
         b = ref(ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
     key = "last_hidden_state" if head == "base" else "logits"
     assert a[key].shape == b[key].shape
-    assert _maxdiff(a[key], b[key]) < TOL
+    assert maxdiff(a[key], b[key]) < TOL
     assert len(a.hidden_states) == len(b.hidden_states) == ours.config.num_hidden_layers + 1
     for x, y in zip(a.hidden_states, b.hidden_states):
-        assert _maxdiff(x, y) < TOL
+        assert maxdiff(x, y) < TOL
     assert len(a.attentions) == len(b.attentions) == ours.config.num_hidden_layers
     for x, y in zip(a.attentions, b.attentions):
-        assert _maxdiff(x, y) < TOL
+        assert maxdiff(x, y) < TOL
     # hidden_states[-1] is after emb_layer_norm_after and equals last_hidden_state (base) / feeds the head
     if head == "base":
         assert torch.equal(a.hidden_states[-1], a.last_hidden_state)
@@ -76,7 +72,7 @@ def test_contacts_match_hf(tmp_path, flavour):
         r = ref.esm.predict_contacts(ids, mask)
     B, L = ids.shape
     assert c.shape == (B, L - 2, L - 2)
-    assert _maxdiff(c, r) < TOL
+    assert maxdiff(c, r) < TOL
     assert torch.allclose(c, c.transpose(-1, -2), atol=1e-6)  # symmetric
 
 
@@ -111,7 +107,7 @@ def test_loss_and_gradients_match_hf(tmp_path, head, num_labels, problem_type):
             assert ga[n] is None and gb[n] is None
             continue
         assert ga[n] is not None, n
-        assert _maxdiff(ga[n], gb[n]) < TOL, n
+        assert maxdiff(ga[n], gb[n]) < TOL, n
 
 
 def test_padded_and_unpadded_agree(tmp_path, flavour):
@@ -125,11 +121,11 @@ def test_padded_and_unpadded_agree(tmp_path, flavour):
         for b in range(ids.shape[0]):
             n = int(mask[b].sum())
             single = model(ids[b : b + 1, :n], output_hidden_states=True)
-            assert _maxdiff(single.logits[0], batched.logits[b, :n]) < TOL
+            assert maxdiff(single.logits[0], batched.logits[b, :n]) < TOL
             for x, y in zip(single.hidden_states, batched.hidden_states):
-                assert _maxdiff(x[0], y[b, :n]) < TOL
+                assert maxdiff(x[0], y[b, :n]) < TOL
             c1 = model.predict_contacts(ids[b : b + 1, :n])
-            assert _maxdiff(c1[0], contacts[b, : n - 2, : n - 2]) < TOL
+            assert maxdiff(c1[0], contacts[b, : n - 2, : n - 2]) < TOL
 
 
 def test_sdpa_and_eager_paths_agree(tmp_path, flavour):
@@ -141,9 +137,9 @@ def test_sdpa_and_eager_paths_agree(tmp_path, flavour):
         fast = model(ids, attention_mask=mask, output_hidden_states=True)
         eager = model(ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
     assert fast.attentions is None
-    assert _maxdiff(fast.logits, eager.logits) < TOL
+    assert maxdiff(fast.logits, eager.logits) < TOL
     for x, y in zip(fast.hidden_states, eager.hidden_states):
-        assert _maxdiff(x, y) < TOL
+        assert maxdiff(x, y) < TOL
 
 
 def test_token_dropout_scaling_explicit():

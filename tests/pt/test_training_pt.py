@@ -43,7 +43,12 @@ def test_gradient_checkpointing_gives_same_gradients():
         if ckpt:
             model.gradient_checkpointing_enable()
             assert model.esm.encoder.gradient_checkpointing
+        starts = []  # a pre-hook: the recomputation in backward stops early, before any forward hook
+        for layer in model.esm.encoder.layer:
+            layer.register_forward_pre_hook(lambda *a, starts=starts: starts.append(1))
         model(ids, attention_mask=mask, labels=labels).loss.backward()
+        n = len(model.esm.encoder.layer)
+        assert len(starts) == (2 * n if ckpt else n), starts  # checkpointed: every layer runs again in backward
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     # Every parameter but the contact head (unused by the MLM loss) gets a gradient.
     assert set(grads[0]) == {n for n, _ in model.named_parameters() if "contact_head" not in n}

@@ -26,8 +26,8 @@ torch = pytest.importorskip("torch")
 import esm_dual.pt as P  # noqa: E402
 import esm_dual.tf as T  # noqa: E402
 from esm_dual.tf import hub_variable_map  # noqa: E402
-from tests.conftest import make_batch, tiny_config  # noqa: E402
-from tests.utils import write_hub_checkpoint  # noqa: E402
+from tests.conftest import make_batch  # noqa: E402
+from tests.utils import ROOT, maxdiff, random_labels  # noqa: E402
 
 BACKEND = keras.backend.backend()
 TOL = 1e-4
@@ -36,47 +36,12 @@ PT = {"base": P.EsmModel, "mlm": P.EsmForMaskedLM, "seq": P.EsmForSequenceClassi
 KM = {"base": T.TFEsmModel, "mlm": T.TFEsmForMaskedLM, "seq": T.TFEsmForSequenceClassification,
       "tok": T.TFEsmForTokenClassification}
 FLAVOURS = ("esm2", "esm1b")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def np_(x) -> np.ndarray:
     if isinstance(x, torch.Tensor) and not isinstance(x, keras.Variable):
         return x.detach().float().cpu().numpy()
     return np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float32)
-
-
-def maxdiff(a, b) -> float:
-    a, b = np_(a), np_(b)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max())
-
-
-def labels_for(head, ids, mask, seed=0):
-    rng = np.random.default_rng(seed)
-    B, L = ids.shape
-    if head == "mlm":
-        labels = np.where(rng.random((B, L)) < 0.3, ids, -100)
-        labels[:, 1] = ids[:, 1]
-        return labels
-    if head == "tok":
-        return np.where(mask == 0, -100, rng.integers(0, 2, (B, L)))
-    if head == "seq":
-        return rng.integers(0, 2, (B,))
-    return None
-
-
-@pytest.fixture(scope="module")
-def hub_dir(tmp_path_factory):
-    cache = {}
-
-    def get(flavour: str, head: str) -> str:
-        if (flavour, head) not in cache:
-            d = tmp_path_factory.mktemp(f"{flavour}_{head}")
-            write_hub_checkpoint(str(d), tiny_config(flavour), head=head, seed=len(cache))
-            cache[flavour, head] = str(d)
-        return cache[flavour, head]
-
-    return get
 
 
 def keras_gradients(model, loss_fn) -> tuple[float, dict[str, np.ndarray | None]]:
@@ -141,7 +106,7 @@ def test_forward_parity(hub_dir, flavour, head):
     d = hub_dir(flavour, head)
     pt_model, k_model = PT[head].from_pretrained(d), KM[head].from_pretrained(d)
     ids, mask = make_batch(seed=1)
-    labels = labels_for(head, ids, mask)
+    labels = random_labels(head, ids, mask)
     kw = {} if labels is None else {"labels": labels}
     with torch.no_grad():
         a = pt_model(torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True,
@@ -169,7 +134,7 @@ def test_gradients_match_every_weight(hub_dir, flavour, head):
     d = hub_dir(flavour, head)
     pt_model, k_model = PT[head].from_pretrained(d), KM[head].from_pretrained(d)
     ids, mask = make_batch(seed=5)
-    labels = labels_for(head, ids, mask)
+    labels = random_labels(head, ids, mask)
     pt_loss, pt_grads = pt_gradients(pt_model, ids, mask, labels)
 
     def loss_fn(m):
@@ -201,7 +166,7 @@ def test_fit_step_is_the_pytorch_gradient_step(hub_dir, head):
     d = hub_dir("esm2", head)
     pt_model, k_model = PT[head].from_pretrained(d), KM[head].from_pretrained(d)
     ids, mask = make_batch(seed=6)
-    labels = labels_for(head, ids, mask)
+    labels = random_labels(head, ids, mask)
     _, pt_grads = pt_gradients(pt_model, ids, mask, labels)
     before = {n: np_(v).copy() for n, (v, _) in hub_variable_map(k_model).items()}
     lr = 0.5
@@ -314,7 +279,7 @@ def test_jax_mixed_bfloat16_inference_and_fit(hub_dir):
     # bf16 keeps 8 bits of mantissa: the logits agree to about 1% of their range
     assert np.abs(a - b).max() < 0.03 * np.abs(a).max()
     assert np.abs(a - b).max() > 0  # and it really ran in bfloat16
-    labels = labels_for("mlm", ids, mask)
+    labels = random_labels("mlm", ids, mask)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True)
     hist = model.fit({"input_ids": ids, "attention_mask": mask}, labels, batch_size=4, epochs=2, verbose=0)
     assert all(np.isfinite(hist.history["loss"]))

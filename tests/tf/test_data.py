@@ -17,15 +17,10 @@ from esm_dual.tf.data import (  # noqa: E402
     make_dataset,
     mlm_mask,
 )
+from tests.utils import AMINO_ACIDS, random_sequences  # noqa: E402
 
-AA = np.array(list("LAGVSERTIDPKQNFYMHWC"))
 SPECIAL = (0, 1, 2, 3, 32)
 MASK, PAD, CLS, EOS = 32, 1, 0, 2
-
-
-def random_sequences(n: int, lo: int, hi: int, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return ["".join(rng.choice(AA, size=int(k))) for k in rng.integers(lo, hi + 1, size=n)]
 
 
 def collect(ds):
@@ -161,7 +156,7 @@ def test_cardinality_is_known_and_exact(seqs, kwargs):
 
 
 def test_truncation(tok):
-    seq = "".join(AA[np.arange(50) % 20])
+    seq = "".join(AMINO_ACIDS[np.arange(50) % 20])
     with pytest.warns(UserWarning, match=r"1 sequence\(s\) longer than 10 residues truncated .*#0"):
         (ids, mask, lab), = collect(make_dataset([seq], [1.5], truncation_length=10, batch_size=1))
     assert mask.sum() == 12

@@ -10,10 +10,11 @@ import sys
 
 import pytest
 
+from tests.utils import ROOT
+
 pytest.importorskip("jax")
 pytest.importorskip("keras_hub")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_smoke_runs_and_agrees_with_keras_hub(tmp_path):

@@ -1,5 +1,7 @@
-"""esm_dual.tf models: calling conventions, outputs, input errors, hub naming, loading rules and Keras
-citizenship (config, .keras / .weights.h5 / SavedModel export, predict, summary)."""
+"""esm_dual.tf models: calling conventions, outputs, input errors, hub naming, the Keras-only loading rules and Keras
+citizenship (config, .keras / .weights.h5 / SavedModel export, predict, summary). The loading rules both frameworks
+share (heads dropped or initialised, missing/unused tensors, untied LM heads, recorded dtype) are written once, for
+both, in tests/parity/test_loading_both.py."""
 
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ from esm_dual.common.outputs import (  # noqa: E402
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
-from esm_dual.io.schema import LoadingError  # noqa: E402
 from esm_dual.tf import (  # noqa: E402
     TFEsmForMaskedLM,
     TFEsmForSequenceClassification,
@@ -35,10 +36,6 @@ CLASSES = {"base": TFEsmModel, "mlm": TFEsmForMaskedLM, "seq": TFEsmForSequenceC
 
 
 ROTARY = "attention.self.rotary_embeddings.inv_freq"
-
-
-def _warnings(caplog):
-    return [r.getMessage() for r in caplog.records if r.name == "esm_dual"]
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +169,7 @@ def test_learned_positions_length_limit():
 
 
 # ------------------------------------------------------------------------------------------------
-# Hub names and loading rules
+# Hub names and the Keras-only loading rules
 # ------------------------------------------------------------------------------------------------
 
 
@@ -215,63 +212,6 @@ def test_rotary_inv_freq_loaded_not_recomputed(tmp_path):
     ids, mask = make_batch()
     stored_out = model(ids, mask).last_hidden_state.numpy()
     assert not np.allclose(stored_out, fresh(ids, mask).last_hidden_state.numpy())
-
-
-def test_mlm_checkpoint_into_base_model_drops_head_in_one_line(mlm_dir, mlm, caplog):
-    with caplog.at_level("WARNING", logger="esm_dual"):
-        model = TFEsmModel.from_pretrained(mlm_dir)
-    msgs = _warnings(caplog)
-    assert len(msgs) == 1 and "dropping the lm_head" in msgs[0]
-    assert model.pooler is None
-    ids, mask = make_batch()
-    np.testing.assert_allclose(model(ids, mask).last_hidden_state.numpy(),
-                               mlm.esm(ids, mask).last_hidden_state.numpy(), atol=1e-6)
-
-
-def test_mlm_checkpoint_into_classifier_initialises_new_head(mlm_dir, caplog):
-    with caplog.at_level("WARNING", logger="esm_dual"):
-        model = TFEsmForSequenceClassification.from_pretrained(mlm_dir, num_labels=3)
-    msgs = _warnings(caplog)
-    assert sum("dropping the lm_head" in m for m in msgs) == 1
-    assert sum("no classifier in the checkpoint" in m for m in msgs) == 1
-    assert model.config.num_labels == 3
-    assert tuple(model.classifier.out_proj.kernel.shape) == (18, 3)
-    assert np.all(model.classifier.out_proj.bias.numpy() == 0)
-    w = model.classifier.dense.kernel.numpy()
-    assert np.isfinite(w).all() and 0 < w.std() < 0.1  # initializer_range init, not zeros or garbage
-
-
-def test_base_checkpoint_into_token_classifier(tmp_path, caplog):
-    write_hub_checkpoint(str(tmp_path), tiny_config("esm1b"), head="base")
-    with caplog.at_level("WARNING", logger="esm_dual"):
-        model = TFEsmForTokenClassification.from_pretrained(str(tmp_path), num_labels=5)
-    assert sum("no classifier" in m for m in _warnings(caplog)) == 1
-    ids, mask = make_batch()
-    assert tuple(model(ids, attention_mask=mask).logits.shape) == (*ids.shape, 5)
-
-
-def test_missing_and_unused_encoder_tensors_are_named(tmp_path):
-    tensors = write_hub_checkpoint(str(tmp_path), tiny_config("esm2"), head="mlm")
-    missing = dict(tensors)
-    del missing["esm.encoder.layer.1.intermediate.dense.bias"]
-    save_file(missing, str(tmp_path / "model.safetensors"))
-    with pytest.raises(LoadingError,
-                       match=r"missing 1 tensor\(s\): esm.encoder.layer.1.intermediate.dense.bias"):
-        TFEsmForMaskedLM.from_pretrained(str(tmp_path))
-    save_file({**tensors, "esm.encoder.extra_norm.weight": np.zeros(18, np.float32)},
-              str(tmp_path / "model.safetensors"))
-    with pytest.raises(LoadingError, match=r"unused 1 tensor\(s\): esm.encoder.extra_norm.weight"):
-        TFEsmForMaskedLM.from_pretrained(str(tmp_path))
-
-
-def test_config_overrides_and_architectures_written(tmp_path, mlm_dir):
-    model = TFEsmForSequenceClassification.from_pretrained(mlm_dir, num_labels=4, problem_type="regression",
-                                                           hidden_dropout_prob=0.05)
-    assert model.config.num_labels == 4 and model.config.problem_type == "regression"
-    assert model.esm.encoder.layer[0].output_layer.dropout.rate == 0.05
-    model.save_pretrained(str(tmp_path))
-    with open(tmp_path / "config.json") as f:
-        assert json.load(f)["architectures"] == ["EsmForSequenceClassification"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -329,74 +269,3 @@ def test_summary_and_parameter_counts(mlm):
     n_hub = sum(int(np.prod(v.shape)) for v, _ in hub_variable_map(mlm).values())
     assert mlm.num_parameters() == n_hub  # the tied decoder is counted once
     assert mlm.num_parameters(only_trainable=True) == n_hub - 3 * 3  # inv_freq buffers (3 layers x K/2)
-
-
-# ------------------------------------------------------------------------------------------------
-# Untied LM head, classifier layouts, unknown head tensors, recorded dtype
-# ------------------------------------------------------------------------------------------------
-
-
-def test_untied_lm_head_matches_transformers_and_round_trips(tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-
-    cfg = tiny_config("esm2", tie_word_embeddings=False, architectures=["EsmForMaskedLM"])
-    hf_cfg = transformers.EsmConfig(**{k: v for k, v in cfg.to_dict().items() if k != "model_type"})
-    torch.manual_seed(0)
-    ref = transformers.EsmForMaskedLM(hf_cfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0.0, 0.2)
-    src = str(tmp_path / "hf")
-    ref.save_pretrained(src)
-    model = TFEsmForMaskedLM.from_pretrained(src)
-    assert "lm_head.decoder.weight" in model._hub_state()
-    ids, mask = make_batch()
-    with torch.no_grad():
-        want = ref(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-    got = model(ids, mask).logits.numpy()
-    real = mask.astype(bool)
-    assert np.abs(got - want)[real].max() < 1e-4
-    out = str(tmp_path / "ours")
-    model.save_pretrained(out)
-    np.testing.assert_array_equal(load_file(out + "/model.safetensors")["lm_head.decoder.weight"],
-                                  ref.lm_head.decoder.weight.detach().numpy())
-    path = str(tmp_path / "m.keras")
-    model.save(path)
-    again = keras.saving.load_model(path)
-    np.testing.assert_array_equal(again(ids, mask).logits.numpy(), got)
-
-
-def test_untied_model_built_here_round_trips(tmp_path):
-    model = TFEsmForMaskedLM(tiny_config("esm2", tie_word_embeddings=False))
-    model.save_pretrained(str(tmp_path))
-    again = TFEsmForMaskedLM.from_pretrained(str(tmp_path))
-    ids, mask = make_batch()
-    np.testing.assert_array_equal(again(ids, mask).logits.numpy(), model(ids, mask).logits.numpy())
-
-
-@pytest.mark.parametrize("src_head,cls,new", [("seq", TFEsmForTokenClassification, 2),
-                                              ("tok", TFEsmForSequenceClassification, 4)])
-def test_classifier_of_the_other_layout_is_dropped_and_initialised(tmp_path, caplog, src_head, cls, new):
-    write_hub_checkpoint(str(tmp_path), tiny_config("esm2", num_labels=3), head=src_head)
-    with caplog.at_level("WARNING", logger="esm_dual"):
-        model = cls.from_pretrained(str(tmp_path), num_labels=3)
-    msgs = _warnings(caplog)
-    assert sum("dropping the classifier" in m and str(tmp_path) in m for m in msgs) == 1
-    assert sum(f"no classifier in the checkpoint; {new} tensors newly initialised" in m for m in msgs) == 1
-    ids, mask = make_batch()
-    assert model(ids, mask).logits.shape[-1] == 3
-
-
-def test_unknown_tensor_in_a_known_head_is_named(tmp_path, caplog):
-    tensors = write_hub_checkpoint(str(tmp_path), tiny_config("esm2"), head="mlm")
-    save_file({**tensors, "lm_head.extra.weight": np.zeros(3, np.float32)}, str(tmp_path / "model.safetensors"))
-    with caplog.at_level("WARNING", logger="esm_dual"):
-        TFEsmForMaskedLM.from_pretrained(str(tmp_path))
-    assert any("lm_head.extra.weight" in m and str(tmp_path) in m for m in _warnings(caplog))
-
-
-def test_save_pretrained_records_dtype(tmp_path, mlm_dir):
-    TFEsmForMaskedLM.from_pretrained(mlm_dir, dtype="bfloat16").save_pretrained(str(tmp_path))
-    with open(tmp_path / "config.json") as f:
-        assert json.load(f)["dtype"] == "bfloat16"

@@ -12,14 +12,9 @@ keras = pytest.importorskip("keras")
 
 from esm_dual.tf.batching import IGNORE_INDEX  # noqa: E402
 from esm_dual.tf.pydataset import make_pydataset  # noqa: E402
+from tests.utils import random_sequences  # noqa: E402
 
-AA = np.array(list("LAGVSERTIDPKQNFYMHWC"))
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
-
-
-def random_sequences(n: int, lo: int, hi: int, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return ["".join(rng.choice(AA, size=int(k))) for k in rng.integers(lo, hi + 1, size=n)]
 
 
 def _rows(batches, with_labels):

@@ -9,9 +9,13 @@ from __future__ import annotations
 import ast
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.utils import ROOT
+
 PT_FILE = os.path.join(ROOT, "esm_dual", "pt", "modeling_esm.py")
 TF_FILE = os.path.join(ROOT, "esm_dual", "tf", "modeling_esm.py")
+# The framework's integration around each twin: a mixin before the framework's base class.
+PT_MIXIN = (os.path.join(ROOT, "esm_dual", "pt", "integration.py"), "PreTrainedMixin", "nn.Module")
+TF_MIXIN = (os.path.join(ROOT, "esm_dual", "tf", "keras_integration.py"), "KerasModelMixin", "keras.Model")
 
 # Keras layers create their variables in build(), torch modules in __init__: any TF class may have it.
 KERAS_BUILD = "build"
@@ -20,22 +24,11 @@ KERAS_BUILD = "build"
 PT_ONLY_METHODS = {
     # torch's Module._apply casts buffers; Keras variables keep their dtype (inv_freq: autocast=False).
     "EsmRotaryEmbedding": {"_apply"},
-    # torch idioms: parameter tying by assignment, the base_model property (a Keras attribute leading back to
-    # the model would be a saving cycle: TF has get_base_model), activation checkpointing, device/dtype.
-    "EsmPreTrainedModel": {"tie_weights", "base_model", "gradient_checkpointing_enable",
-                           "gradient_checkpointing_disable", "device", "dtype",
-                           # the rest of transformers' PyTorch surface that Trainer, PEFT and pipelines call:
-                           # tying and save keys, activation checkpointing, input grads for PEFT, token/FLOP
-                           # counts, the embedding accessors and resizing (torch parameters), the meta-device
-                           # build before loading
-                           "_tied_keys", "_keys_to_ignore_on_save", "_tied_weights_keys",
-                           "activation_checkpointing_enable", "activation_checkpointing_disable",
-                           "is_gradient_checkpointing", "enable_input_require_grads", "disable_input_require_grads",
-                           "estimate_tokens", "floating_point_ops", "set_input_embeddings",
-                           "get_output_embeddings", "set_output_embeddings", "resize_token_embeddings",
-                           "_before_loading",
-                           # the GPU fast path's options (PyTorch only)
-                           "fast_path_options", "set_fast_path", "attn_implementation"},
+    # torch idioms: parameter tying by assignment (Keras' LM head holds the embedding layer), the base_model
+    # property (a Keras attribute leading back to the model would be a saving cycle: TF has get_base_model).
+    # transformers' PyTorch surface (checkpointing, PEFT input grads, FLOP counts, embedding resizing, device/dtype,
+    # the fast path's options) is PreTrainedMixin's, in pt/integration.py, as Keras' is KerasModelMixin's.
+    "EsmPreTrainedModel": {"tie_weights", "base_model"},
     # the packed varlen GPU path (FlashAttention kernels) exists in PyTorch only.
     "EsmModel": {"forward_packed"},
     "EsmForMaskedLM": {"tie_weights", "forward_packed"},
@@ -54,10 +47,9 @@ TF_ONLY_METHODS = {
 }
 # Attributes (self.x = ..., class-level names) only one side has.
 PT_ONLY_ATTRS = {
-    # names of tied parameters in torch's state dict; transformers' class flags (device_map splitting, SDPA,
-    # checkpointing); the PEFT input-grad hook
-    "EsmPreTrainedModel": {"_tied", "_no_split_modules", "_supports_sdpa", "supports_gradient_checkpointing",
-                           "_require_grads_hook"},
+    # names of tied parameters in torch's state dict (Keras shares the embedding layer: no names)
+    "EsmPreTrainedModel": {"_tied"},
+    # activation checkpointing (torch.utils.checkpoint), set through PreTrainedMixin's checkpointing API
     "EsmEncoder": {"gradient_checkpointing", "checkpoint_every_n_layers", "checkpoint_kwargs",
                    "checkpoint_offload"},
     "EsmModel": {"_fast_path"},  # the GPU fast path's per-model options
@@ -75,17 +67,9 @@ TF_ONLY_ATTRS = {
     "EsmForMaskedLM": {"_labels_ignore_index"},
     "EsmForTokenClassification": {"_labels_ignore_index"},
 }
-# Module-level functions only one side has.
-PT_ONLY_FUNCS = {
-    "_is_compiling",  # torch.compile
-    "copy_numpy_into",  # numpy -> torch tensors; Keras assigns numpy
-    "_auto_dtype", "_str_to_torch_dtype",  # torch dtype names (torch_dtype="auto"); Keras takes dtype policies
-    # value checks: in Keras they run per backend (eager, TF graph asserts, a JAX host callback): tf/ops.py
-    "check_attention_rows",
-    "as_tensor_input",  # numpy inputs: Keras converts them itself
-    "_drop_tied_on_save", "_fill_tied_on_load",  # torch state-dict hooks for the tied decoder
-    "_attn_implementation", "_device_from_map",  # transformers' loading arguments as torch back ends / devices
-}
+# Module-level functions only one side has (framework idioms, value checks and loading helpers live in pt/ops.py,
+# pt/integration.py, tf/ops.py, tf/layers.py ...).
+PT_ONLY_FUNCS: set[str] = set()
 TF_ONLY_FUNCS: set[str] = set()
 
 
@@ -152,3 +136,26 @@ def test_same_module_functions_in_the_same_order():
     assert set(pt) - set(tf) == PT_ONLY_FUNCS
     assert set(tf) - set(pt) == TF_ONLY_FUNCS
     assert [f for f in pt if f in tf] == [f for f in tf if f in pt]
+
+
+def _class_names(path, cls):
+    """Methods and class-level names that class ``cls`` of the file at ``path`` defines, and its bases."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+    names = {item.name for item in node.body if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    for item in node.body:
+        if isinstance(item, ast.Assign):
+            names.update(t.id for t in item.targets if isinstance(t, ast.Name))
+    return names - {"__init__"}, [ast.unparse(b) for b in node.bases]
+
+
+def test_each_base_model_is_its_frameworks_mixin_then_the_framework():
+    """The integration surface sits in one mixin per framework, first among the bases; the model's base class
+    and its mixin define no name twice (a method moved back into the model file would silently win)."""
+    for model_file, prefix, (mixin_file, mixin, framework) in ((PT_FILE, "", PT_MIXIN), (TF_FILE, "TF", TF_MIXIN)):
+        own, bases = _class_names(model_file, f"{prefix}EsmPreTrainedModel")
+        assert bases == [mixin, framework]
+        mixin_names, _ = _class_names(mixin_file, mixin)
+        assert mixin_names, mixin
+        assert not own & mixin_names, f"{prefix}EsmPreTrainedModel and {mixin} both define {sorted(own & mixin_names)}"

@@ -40,7 +40,8 @@ from ...common.config import EsmConfig
 from ...io.base import Checkpoint
 from ...io.dtypes import torch_to_numpy
 from ...io.schema import LoadingError, describe_mismatch
-from ..modeling_esm import EsmModel, EsmPreTrainedModel, copy_numpy_into
+from ..integration import copy_numpy_into
+from ..modeling_esm import EsmModel, EsmPreTrainedModel
 from .batching import DEFAULT_MAX_TOKENS_PER_BATCH, fold_batches, folded_length
 from .confidence import categorical_lddt, predicted_aligned_error, predicted_tm_score
 from .inference import EsmForProteinFoldingOutput, atom14_to_atom37, encode_sequences, merge_outputs, take_rows

@@ -14,10 +14,6 @@ CUDA = torch.cuda.is_available()
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
 
 
-def maxdiff(a, b) -> float:
-    return (a.detach().float() - b.detach().float()).abs().max().item()
-
-
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 

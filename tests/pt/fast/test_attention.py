@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from esm_dual.pt.fast.attention import varlen_attention
-from tests.pt.fast.common import CUDA, fa4_here, maxdiff, rel
+from tests.pt.fast.common import CUDA, fa4_here, rel
+from tests.utils import maxdiff
 
 
 def test_varlen_backends_agree_with_per_sequencepadded_sdpa():

@@ -24,12 +24,12 @@ from tests.pt.fast.common import (
     fa4_here,
     gpu_model,
     lognormal_batch,
-    maxdiff,
     padded_sdpa,
     rel,
     rows_of,
     tiny_model,
 )
+from tests.utils import maxdiff
 
 
 @pytest.mark.parametrize("backend", ["dense", "loop"])
@@ -187,11 +187,16 @@ def test_gradient_checkpointing_packed(tmp_path):
     model.train()
     pack = pack_sequences(rows_of(*(torch.tensor(x) for x in make_batch(seed=8))))
     labels = pack.input_ids.clone()
+    calls = []  # layer 0 starts to run (a pre-hook: recomputation stops early, before forward hooks)
+    model.esm.encoder.layer[0].register_forward_pre_hook(lambda *a: calls.append(torch.is_grad_enabled()))
     model.forward_packed(pack.input_ids, pack.cu_seqlens, pack.max_seqlen, labels=labels).loss.backward()
+    assert len(calls) == 1
     ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     model.gradient_checkpointing_enable()
     model.forward_packed(pack.input_ids, pack.cu_seqlens, pack.max_seqlen, labels=labels).loss.backward()
+    assert len(calls) == 3, calls  # forward + recomputation in backward: the packed path did checkpoint
+    assert set(ref) == {n for n, p in model.named_parameters() if p.grad is not None}
     for n, g in ref.items():
         assert maxdiff(model.get_parameter(n).grad, g) < 1e-6 * max(1.0, g.abs().max().item()), n
 

@@ -11,7 +11,8 @@ from esm_dual.pt.fast.attention import VarlenInfo
 from esm_dual.pt.fast.kernels import rotary_qk_fused, triton_available
 from esm_dual.pt.fast.packing import pack_sequences, packed_positions
 from tests.conftest import make_batch
-from tests.pt.fast.common import CUDA, TOL, maxdiff, rows_of, tiny_model
+from tests.pt.fast.common import CUDA, TOL, rows_of, tiny_model
+from tests.utils import maxdiff
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
