@@ -130,6 +130,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
+def with_tied(model: nn.Module, state_dict: dict) -> dict:
+    """The state dict with the tied decoder's entry put back (it aliases the word embeddings, so the models'
+    ``state_dict()`` leaves it out, as transformers does; DCP's ``set_state_dict`` wants every name)."""
+    tied = getattr(unwrap(model), "_tied_weights_keys", None) or {}  # transformers' map: target -> source
+    missing = {t: s for t, s in tied.items() if t not in state_dict and s in state_dict}
+    return {**state_dict, **{t: state_dict[s] for t, s in missing.items()}} if missing else state_dict
+
+
 # ================================================================================================
 # Checkpoints
 # ================================================================================================
@@ -222,11 +230,12 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=os.path.join(path, "sharded"))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=with_tied(model, state["model"]),
+                       optim_state_dict=state["optim"])
     else:
         state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=StateDictOptions(full_state_dict=True))
+        set_state_dict(model, optimizer, model_state_dict=with_tied(model, state["model"]),
+                       optim_state_dict=state["optim"], options=StateDictOptions(full_state_dict=True))
     rng_file = os.path.join(path, f"rng.rank{info.rank}.pt")
     if meta["world_size"] == info.world_size and os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=True))
