@@ -45,7 +45,7 @@ from ..modeling_esm import EsmModel, EsmPreTrainedModel
 from .batching import DEFAULT_MAX_TOKENS_PER_BATCH, fold_batches, folded_length
 from .confidence import categorical_lddt, predicted_aligned_error, predicted_tm_score
 from .inference import EsmForProteinFoldingOutput, atom14_to_atom37, encode_sequences, merge_outputs, take_rows
-from .structure_module import residue_constant
+from .structure_module import STRUCTURE_OUTPUTS, residue_constant
 from .trunk import FoldingTrunk
 
 logger = logging.getLogger("esm_dual")
@@ -268,21 +268,7 @@ class EsmForProteinFolding(EsmPreTrainedModel):
         # The initial pair state is zeros: None, so the trunk never holds it (HF passes a zero tensor).
         structure = self.trunk(s_s_0, None, aa, position_ids, mask, no_recycles=num_recycles,
                                options=self.fast_path_options)
-        out = EsmForProteinFoldingOutput(
-            **{
-                k: structure[k]
-                for k in (
-                    "frames",
-                    "sidechain_frames",
-                    "unnormalized_angles",
-                    "angles",
-                    "positions",
-                    "states",
-                    "s_s",
-                    "s_z",
-                )
-            }
-        )
+        out = EsmForProteinFoldingOutput(**{k: structure[k] for k in STRUCTURE_OUTPUTS + ("s_s", "s_z")})
 
         disto = self.distogram_head(out.s_z)
         # symmetrised; (a + b) * 0.5 is (a + b) / 2 exactly, and in place: one [B, N, N, 64] less

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ...common import residue_constants as rc
-from .structure_module import residue_constant
+from .structure_module import STRUCTURE_OUTPUTS, residue_constant
 
 __all__ = ["EsmForProteinFoldingOutput", "atom14_to_atom37", "encode_sequences", "merge_outputs", "take_rows"]
 
@@ -164,7 +164,7 @@ def take_rows(x: torch.Tensor | list | None, rows: list[int]) -> torch.Tensor | 
 
 # Where each output has its batch dimension (the S-stacked structure-module outputs: 1) and how many
 # residue dimensions follow it (pair outputs: 2). Everything else: batch first, one residue dimension.
-_STACKED = {"frames", "sidechain_frames", "unnormalized_angles", "angles", "positions", "states", "lddt_head"}
+_STACKED = {*STRUCTURE_OUTPUTS, "lddt_head"}
 _PAIR = {"s_z", "distogram_logits", "ptm_logits", "aligned_confidence_probs", "predicted_aligned_error"}
 _PER_SEQUENCE = {"ptm", "mean_plddt"}
 

@@ -16,6 +16,9 @@ from ...common import residue_constants as rc
 from ...common.config import StructureModuleConfig
 from .rigid import Rigid, quat_multiply_by_vec, quat_to_rot, rot_vec_mul
 
+# What the structure module returns per block, stacked to [S, *, ...] (S = num_blocks).
+STRUCTURE_OUTPUTS = ("frames", "sidechain_frames", "unnormalized_angles", "angles", "positions", "states")
+
 _CONSTANTS: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
@@ -267,17 +270,7 @@ class StructureModule(nn.Module):
             quats = s.new_zeros(s.shape[:-1] + (4,))
             quats[..., 0] = 1
             trans = s.new_zeros(s.shape[:-1] + (3,))
-            outputs: dict[str, list[torch.Tensor]] = {
-                k: []
-                for k in (
-                    "frames",
-                    "sidechain_frames",
-                    "unnormalized_angles",
-                    "angles",
-                    "positions",
-                    "states",
-                )
-            }
+            outputs: dict[str, list[torch.Tensor]] = {k: [] for k in STRUCTURE_OUTPUTS}
             for _ in range(self.config.num_blocks):
                 s = s + self.ipa(s, z, Rigid(quat_to_rot(quats), trans), mask)
                 s = self.layer_norm_ipa(self.ipa_dropout(s))
