@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,20 @@ def name_list(names: Sequence[str], limit: int = 10) -> str:
     """'a, b, c' or 'a, b, ... and 7 more'."""
     shown = ", ".join(repr(n) for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def read_tab_log(path: str, decode_key: Callable[[str], str] | None = None) -> dict[str, str]:
+    """``key -> value`` of an appended ``<key>\t<value>`` log (the latest line wins; a line without a tab,
+    as a killed run leaves, is skipped); ``{}`` where there is no file. ``decode_key`` undoes the writer's
+    escaping of the key."""
+    out: dict[str, str] = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                key, sep, value = line.rstrip("\n").rpartition("\t")
+                if sep:
+                    out[decode_key(key) if decode_key else key] = value
+    return out
 
 
 def residue_problem(ch: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import CliError, warn
+from ._common import CliError, read_tab_log, warn
 from .embed_shards import env_world, run_id
 
 PT_OPTIONS = ".esm-dual-embed.json"  # --format pt: options and weights the files were made with
@@ -201,15 +201,7 @@ def _untsv_field(text: str) -> str:
 
 def pt_hashes(outdir: str) -> dict[str, str]:
     """label -> sequence hash of the files an earlier ``--format pt`` run wrote (the latest line wins)."""
-    path = os.path.join(outdir, PT_HASHES)
-    out: dict[str, str] = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                label, sep, h = line.rstrip("\n").rpartition("\t")
-                if sep:
-                    out[_untsv_field(label)] = h
-    return out
+    return read_tab_log(os.path.join(outdir, PT_HASHES), decode_key=_untsv_field)
 
 
 def _check_pt_options(outdir: str, options: dict[str, Any]) -> None:

@@ -35,6 +35,7 @@ from ._common import (
     note,
     positive_int,
     progress,
+    read_tab_log,
     residue_problem,
     resolve_positionals,
     warn,
@@ -317,18 +318,6 @@ def _remove_stale_tmp(outdir: str) -> None:
             os.remove(os.path.join(outdir, name))
 
 
-def _read_sequences(outdir: str) -> dict[str, str]:
-    path = os.path.join(outdir, SEQUENCES)
-    out: dict[str, str] = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                rec_id, sep, h = line.rstrip("\n").rpartition("\t")
-                if sep:
-                    out[rec_id] = h
-    return out
-
-
 def _fold_into(args: argparse.Namespace, records: list[tuple[str, str, str]]) -> int:
     from ..common.embeddings import sequence_hash
 
@@ -337,7 +326,7 @@ def _fold_into(args: argparse.Namespace, records: list[tuple[str, str, str]]) ->
     done = read_summary(summary_path)
     _check_options(args, os.path.join(args.outdir, OPTIONS), bool(done))
     hashes = {rec_id: sequence_hash(seq) for rec_id, _, seq in records}
-    stored = _read_sequences(args.outdir)
+    stored = read_tab_log(os.path.join(args.outdir, SEQUENCES))
     changed = [r for r in hashes if r in done and stored.get(r) not in (None, hashes[r])]
     if changed and not args.overwrite_changed:
         raise CliError(f"{args.outdir}: {len(changed)} record(s) changed since they were folded (same id, another "
