@@ -46,6 +46,19 @@ def check_pad_to_multiple_of(value: Any) -> None:
         raise ValueError(f"pad_to_multiple_of must be a positive integer or None, got {value!r}")
 
 
+def _strategy(what: str, value: Any, on: str, off: str, allowed: tuple[str, ...]) -> str:
+    """One HF strategy argument (``padding`` / ``truncation``) as its name: True -> ``on``, False/None ->
+    ``off``, else a name (or an HF enum's ``.value``) out of ``allowed``."""
+    if value is True:
+        return on
+    if value is False or value is None:
+        return off
+    name = str(getattr(value, "value", value))
+    if name not in allowed:
+        raise ValueError(f"{what} must be True, False or one of {allowed}, got {value!r}")
+    return name
+
+
 class HFTokenizerMixin:
     """HF's tokenizer surface over an ESM vocabulary (see the module docstring for what the class provides)."""
 
@@ -100,23 +113,8 @@ class HFTokenizerMixin:
         # HF: max_length alone (no padding, truncation unset) means truncation.
         if max_length is not None and padding is False and truncation is None:
             truncation = "longest_first"
-        if padding is True:
-            pad = "longest"
-        elif padding is False or padding is None:
-            pad = "do_not_pad"
-        else:
-            pad = str(getattr(padding, "value", padding))
-            if pad not in PADDINGS:
-                raise ValueError(f"padding must be True, False or one of {PADDINGS}, got {padding!r}")
-        if truncation is True:
-            trunc = "longest_first"
-        elif truncation is False or truncation is None:
-            trunc = "do_not_truncate"
-        else:
-            trunc = str(getattr(truncation, "value", truncation))
-            if trunc not in TRUNCATIONS:
-                raise ValueError(
-                    f"truncation must be True, False or one of {TRUNCATIONS}, got {truncation!r}")
+        pad = _strategy("padding", padding, "longest", "do_not_pad", PADDINGS)
+        trunc = _strategy("truncation", truncation, "longest_first", "do_not_truncate", TRUNCATIONS)
         if max_length is None:
             if pad == "max_length":
                 if self.model_max_length > LARGE_INTEGER:
