@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -321,14 +322,8 @@ class EsmForProteinFolding(EsmPreTrainedModel):
         if len(batches) == 1:
             return self._infer_batch(seqs, num_recycles, residx, masking_pattern, chain_linker,
                                      residue_index_offset)
-        if residx is not None and not isinstance(residx, torch.Tensor):
-            residx = [residx[i] for i in range(len(seqs))]
-        parts = []
-        for batch in batches:
-            parts.append(self._infer_batch(
-                [seqs[i] for i in batch], num_recycles, take_rows(residx, batch),
-                take_rows(masking_pattern, batch), chain_linker, residue_index_offset,
-            ))
+        parts = [out for _, out in self._infer_buckets(seqs, batches, num_recycles, residx, masking_pattern,
+                                                       chain_linker, residue_index_offset)]
         return merge_outputs(parts, batches, len(seqs))
 
     @staticmethod
@@ -347,6 +342,25 @@ class EsmForProteinFolding(EsmPreTrainedModel):
     def _batches(seqs: list[str], max_tokens_per_batch: int | None, chain_linker: str | None) -> list[list[int]]:
         """Length buckets of ``seqs`` (lengths as folded: chains joined by the linker)."""
         return fold_batches([folded_length(s, chain_linker) for s in seqs], max_tokens_per_batch)
+
+    def _infer_buckets(
+        self,
+        seqs: list[str],
+        batches: list[list[int]],
+        num_recycles: int | None,
+        residx: torch.Tensor | list | None,
+        masking_pattern: torch.Tensor | None,
+        chain_linker: str | None,
+        residue_index_offset: int | None,
+    ) -> Iterator[tuple[list[int], EsmForProteinFoldingOutput]]:
+        """Fold the buckets ``batches`` (indices into ``seqs``) one at a time: yields (bucket, its output)."""
+        if residx is not None and not isinstance(residx, torch.Tensor):
+            residx = [residx[i] for i in range(len(seqs))]
+        for batch in batches:
+            yield batch, self._infer_batch(
+                [seqs[i] for i in batch], num_recycles, take_rows(residx, batch),
+                take_rows(masking_pattern, batch), chain_linker, residue_index_offset,
+            )
 
     def _infer_batch(
         self,
@@ -420,14 +434,10 @@ class EsmForProteinFolding(EsmPreTrainedModel):
         """PDB text per sequence, in input order. Folded in the length buckets of ``infer``, one bucket
         at a time: only one bucket's outputs are held."""
         seqs = self._check_seqs(seqs)
-        if residx is not None and not isinstance(residx, torch.Tensor):
-            residx = [residx[i] for i in range(len(seqs))]
         pdbs: list[str | None] = [None] * len(seqs)
-        for batch in self._batches(seqs, max_tokens_per_batch, chain_linker):
-            out = self._infer_batch(
-                [seqs[i] for i in batch], num_recycles, take_rows(residx, batch),
-                take_rows(masking_pattern, batch), chain_linker, residue_index_offset,
-            )
+        batches = self._batches(seqs, max_tokens_per_batch, chain_linker)
+        for batch, out in self._infer_buckets(seqs, batches, num_recycles, residx, masking_pattern,
+                                              chain_linker, residue_index_offset):
             for i, pdb in zip(batch, self.output_to_pdb(out)):
                 pdbs[i] = pdb
             del out
