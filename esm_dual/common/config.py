@@ -57,6 +57,8 @@ class _Config:
     # key -> nested config class, for sub-configs stored as dicts in JSON
     _sub_configs: ClassVar[dict[str, type]] = {}
     _field_prefix: ClassVar[str] = ""  # how messages name this config's fields ("trunk.", ...)
+    # sub-configs that are always present: None (absent from the source) becomes the defaults
+    _default_sub_configs: ClassVar[tuple[str, ...]] = ()
 
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -70,10 +72,13 @@ class _Config:
         self._validate_all()
 
     def _normalise(self) -> None:
-        """Coerce values to their canonical types (sub-config dicts to objects); run on init and copy."""
+        """Coerce values to their canonical types (sub-config dicts to objects, a missing always-present
+        sub-config to its defaults); run on init and copy."""
         for key, cls in self._sub_configs.items():
             val = getattr(self, key)
-            if isinstance(val, dict):
+            if val is None and key in self._default_sub_configs:
+                setattr(self, key, cls())
+            elif isinstance(val, dict):
                 setattr(self, key, cls.from_dict(val))
 
     def _validate_all(self) -> None:
@@ -86,6 +91,11 @@ class _Config:
                    f"must be a dict or a {cls.__name__}, got {type(val).__name__}")
             if val is not None:
                 val._validate_all()
+
+    def _check_positive_ints(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            v = getattr(self, name)
+            _check(_is_int(v) and v > 0, self._field_prefix + name, f"must be a positive int, got {v!r}")
 
     def _check_booleans(self) -> None:
         """A ``bool`` field holds True or False (a JSON ``true``/``false``), never ``"false"`` or 0: a string
@@ -216,12 +226,10 @@ class StructureModuleConfig(_Config):
     inf: float = 1e5
 
     def validate(self) -> None:
-        for name in (
+        self._check_positive_ints((
             "sequence_dim", "pairwise_dim", "ipa_dim", "resnet_dim", "num_heads_ipa", "num_qk_points",
             "num_v_points", "num_blocks", "num_transition_layers", "num_resnet_blocks", "num_angles",
-        ):
-            v = getattr(self, name)
-            _check(_is_int(v) and v > 0, f"structure_module.{name}", f"must be a positive int, got {v!r}")
+        ))
         _check(
             _is_num(self.dropout_rate) and 0 <= self.dropout_rate < 1,
             "structure_module.dropout_rate", f"must be in [0, 1), got {self.dropout_rate!r}",
@@ -238,6 +246,7 @@ class TrunkConfig(_Config):
     """Folding trunk hyperparameters, as in HF's ``TrunkConfig``."""
 
     _sub_configs: ClassVar[dict[str, type]] = {"structure_module": StructureModuleConfig}
+    _default_sub_configs: ClassVar[tuple[str, ...]] = ("structure_module",)
     _field_prefix: ClassVar[str] = "trunk."
 
     num_blocks: int = 48
@@ -253,16 +262,9 @@ class TrunkConfig(_Config):
     chunk_size: int | None = 128
     structure_module: StructureModuleConfig | None = None
 
-    def _normalise(self) -> None:
-        if self.structure_module is None:
-            self.structure_module = StructureModuleConfig()
-        super()._normalise()
-
     def validate(self) -> None:
-        for name in ("num_blocks", "sequence_state_dim", "pairwise_state_dim", "sequence_head_width",
-                     "pairwise_head_width", "position_bins"):
-            v = getattr(self, name)
-            _check(_is_int(v) and v > 0, f"trunk.{name}", f"must be a positive int, got {v!r}")
+        self._check_positive_ints(("num_blocks", "sequence_state_dim", "pairwise_state_dim", "sequence_head_width",
+                                   "pairwise_head_width", "position_bins"))
         _check(self.pairwise_state_dim % 2 == 0, "trunk.pairwise_state_dim",
                f"must be even, got {self.pairwise_state_dim}")
         _check(self.sequence_state_dim % self.sequence_head_width == 0, "trunk.sequence_state_dim",
@@ -294,6 +296,7 @@ class EsmFoldConfig(_Config):
     """ESMFold head configuration, as in HF's ``EsmFoldConfig``."""
 
     _sub_configs: ClassVar[dict[str, type]] = {"trunk": TrunkConfig}
+    _default_sub_configs: ClassVar[tuple[str, ...]] = ("trunk",)
     _field_prefix: ClassVar[str] = "esmfold_config."
 
     esm_type: str | None = None
@@ -306,11 +309,6 @@ class EsmFoldConfig(_Config):
     bypass_lm: bool = False
     lddt_head_hid_dim: int = 128
     trunk: TrunkConfig | None = None
-
-    def _normalise(self) -> None:
-        if self.trunk is None:
-            self.trunk = TrunkConfig()
-        super()._normalise()
 
     def validate(self) -> None:
         _check(not self.use_esm_attn_map, "esmfold_config.use_esm_attn_map",
@@ -463,10 +461,8 @@ class EsmConfig(_Config):
     def validate(self) -> None:
         _check(self.vocab_size is None or (_is_int(self.vocab_size) and self.vocab_size > 0),
                "vocab_size", f"must be a positive int, got {self.vocab_size!r}")
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "max_position_embeddings"):
-            v = getattr(self, name)
-            _check(_is_int(v) and v > 0, name, f"must be a positive int, got {v!r}")
+        self._check_positive_ints(("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                                   "max_position_embeddings"))
         _check(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
                f"{self.hidden_size} is not a multiple of num_attention_heads ({self.num_attention_heads})")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
