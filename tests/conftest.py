@@ -50,6 +50,13 @@ SLOW_TESTS = (
     "tests/tf/test_keras_training.py::test_mirrored_strategy_build_compile_fit",
     "tests/tf/test_modeling_tf.py::test_export_saved_model_serves_same_logits",
     "tests/pt/test_training_pt.py::test_torch_compile_fullgraph_same_output",
+    "tests/tf/test_keras_gpu_bench.py",
+    "tests/tf/test_keras_training.py::test_metrics_skip_positions_labelled_minus_100",
+    "tests/tf/test_keras_training.py::test_frozen_encoder_survives_keras_save",
+    "tests/tf/test_backends.py::test_keras_file_loads_on_another_backend",
+    "tests/tf/test_pydataset.py::test_fit_on_this_backend",
+    "tests/conversion/test_convert.py::test_transformers5_saved_checkpoint",
+    "tests/cli/test_cli_args.py::test_quiet_silences_tensorflow",
 )
 
 
