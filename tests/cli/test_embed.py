@@ -52,13 +52,7 @@ def fasta(tmp_path_factory):
     return str(p)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: the tiny models gain nothing from more, and a busy 2-core box loses a lot."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")  # tiny models, a busy 2-core box
 
 
 def _run(capsys, *argv):

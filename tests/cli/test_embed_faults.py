@@ -5,7 +5,6 @@ Each test names the README "What is guaranteed" promise it checks. Tiny random c
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -19,7 +18,7 @@ import torch
 from esm_dual.cli.main import main
 from esm_dual.common.embeddings import EmbeddingStore
 from tests.conftest import tiny_config
-from tests.utils import write_hub_checkpoint
+from tests.utils import small_disk, write_hub_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RNG = np.random.default_rng(0)
@@ -35,12 +34,7 @@ def hub(tmp_path_factory):
     return str(d / "esm2"), str(d / "esm2_other")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")  # tiny models, a busy 2-core box
 
 
 def _fasta(path, seqs=SEQS, newline="\n", bom=False, headers=None) -> str:
@@ -225,19 +219,6 @@ def test_plot_files_of_ids_that_sanitise_alike_stay_apart(tmp_path, capsys, hub)
 # ---- a full disk ---------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _small_disk(tmp_path, size):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
-                                          capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_embed_on_a_full_disk(tmp_path, capsys, hub):
     """Guarantee "a full disk loses nothing committed": one error line naming the output and the records kept;
     the store reopens; every committed record is byte-identical to a clean run's; a rerun with room resumes."""
@@ -246,7 +227,7 @@ def test_embed_on_a_full_disk(tmp_path, capsys, hub):
     opts = ["-m", hub[0], "--include", "mean", "contacts", "--toks-per-batch", 300, "-q"]
     assert _run(capsys, "embed", fa, tmp_path / "clean.h5", *opts)[0] == 0
     clean, _ = _arrays(tmp_path / "clean.h5")
-    with _small_disk(tmp_path, "4m") as disk:
+    with small_disk(tmp_path, "4m") as disk:
         out = disk / "o.h5"
         rc, _, err = _run(capsys, "embed", fa, out, *opts)
         assert rc == 2 and str(out) in err and "disk is full" in err and "committed record(s)" in err, err

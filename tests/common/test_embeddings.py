@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import subprocess
 
 import h5py
 import numpy as np
@@ -18,6 +16,7 @@ from esm_dual.common.embeddings import (
     StoreFullError,
     sequence_hash,
 )
+from tests.utils import small_disk
 
 D = 5
 LAYERS = [0, 3]
@@ -299,19 +298,6 @@ def test_a_write_that_fails_mid_batch_keeps_the_committed_records(tmp_path, monk
     assert _assert_committed_identical(path, clean) == 8
 
 
-@contextlib.contextmanager
-def _small_disk(tmp_path, size="3m"):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
-                                          capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 @pytest.mark.parametrize("size", ["12m", "14m"])
 def test_a_full_disk_is_a_clean_error_and_the_store_resumes(tmp_path, size):
     """A real full file system (tmpfs): the error comes before the file is touched, names it and the count
@@ -320,7 +306,7 @@ def test_a_full_disk_is_a_clean_error_and_the_store_resumes(tmp_path, size):
     rng = np.random.default_rng(9)
     batches = [_batch(rng, [f"r{i}"], [300]) for i in range(30)]  # 360 KB of contacts per record
     clean = _clean_store(tmp_path, batches)
-    with _small_disk(tmp_path, size) as disk:
+    with small_disk(tmp_path, size) as disk:
         ballast = disk / "ballast"
         ballast.write_bytes(b"\0" * (1 << 20))
         path = disk / "e.h5"
