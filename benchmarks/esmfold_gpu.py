@@ -400,6 +400,18 @@ def build_pair(cfg: dict, device, seed: int):
     return hf, build_ours(cfg, device, hf.state_dict())
 
 
+# Suite model names -> esm-dual's trunk modes (fold_fast, fold_kernels, fold_graphs). "esm_dual" is the fp32
+# trunk (set_fast(False)); "esm_dual_fast" the fast mode, the default on CUDA; "_eager": without CUDA graphs.
+MODES = {"esm_dual": ("off", "auto", "auto"), "esm_dual_fast": ("on", "auto", "auto"),
+         "esm_dual_eager": ("off", "auto", "off"), "esm_dual_fast_eager": ("on", "auto", "off")}
+
+
+def mode(ours, name: str) -> None:
+    if name in MODES:
+        fast, kernels, graphs = MODES[name]
+        ours.set_fast_path(fold_fast=fast, fold_kernels=kernels, fold_graphs=graphs)
+
+
 def suite(args, cfg: dict, device, models=None) -> dict:
     """The issue-22 table: per length, HF's ``infer`` (defaults), esm-dual's ``infer`` defaults and its
     fast mode (``set_fast``), same weights and sequences; fast-vs-fp32-trunk numerics; optionally the
@@ -417,30 +429,42 @@ def suite(args, cfg: dict, device, models=None) -> dict:
         if m is ours:
             ours.set_fast(fast)
         fold(m, warm, 0, device)
-    ours.set_fast(False)
+    mode(ours, "esm_dual")
     res: dict = {"per_length": [], "kernels": {"cueq_available": _cueq_available()}}
     lengths = [int(x) for x in args.lengths.split(",") if x]
     for n in lengths:
-        seq = random_seq(n, rng)
+        # --repeats folds per model, each of another random sequence of this length: the first fold of a
+        # shape also captures its CUDA graphs; "seconds" is the median of the later folds (all of them if
+        # there is one), "first_seconds" the first fold's.
+        seqs = [random_seq(n, rng) for _ in range(max(1, args.repeats))]
         recycles = args.num_recycles if n <= args.full_recycles_max else 0
-        row: dict = {"length": n, "num_recycles": recycles}
+        row: dict = {"length": n, "num_recycles": recycles, "repeats": len(seqs)}
         outs = {}
         for name in args.suite_impls.split(","):
             if name == "hf" and n > args.hf_max_len:
                 continue
-            if name.startswith("esm_dual"):
-                ours.set_fast(name == "esm_dual_fast")
+            mode(ours, name)
             m = hf if name == "hf" else ours
             try:
-                row[name], outs[name] = _timed(m, seq, recycles, device)
+                times = []
+                for i, seq in enumerate(seqs[:args.hf_repeats] if name == "hf" and args.hf_repeats else seqs):
+                    r, o = _timed(m, seq, recycles, device)
+                    times.append(r["seconds"])
+                    if i == 0:
+                        row[name], outs[name] = r, o
+                        row[name]["first_seconds"] = r["seconds"]
+                later = times[1:] or times
+                row[name]["seconds"] = round(float(np.median(later)), 3)
+                if name.startswith("esm_dual"):
+                    row[name]["graph_captures"] = ours.trunk.graphs.captures
             except Exception as e:
                 if not is_oom(e):
                     raise
                 row[name] = {"oom": True}
             _free()
-        ours.set_fast(False)
-        for name in ("esm_dual", "esm_dual_fast"):
-            if "hf" in outs and name in outs:
+        mode(ours, "esm_dual")
+        for name in [k for k in outs if k != "hf"]:
+            if "hf" in outs:
                 row[f"time_ratio_hf_over_{name}"] = round(row["hf"]["seconds"] / row[name]["seconds"], 3)
                 row[f"{name}_vs_hf"] = _compare(outs[name], outs["hf"])
         if "esm_dual" in outs and "esm_dual_fast" in outs:
@@ -477,7 +501,7 @@ def suite(args, cfg: dict, device, models=None) -> dict:
         lengths = np.clip(rng.lognormal(np.log(270), 0.6, args.set).astype(int), 30, args.max_len).tolist()
         seqs = [random_seq(n, rng) for n in lengths]
         row = {"sequences": len(seqs), "residues": int(sum(lengths)), "max_length": int(max(lengths))}
-        for name in ("hf", "esm_dual_fast", "esm_dual"):
+        for name in ("hf", "esm_dual_fast", "esm_dual_fast_eager", "esm_dual"):
             if name in args.set_skip.split(","):
                 continue
             sync(device)
@@ -486,14 +510,14 @@ def suite(args, cfg: dict, device, models=None) -> dict:
                 if name == "hf":
                     pdbs = [hf.infer_pdb(s) for s in seqs]
                 else:
-                    ours.set_fast(name == "esm_dual_fast")
+                    mode(ours, name)
                     pdbs = ours.infer_pdbs(seqs, num_recycles=args.num_recycles)
             sync(device)
             row[name] = {"seconds": round(time.perf_counter() - t, 2), "pdbs": len(pdbs)}
-            ours.set_fast(False)
+            mode(ours, "esm_dual")
             _free()
             _emit({"set": row}, args.attempts_out)
-        for name in ("esm_dual", "esm_dual_fast"):
+        for name in ("esm_dual", "esm_dual_fast", "esm_dual_fast_eager"):
             if name in row and "hf" in row:
                 row[f"time_ratio_hf_over_{name}"] = round(row["hf"]["seconds"] / row[name]["seconds"], 3)
         res["set"] = row
@@ -561,8 +585,9 @@ def profile_breakdown(args, cfg: dict, device, models=None) -> dict:
         seq = random_seq(n, rng)
         for name in args.profile_impls.split(","):
             m = hf if name == "hf" else ours
-            if m is ours:
+            if m is ours:  # per-part timers synchronise: no CUDA graphs here
                 ours.set_fast(name == "esm_dual_fast")
+                ours.set_fast_path(fold_graphs="off")
             fold(m, seq[:64], 0, device)
             acc.clear()
             dt, _, _, _ = fold(m, seq, args.profile_recycles, device)
@@ -699,7 +724,10 @@ def main(argv=None) -> int:
     p.add_argument("--suite", action="store_true",
                    help="the issue-22 table: HF infer vs esm-dual default and fast mode at --lengths")
     p.add_argument("--lengths", default="256,512,1022")
-    p.add_argument("--suite-impls", default="esm_dual,esm_dual_fast,hf", help="--suite: which models per length")
+    p.add_argument("--suite-impls", default="esm_dual,esm_dual_fast,hf",
+                   help="--suite: which models per length (also esm_dual_eager, esm_dual_fast_eager: no CUDA graphs)")
+    p.add_argument("--repeats", type=int, default=2, help="--suite: folds per model and length (other sequences)")
+    p.add_argument("--hf-repeats", type=int, default=0, help="--suite: HF's folds per length (0: --repeats)")
     p.add_argument("--full-recycles-max", type=int, default=1022,
                    help="--suite: longer sequences run one trunk pass (num_recycles 0) for every model")
     p.add_argument("--hf-max-len", type=int, default=4096, help="--suite: HF only up to this length")

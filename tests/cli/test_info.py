@@ -134,7 +134,8 @@ def test_info_shows_the_fast_path_options(tmp_path, capsys, monkeypatch):
         assert rc == 0, err
         assert _fields(out)["fast path"] == (
             "attn_implementation=auto, varlen_backend=dense, fa4=off, triton=on, fused_loop=auto, "
-            "residual_epilogue=on, exact_gelu=off, triangle_sdpa=on, fold_fast=auto, fold_kernels=sdpa")
+            "residual_epilogue=on, exact_gelu=off, triangle_sdpa=on, fold_fast=auto, fold_kernels=sdpa, "
+            "fold_graphs=auto")
         rc, out, _ = run_cli(capsys, "info", tmp_path / "m", "--json")
         assert json.loads(out)["fast_path"] == FastPathOptions(varlen_backend="dense", fa4=False,
                                                                fold_kernels="sdpa").as_dict()

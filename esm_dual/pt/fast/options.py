@@ -21,6 +21,7 @@ VARLEN_BACKENDS = ("auto", "fa4", "flash", "dense", "loop")
 FUSED_LOOP_MODES = ("auto", "on", "off")
 FOLD_FAST_MODES = ("auto", "on", "off")
 FOLD_KERNELS = ("auto", "torch", "sdpa", "cueq")
+FOLD_GRAPHS_MODES = ("auto", "on", "off")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")  # an empty value is "off", as it always was
 
@@ -61,6 +62,12 @@ class FastPathOptions:
       else "sdpa"); "auto": "cueq" in a bf16 trunk, "torch" in fp32. ``model.set_kernels(...)``.
       The fast mode is a bf16 trunk with kernels other than "torch"; ``model.set_trunk_dtype(torch.bfloat16)``
       is ``fold_fast="on", fold_kernels="torch"``.
+    - ``fold_graphs`` (``ESM_DUAL_FOLD_GRAPHS``: auto, on, off): each trunk pass of an ESMFold inference
+      fold (blocks, structure module, recycling) replayed from a CUDA graph captured once per input shape
+      (:mod:`esm_dual.pt.folding.graphs`), which removes the ~10k kernel launches a pass costs on the CPU.
+      "auto": on CUDA for folds of at most ``graphs.AUTO_MAX_PAIRS`` pair entries (batch x length^2; longer
+      folds keep the GPU busy without graphs); "on": every CUDA inference fold; "off": never. Training,
+      gradients and the CPU always run eagerly.
 
     ESMFold and the encoder read the options of the model that runs (``model.fast_path_options``); a
     module used on its own (a ``TriangleAttention``) reads the process default (:func:`default_options`).
@@ -76,6 +83,7 @@ class FastPathOptions:
     triangle_sdpa: bool = True
     fold_fast: str = "auto"
     fold_kernels: str = "auto"
+    fold_graphs: str = "auto"
 
     def __post_init__(self):
         for name, allowed in _CHOICES.items():
@@ -139,7 +147,8 @@ class FastPathOptions:
 
 
 _CHOICES = {"attn_implementation": ATTN_IMPLEMENTATIONS, "varlen_backend": VARLEN_BACKENDS,
-            "fused_loop": FUSED_LOOP_MODES, "fold_fast": FOLD_FAST_MODES, "fold_kernels": FOLD_KERNELS}
+            "fused_loop": FUSED_LOOP_MODES, "fold_fast": FOLD_FAST_MODES, "fold_kernels": FOLD_KERNELS,
+            "fold_graphs": FOLD_GRAPHS_MODES}
 # field -> (environment variable, whether the variable says the opposite of the field)
 ENV_VARIABLES = {
     "attn_implementation": ("ESM_DUAL_ATTN", False),
@@ -152,6 +161,7 @@ ENV_VARIABLES = {
     "triangle_sdpa": ("ESM_DUAL_TRIANGLE_SDPA", False),
     "fold_fast": ("ESM_DUAL_FOLD_FAST", False),
     "fold_kernels": ("ESM_DUAL_FOLD_KERNELS", False),
+    "fold_graphs": ("ESM_DUAL_FOLD_GRAPHS", False),
 }
 
 _defaults: FastPathOptions | None = None

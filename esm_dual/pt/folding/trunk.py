@@ -10,6 +10,7 @@ from torch import nn
 
 from ...common.config import TrunkConfig
 from ..fast.options import FastPathOptions, default_options
+from .graphs import PassGraphs, wants_graphs
 from .kernels import check_kernels
 from .primitives import chunked_rows, row_chunks, softmax_fp32, wide_op_rows
 from .structure_module import StructureModule
@@ -235,6 +236,9 @@ class FoldingTrunk(nn.Module):
         # (set by configure from the options, at each forward)
         self.block_dtype: torch.dtype | None = None
         self.kernels = "torch"
+        # FastPathOptions.fold_graphs (set by configure) and the captured passes (graphs.py; not state)
+        self.graphs_mode = "auto"
+        self.graphs = PassGraphs()
 
     def set_chunk_size(self, chunk_size: int | None) -> None:
         """Split triangle attention, triangle multiplication and the pair transitions into row
@@ -251,12 +255,14 @@ class FoldingTrunk(nn.Module):
         the process default) for ``device``: ``fold_fast`` gives the blocks' dtype (``block_dtype``: bf16
         under autocast, or None for the parameters' fp32), ``fold_kernels`` the triangle updates' kernels
         ("torch", "sdpa" or "cueq"; see ``kernels.py``), ``triangle_sdpa`` the triangle attention's SDPA
-        path. ``forward`` calls it with the options it is given; ``block_dtype`` and ``kernels`` say what
-        the last call chose."""
+        path, ``fold_graphs`` whether inference passes replay CUDA graphs (``graphs.py``). ``forward`` calls it
+        with the options it is given; ``block_dtype``, ``kernels`` and ``graphs_mode`` say what the last call
+        chose."""
         options = default_options() if options is None else options
         bf16, kernels = options.fold_mode(torch.device(device).type)
         self.block_dtype = torch.bfloat16 if bf16 else None
         self.kernels = check_kernels(kernels)
+        self.graphs_mode = options.fold_graphs
         for block in self.blocks:
             for m in (block.tri_mul_out, block.tri_mul_in, block.tri_att_start, block.tri_att_end):
                 m.kernels = kernels
@@ -266,7 +272,63 @@ class FoldingTrunk(nn.Module):
     def _autocast(self, device: torch.device):
         if self.block_dtype is None or self.block_dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.block_dtype)
+        # No cast cache: each weight is cast once per pass anyway, and a CUDA graph must not keep casts
+        # made during its capture.
+        return torch.autocast(device_type=device.type, dtype=self.block_dtype, cache_enabled=False)
+
+    def _recycle_pass(self, feats: dict, state: dict, masked: bool) -> dict:
+        """One trunk pass: the recycled states (``state``: s [B, N, C_s], z [B, N, N, C_z], bins [B, N, N])
+        are embedded and added to the features (``feats``: s_s_0, s_z_0 if any, true_aa, residx, mask),
+        the blocks update (s, z), the structure module folds them. Returns the next pass's states (s, z as
+        fp32; bins of the C-beta distances) and ``structure``. ``state`` is consumed: z is dropped from it
+        as soon as it is used (one pair tensor fewer)."""
+        mask = feats["mask"]
+        s_z_0 = feats.get("s_z_0")
+        recycle_s = self.recycle_s_norm(state.pop("s").detach())
+        recycle_z = self.recycle_z_norm(state.pop("z").detach())
+        recycle_z = recycle_z + self.recycle_disto(state.pop("bins").detach())
+
+        s = feats["s_s_0"] + recycle_s
+        pos = self.pairwise_positional_embedding(feats["residx"], mask=mask)
+        z = (recycle_z if s_z_0 is None else s_z_0 + recycle_z) + pos
+        del pos, recycle_z  # not needed any more: one pair tensor fewer
+        block_mask = mask if masked else None
+        with self._autocast(s.device):
+            for block in self.blocks:
+                # z is this pass's own tensor: blocks may update it in place (inference)
+                s, z = block(s, z, mask=block_mask, chunk_size=self.chunk_size, inplace=True)
+        s_s, s_z = s.float(), z.float()
+        del s, z
+        structure = self.structure_module(
+            {"single": self.trunk2sm_s(s_s), "pair": self.trunk2sm_z(s_z)}, feats["true_aa"], mask.float()
+        )
+        # [B, N, 3 (N, CA, C), 3] of the last structure module block
+        bins = recycle_distogram(structure["positions"][-1][:, :, :3], 3.375, 21.375, self.recycle_bins)
+        return {"s": s_s, "z": s_z, "bins": bins, "structure": structure}
+
+    def _pass_fn(self, masked: bool):
+        """The pass as a function of one flat dict of tensors (what a graph records)."""
+        feat_names = ("s_s_0", "s_z_0", "true_aa", "residx", "mask")
+
+        def run(inputs: dict) -> dict:
+            feats = {k: v for k, v in inputs.items() if k in feat_names}
+            state = {k: v for k, v in inputs.items() if k not in feat_names}
+            out = self._recycle_pass(feats, state, masked)
+            flat = {k: out[k] for k in ("s", "z", "bins")}
+            flat.update({f"structure.{k}": v for k, v in out["structure"].items()})
+            return flat
+
+        return run
+
+    def _graph_key(self, feats: dict, masked: bool) -> tuple:
+        """What a captured pass depends on besides the inputs' values: their shapes and dtypes, the
+        padding, the precision and kernels, the chunking. The parameters' addresses are checked here
+        too (the cache is dropped when they change)."""
+        self.graphs.check_parameters(tuple(p.data_ptr() for p in self.parameters()))
+        shapes = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(feats.items()))
+        kernels = tuple((m.kernels, getattr(m, "triangle_sdpa", None))
+                        for m in (self.blocks[0].tri_mul_out, self.blocks[0].tri_att_start)) if len(self.blocks) else ()
+        return (shapes, masked, self.block_dtype, kernels, self.chunk_size, feats["s_s_0"].device)
 
     def forward(
         self,
@@ -292,42 +354,44 @@ class FoldingTrunk(nn.Module):
             if no_recycles < 0:
                 raise ValueError("Number of recycles must not be negative.")
             no_recycles += 1  # the first pass is the ordinary forward pass
-        s_s_0, s_z_0 = seq_feats, pair_feats
-        recycle_s = torch.zeros_like(s_s_0)
         B, N = seq_feats.shape[:2]
         pair_shape = (B, N, N, self.recycle_z_norm.normalized_shape[0])
-        recycle_z = seq_feats.new_zeros(pair_shape) if s_z_0 is None else torch.zeros_like(s_z_0)
-        recycle_bins = torch.zeros(pair_shape[:-1], device=seq_feats.device, dtype=torch.int64)
-        chunk = self.chunk_size
+        feats = {"s_s_0": seq_feats, "true_aa": true_aa, "residx": residx, "mask": mask}
+        if pair_feats is not None:
+            feats["s_z_0"] = pair_feats
+        state = {
+            "s": torch.zeros_like(seq_feats),
+            "z": seq_feats.new_zeros(pair_shape) if pair_feats is None else torch.zeros_like(pair_feats),
+            "bins": torch.zeros(pair_shape[:-1], device=seq_feats.device, dtype=torch.int64),
+        }
         # No padding (a single sequence, or equal lengths): the blocks need no mask at all.
-        block_mask = None if bool(mask.bool().all()) else mask
+        masked = not bool(mask.bool().all())
+        graphs = wants_graphs(self.graphs_mode, seq_feats.device, B * N * N, self.training)
+        key = self._graph_key(feats, masked) if graphs else None
 
+        structure: dict = {}
+        graph = None
         for i in range(no_recycles):
             with contextlib.nullcontext() if i == no_recycles - 1 else torch.no_grad():
-                recycle_s = self.recycle_s_norm(recycle_s.detach())
-                recycle_z = self.recycle_z_norm(recycle_z.detach())
-                recycle_z = recycle_z + self.recycle_disto(recycle_bins.detach())
-
-                s = s_s_0 + recycle_s
-                pos = self.pairwise_positional_embedding(residx, mask=mask)
-                z = (recycle_z if s_z_0 is None else s_z_0 + recycle_z) + pos
-                del pos
-                recycle_z = None  # not needed until it is reassigned below: one pair tensor fewer
-                with self._autocast(s.device):
-                    for block in self.blocks:
-                        # z is this loop's own tensor: blocks may update it in place (inference)
-                        s, z = block(s, z, mask=block_mask, chunk_size=chunk, inplace=True)
-                s_s, s_z = s.float(), z.float()
-
-                structure = self.structure_module(
-                    {"single": self.trunk2sm_s(s_s), "pair": self.trunk2sm_z(s_z)}, true_aa, mask.float()
-                )
-                recycle_s, recycle_z = s_s, s_z
-                # [B, N, 3 (N, CA, C), 3] of the last structure module block
-                recycle_bins = recycle_distogram(
-                    structure["positions"][-1][:, :, :3], 3.375, 21.375, self.recycle_bins
-                )
-
+                graph = self.graphs.lookup(key) if graphs else None
+                if graph is False and i > 0:
+                    # The first pass ran eagerly (and warmed up the kernels): capture this shape.
+                    graph = self.graphs.capture(key, self._pass_fn(masked), {**feats, **state})
+                if graph:
+                    flat = graph({**feats, **state})
+                    state = {k: flat[k] for k in ("s", "z", "bins")}
+                    structure = {k[len("structure."):]: v for k, v in flat.items() if k.startswith("structure.")}
+                    del flat
+                else:
+                    # state is consumed by the pass (it drops the old pair state as soon as it is used)
+                    state = self._recycle_pass(feats, state, masked)
+                    structure = state.pop("structure")
+        s_s, s_z = state["s"], state["z"]
+        if graph:
+            # The outputs live in the graphs' pool until the next replay: hand out copies.
+            structure = {k: v.clone() for k, v in structure.items()}
+            s_s, s_z = s_s.clone(), s_z.clone()
+        del state
         structure["s_s"] = s_s
         structure["s_z"] = s_z
         return structure

@@ -18,10 +18,11 @@ def test_every_switch_from_the_environment():
     env = {"ESM_DUAL_ATTN": "packed", "ESM_DUAL_VARLEN": "Loop", "ESM_DUAL_FA4": "0", "ESM_DUAL_NO_TRITON": "1",
            "ESM_DUAL_FUSED_LOOP": "on", "ESM_DUAL_RESIDUAL_EPILOGUE": "false", "ESM_DUAL_EXACT_GELU": "yes",
            "ESM_DUAL_TRIANGLE_SDPA": "",  # empty: off, as these switches always read it
-           "ESM_DUAL_FOLD_FAST": " Off ", "ESM_DUAL_FOLD_KERNELS": "CUEQ"}
+           "ESM_DUAL_FOLD_FAST": " Off ", "ESM_DUAL_FOLD_KERNELS": "CUEQ", "ESM_DUAL_FOLD_GRAPHS": "off"}
     assert FastPathOptions.from_environment(env) == FastPathOptions(
         attn_implementation="packed", varlen_backend="loop", fa4=False, triton=False, fused_loop="on",
-        residual_epilogue=False, exact_gelu=True, triangle_sdpa=False, fold_fast="off", fold_kernels="cueq")
+        residual_epilogue=False, exact_gelu=True, triangle_sdpa=False, fold_fast="off", fold_kernels="cueq",
+        fold_graphs="off")
     assert FastPathOptions.from_environment({"ESM_DUAL_NO_TRITON": "0"}).triton
     # one variable per field, each documented in the class docstring
     assert sorted(ENV_VARIABLES) == sorted(f.name for f in dataclasses.fields(FastPathOptions))

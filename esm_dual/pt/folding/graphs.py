@@ -1,0 +1,149 @@
+"""CUDA graphs of the folding trunk's passes (inference).
+
+One trunk pass (48 folding blocks, the structure module, the recycling inputs of the next pass) is
+about 10,000 small kernels. At a few hundred residues the GPU finishes them faster than Python can
+launch them, so an eager pass is bound by the CPU. :class:`PassGraphs` captures a pass once per input
+shape into a CUDA graph and replays it: the first fold of a shape runs its first pass eagerly (it also
+warms up cuBLAS and the fused kernels' tuning), captures the pass, then replays it for the other passes;
+later folds of the same shape replay every pass.
+
+What a graph holds: static input buffers (the features and the recycled states; they live outside the
+graphs' memory pool), the recorded kernels (which read the parameters where they are: weights changed in
+place are seen, parameters replaced are not, so the cache is keyed by the parameters' addresses and
+cleared when they change), and static outputs inside the pool. All graphs of a trunk share one pool:
+they never run at once, and each replay's outputs are copied out before another graph runs.
+
+The decision (``FastPathOptions.fold_graphs``) and the cache live here; ``trunk.FoldingTrunk`` says what
+a pass is. Any failure to capture falls back to eager passes for that shape, with one warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+import torch
+
+# "auto" captures folds of at most this many pair entries (batch x length^2): 512 residues alone. Longer
+# folds keep the GPU busy without graphs, and a graph keeps its pass's activations reserved.
+AUTO_MAX_PAIRS = 512 * 512
+# Shapes kept per trunk (least recently used first out).
+MAX_GRAPHS = 8
+
+Tensors = dict[str, torch.Tensor]
+
+
+def wants_graphs(mode: str, device: torch.device, pairs: int, training: bool) -> bool:
+    """Whether a pass of ``pairs`` pair entries (batch x length^2) runs from a CUDA graph under the
+    ``fold_graphs`` mode ("auto", "on", "off"): CUDA inference only (no training, no gradients)."""
+    if mode == "off" or training or torch.is_grad_enabled() or device.type != "cuda":
+        return False
+    return mode == "on" or pairs <= AUTO_MAX_PAIRS
+
+
+class _CudaGraph:
+    """A pass captured in a CUDA graph: ``fn(inputs)`` recorded once, replayed on the same buffers."""
+
+    def __init__(self, fn: Callable[[Tensors], Tensors], inputs: Tensors, pool):
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.outputs = fn(inputs)
+
+    def replay(self) -> Tensors:
+        self.graph.replay()
+        return self.outputs
+
+
+class _Rerun:
+    """Stand-in with a graph's contract that re-runs ``fn`` (no capture): the CPU tests exercise the
+    static-buffer plumbing with it. Its outputs are fixed tensors overwritten at each replay."""
+
+    def __init__(self, fn: Callable[[Tensors], Tensors], inputs: Tensors, pool):
+        self.fn, self.inputs = fn, inputs
+        self.outputs = fn(inputs)
+
+    def replay(self) -> Tensors:
+        for k, v in self.fn(self.inputs).items():
+            self.outputs[k].copy_(v)
+        return self.outputs
+
+
+class PassGraph:
+    """One captured pass: ``pass_fn(inputs) -> outputs`` (dicts of tensors) on static input buffers.
+    ``__call__`` copies new inputs into the buffers, replays and returns the static outputs (valid until
+    the next replay of any graph of the same pool: copy what you keep)."""
+
+    def __init__(self, pass_fn: Callable[[Tensors], Tensors], example: Tensors, pool, graph_type=None):
+        # The buffers are allocated before the capture, outside the pool.
+        self.inputs = {k: v.clone() for k, v in example.items()}
+        self._graph = (graph_type or _CudaGraph)(pass_fn, self.inputs, pool)
+
+    def __call__(self, inputs: Tensors) -> Tensors:
+        for k, v in inputs.items():
+            if v is not self.inputs[k]:
+                self.inputs[k].copy_(v)
+        return self._graph.replay()
+
+
+class PassGraphs:
+    """The CUDA graphs of one trunk, by shape (``key``), least recently used first out. Not part of the
+    model's state: copies and pickles of the model start with an empty cache."""
+
+    def __init__(self, max_graphs: int = MAX_GRAPHS, graph_type=None):
+        self.max_graphs = max_graphs
+        self.graph_type = graph_type  # None: CUDA graphs; tests pass _Rerun
+        self._graphs: OrderedDict[Hashable, PassGraph | None] = OrderedDict()
+        self._params: tuple[int, ...] | None = None
+        self._pool = None
+        self.captures = 0  # how many graphs were captured (tests and benchmarks read it)
+
+    def __deepcopy__(self, memo):
+        return PassGraphs(self.max_graphs, self.graph_type)
+
+    def __getstate__(self):
+        return {"max_graphs": self.max_graphs, "graph_type": self.graph_type}
+
+    def __setstate__(self, state):
+        self.__init__(state["max_graphs"], state["graph_type"])
+
+    def __len__(self) -> int:
+        return sum(g is not None for g in self._graphs.values())
+
+    def clear(self) -> None:
+        """Drop every graph (and, once nothing else holds it, the memory their pool reserved)."""
+        self._graphs.clear()
+        self._pool = None
+
+    def check_parameters(self, params: tuple[int, ...]) -> None:
+        """Graphs read the parameters at fixed addresses: when the addresses change (``model.to(...)``,
+        replaced tensors), every graph is stale and is dropped."""
+        if params != self._params:
+            self.clear()
+            self._params = params
+
+    def lookup(self, key: Hashable) -> PassGraph | None | bool:
+        """The graph of ``key``; None where a capture failed before (run eagerly); False if none yet."""
+        if key not in self._graphs:
+            return False
+        self._graphs.move_to_end(key)
+        return self._graphs[key]
+
+    def capture(self, key: Hashable, pass_fn: Callable[[Tensors], Tensors], example: Tensors) -> PassGraph | None:
+        """Capture ``pass_fn`` on buffers shaped like ``example`` (which has already run once eagerly) and
+        keep it under ``key``; None (and one warning) if the capture fails: that shape runs eagerly."""
+        if self._pool is None and self.graph_type is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        try:
+            graph = PassGraph(pass_fn, example, self._pool, self.graph_type)
+        except Exception as exc:  # noqa: BLE001 - any failure means: run this shape eagerly
+            warnings.warn(f"ESMFold: could not capture a CUDA graph of the trunk pass ({type(exc).__name__}: "
+                          f"{exc}); this shape runs eagerly (FastPathOptions.fold_graphs='off' silences this)",
+                          RuntimeWarning, stacklevel=3)
+            graph = None
+        else:
+            self.captures += 1
+        self._graphs[key] = graph
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return graph
