@@ -1,5 +1,5 @@
 """Conversion verification: source and destination run in their own frameworks (PyTorch for hub / fair-esm
-files, TensorFlow for ``.keras`` / ``.weights.h5`` / ``tf_model.h5`` / keras-hub) on a fixed batch with padding
+files, Keras on its configured backend for ``.keras`` / ``.weights.h5`` / ``tf_model.h5`` / keras-hub) on a fixed batch with padding
 and ``<mask>`` tokens; logits, last hidden state and contacts (when both have a contact head) are compared:
 tolerance 1e-4 across frameworks, 1e-5 within one. With ``dtype`` the reference is the source with its weights
 rounded to that dtype (both computed in float32).
@@ -83,18 +83,33 @@ def _run_pt(config: EsmConfig, tensors: dict[str, np.ndarray], ids: np.ndarray, 
     return out
 
 
-def _run_tf(model: Any, ids: np.ndarray, mask: np.ndarray, contacts: bool) -> dict[str, np.ndarray]:
-    import tensorflow as tf
+def _run_keras(model: Any, ids: np.ndarray, mask: np.ndarray, contacts: bool) -> dict[str, np.ndarray]:
+    """A Keras model on the batch, on whichever Keras backend runs (TensorFlow, JAX or PyTorch)."""
+    import keras
 
-    t_ids, t_mask = tf.constant(ids.astype(np.int32)), tf.constant(mask.astype(np.int32))
+    def numpy(x) -> np.ndarray:
+        return np.asarray(keras.ops.convert_to_numpy(x), np.float32)
+
+    t_ids = keras.ops.convert_to_tensor(ids.astype(np.int32))
+    t_mask = keras.ops.convert_to_tensor(mask.astype(np.int32))
     o = model(t_ids, attention_mask=t_mask, output_hidden_states=True)
     out: dict[str, np.ndarray] = {}
     if getattr(o, "logits", None) is not None:
-        out["logits"] = np.asarray(o.logits, np.float32)
-    out["last_hidden_state"] = np.asarray(o.hidden_states[-1], np.float32)
+        out["logits"] = numpy(o.logits)
+    out["last_hidden_state"] = numpy(o.hidden_states[-1])
     if contacts:
-        out["contacts"] = np.asarray(model.predict_contacts(t_ids, t_mask), np.float32)
+        out["contacts"] = numpy(model.predict_contacts(t_ids, t_mask))
     return out
+
+
+def _label(framework: str) -> str:
+    """"pt", "tf" (Keras on TensorFlow) or "keras-jax" / "keras-torch" (Keras on another backend)."""
+    if framework != "tf":
+        return framework
+    import keras
+
+    backend = keras.backend.backend()
+    return "tf" if backend == "tensorflow" else f"keras-{backend}"
 
 
 def _has_contacts(names: list[str]) -> bool:
@@ -126,7 +141,7 @@ def _outputs(fmt: str, path: str, config: EsmConfig, tensors: dict[str, np.ndarr
             model = None
     if model is None:
         model = keras_model_from_tensors(config, _floats32(tensors, dtype), "float32", path)
-    return _run_tf(model, ids, mask, contacts)
+    return _run_keras(model, ids, mask, contacts)
 
 
 def _read_all(s: Source) -> dict[str, np.ndarray]:
@@ -201,7 +216,7 @@ def verify_conversion(
         else:
             keep = np.ones(x.shape, bool)
         diffs[key] = float(np.max(np.abs(x - y)[keep])) if keep.any() else 0.0
-    frameworks = f"{source.framework} -> {FRAMEWORK[dst_source.format]}"
+    frameworks = f"{_label(source.framework)} -> {_label(FRAMEWORK[dst_source.format])}"
     for key, d in diffs.items():
         say(f"verify {key}: max |diff| = {d:.3g} ({frameworks}, tolerance {tol:g}) "
             f"{'ok' if d <= tol else 'FAILED'}")
