@@ -16,17 +16,10 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import re
 import sys
 
 from ._common import PROG, CliError, add_model_argument, resolve_positionals
 
-# The files a checkpoint directory consists of (what `--overwrite` may replace without --overwrite-dir).
-_CHECKPOINT_FILES = re.compile(
-    r"(config\.json|generation_config\.json|model\.safetensors|model-\d+-of-\d+\.safetensors"
-    r"|model\.safetensors\.index\.json|pytorch_model\.bin|pytorch_model-\d+-of-\d+\.bin"
-    r"|pytorch_model\.bin\.index\.json|tf_model\.h5|tf_model\.h5\.index\.json|tokenizer_config\.json"
-    r"|special_tokens_map\.json|vocab\.txt|tokenizer\.json|added_tokens\.json|\.gitattributes)")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".h5", ".keras", ".json")
 
 _DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
@@ -56,12 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hf output: shard the safetensors above this size (default 5GB; 'none': one file)")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="print nothing but errors (the frameworks' log lines included)")
-
-
-def _foreign_files(dst: str) -> list[str]:
-    """Entries of the directory ``dst`` that are not checkpoint files."""
-    return sorted(n + ("/" if os.path.isdir(os.path.join(dst, n)) else "") for n in os.listdir(dst)
-                  if not _CHECKPOINT_FILES.fullmatch(n))
 
 
 def _source_bytes(src: str) -> int:
@@ -111,13 +98,11 @@ def run(args: argparse.Namespace) -> int:
 
     resolve_positionals(args, ("src", "dst"), "convert")
     dst = args.dst
-    if os.path.isdir(dst) and args.overwrite and not args.overwrite_dir:
-        foreign = _foreign_files(dst)
-        if foreign:
-            shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
-            raise CliError(f"{dst}: holds files that are not part of a checkpoint ({shown}); --overwrite would "
-                           "delete them with the old checkpoint. Move them, write elsewhere, or pass "
-                           "--overwrite-dir to replace the whole directory")
+    if args.overwrite and not args.overwrite_dir:
+        try:
+            conv.check_replaceable(dst)
+        except conv.CheckpointError as e:
+            raise CliError(str(e)) from None
     if os.path.exists(args.src):
         _check_room(args.src, dst, args.dtype)
 
@@ -128,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     shard = None if str(args.max_shard_size).lower() == "none" else args.max_shard_size
     try:
         report = conv.convert(args.src, args.dst, to=args.to, dtype=args.dtype, verify=args.verify,
-                              overwrite=args.overwrite or args.overwrite_dir, config=args.config,
+                              overwrite="dir" if args.overwrite_dir else args.overwrite, config=args.config,
                               max_shard_size=shard, tolerance=args.tolerance, log=log)
     except conv.VerificationError as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)

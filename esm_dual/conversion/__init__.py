@@ -39,6 +39,7 @@ Guarantees:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,13 +85,36 @@ def _target_from_path(dst: str) -> str | None:
     return None
 
 
+# The files a checkpoint directory consists of (what overwrite=True may replace; overwrite="dir" replaces all).
+_CHECKPOINT_FILES = re.compile(
+    r"(config\.json|generation_config\.json|model\.safetensors|model-\d+-of-\d+\.safetensors"
+    r"|model\.safetensors\.index\.json|pytorch_model\.bin|pytorch_model-\d+-of-\d+\.bin"
+    r"|pytorch_model\.bin\.index\.json|tf_model\.h5|tf_model\.h5\.index\.json|tokenizer_config\.json"
+    r"|special_tokens_map\.json|vocab\.txt|tokenizer\.json|added_tokens\.json|\.gitattributes)")
+
+
+def check_replaceable(dst: str | os.PathLike) -> None:
+    """Refuse (``CheckpointError`` naming them) to replace a directory that holds files other than a
+    checkpoint's: replacing it would delete them with the old checkpoint. Files and missing paths pass."""
+    dst = os.fspath(dst)
+    if not os.path.isdir(dst):
+        return
+    foreign = sorted(n + ("/" if os.path.isdir(os.path.join(dst, n)) else "") for n in os.listdir(dst)
+                     if not _CHECKPOINT_FILES.fullmatch(n))
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise CheckpointError(f"{dst}: holds files that are not part of a checkpoint ({shown}); overwriting would "
+                              "delete them with the old checkpoint. Move them, write elsewhere, or replace the "
+                              "whole directory (overwrite='dir', --overwrite-dir)")
+
+
 def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,
     to: str | None = None,
     dtype: Any = None,
     verify: bool = False,
-    overwrite: bool = False,
+    overwrite: bool | str = False,
     *,
     config: str | os.PathLike | EsmConfig | None = None,
     max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
@@ -102,8 +126,10 @@ def convert(
 
     ``dtype`` (``"float32"``, ``"float16"``, ``"bfloat16"``) casts the floating tensors (never ``inv_freq``);
     ``verify`` compares the two models' outputs before ``dst`` is put in place (``VerificationError`` above
-    ``tolerance``, default 1e-5 within a framework and 1e-4 across); ``overwrite`` replaces an existing
-    ``dst``; ``config`` is the configuration a ``.weights.h5`` source needs; ``max_shard_size`` shards hub
+    ``tolerance``, default 1e-5 within a framework and 1e-4 across); ``overwrite=True`` replaces an existing
+    ``dst`` that is a checkpoint (a file, or a directory of checkpoint files only: a directory that holds other
+    files is refused, naming them, see :func:`check_replaceable`), ``overwrite="dir"`` replaces ``dst`` whole;
+    ``config`` is the configuration a ``.weights.h5`` source needs; ``max_shard_size`` shards hub
     output above that size (``None``: one file). Returns a :class:`ConversionReport`.
     """
     src_s, dst_s = os.fspath(src), os.fspath(dst)
@@ -115,8 +141,12 @@ def convert(
     target_dtype = resolve_dtype(dtype) if dtype is not None else None
     if to == "hf" and max_shard_size is not None:
         parse_size(max_shard_size)
+    if overwrite not in (False, True, "dir"):
+        raise ValueError(f"overwrite must be False, True or 'dir', not {overwrite!r}")
     if os.path.lexists(dst_s) and not overwrite:
         raise CheckpointError(f"{dst_s}: already exists; pass overwrite=True (--overwrite) to replace it")
+    if overwrite is True:
+        check_replaceable(dst_s)
     if os.path.exists(dst_s) and os.path.exists(src_s):
         real_src, real_dst = os.path.realpath(src_s), os.path.realpath(dst_s)
         if real_src == real_dst or real_src.startswith(real_dst.rstrip(os.sep) + os.sep):
@@ -160,7 +190,7 @@ def convert(
         if target_dtype is not None:
             # The config written records the weights' new dtype, as transformers 5 records it ("dtype").
             source.config = with_recorded_dtype(source.config, target_dtype.name)
-        staging = Staging(dst_s, overwrite, extra)
+        staging = Staging(dst_s, bool(overwrite), extra)
         try:
             get = _get_hook(source)
             say(f"converting {src_s} ({source.format}, {len(names)} tensors, {source.nbytes() / 1e6:.1f} MB) -> "
@@ -205,7 +235,9 @@ __all__ = [
     "DEFAULT_MAX_SHARD_SIZE",
     "SOURCES",
     "TARGETS",
+    "CheckpointError",
     "VerificationError",
+    "check_replaceable",
     "convert",
     "detect_format",
     "open_source",

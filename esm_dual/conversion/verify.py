@@ -1,8 +1,8 @@
 """Conversion verification: source and destination run in their own frameworks (PyTorch for hub / fair-esm
-files, Keras on its configured backend for ``.keras`` / ``.weights.h5`` / ``tf_model.h5`` / keras-hub) on a fixed batch with padding
-and ``<mask>`` tokens; logits, last hidden state and contacts (when both have a contact head) are compared:
-tolerance 1e-4 across frameworks, 1e-5 within one. With ``dtype`` the reference is the source with its weights
-rounded to that dtype (both computed in float32).
+files, Keras on its configured backend for ``.keras`` / ``.weights.h5`` / ``tf_model.h5`` / keras-hub) on a
+fixed batch with padding and ``<mask>`` tokens; logits, last hidden state and contacts (when both have a
+contact head) are compared: tolerance 1e-4 across frameworks, 1e-5 within one. With ``dtype`` the reference
+is the source with its weights rounded to that dtype (both computed in float32).
 """
 
 from __future__ import annotations

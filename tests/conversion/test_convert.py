@@ -351,7 +351,10 @@ def test_destination_exists(hubs, tmp_path):
     with pytest.raises(CheckpointError, match="already exists.*overwrite"):
         esm_dual.convert(hubs["esm2"], str(dst), to="hf")
     assert os.listdir(dst) == ["keep.txt"]
-    esm_dual.convert(hubs["esm2"], str(dst), to="hf", overwrite=True)
+    with pytest.raises(CheckpointError, match=r"keep\.txt"):  # overwrite=True replaces a checkpoint only
+        esm_dual.convert(hubs["esm2"], str(dst), to="hf", overwrite=True)
+    assert os.listdir(dst) == ["keep.txt"]
+    esm_dual.convert(hubs["esm2"], str(dst), to="hf", overwrite="dir")
     assert sorted(os.listdir(dst)) == ["config.json", "model.safetensors"]
     assert leftovers(str(tmp_path)) == []
     # fair-esm: the contact-regression file beside it counts too

@@ -40,6 +40,25 @@ def test_overwrite_refuses_a_directory_holding_other_files(hub, tmp_path, capsys
     assert_same_tensors(hub_tensors(hub), hub_tensors(str(dst)))
 
 
+def test_the_library_overwrite_refuses_other_files_too(hub, tmp_path):
+    """``esm_dual.convert(..., overwrite=True)`` keeps the CLI's promise: a directory that holds files other than
+    a checkpoint's is refused, naming them, and left as it was; ``overwrite="dir"`` replaces it whole."""
+    import esm_dual
+    from esm_dual.io.base import CheckpointError
+
+    dst = tmp_path / "out"
+    esm_dual.convert(hub, dst, to="hf")
+    (dst / "notes.txt").write_text("my results")
+    with pytest.raises(CheckpointError, match=r"notes\.txt.*overwrite='dir'"):
+        esm_dual.convert(hub, dst, to="hf", overwrite=True)
+    assert (dst / "notes.txt").read_text() == "my results"
+    with pytest.raises(ValueError, match="overwrite must be False, True or 'dir'"):
+        esm_dual.convert(hub, dst, to="hf", overwrite="yes")
+    esm_dual.convert(hub, dst, to="hf", overwrite="dir")
+    assert not (dst / "notes.txt").exists()
+    assert_same_tensors(hub_tensors(hub), hub_tensors(str(dst)))
+
+
 def test_stale_staging_directories_are_cleaned_by_the_next_run(hub, tmp_path, capsys):
     """Guarantee "no litter": a killed run's `.DST.tmp-XXXXXXXX` is removed by the next conversion to DST; one of
     a conversion still running (its owner pid alive) and directories of other names are left alone."""
