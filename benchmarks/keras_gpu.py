@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+from keras_hub_reference import build_keras_hub, token_dropout_scale  # noqa: E402 (beside this file)
 
 ESM2_650M = dict(
     vocab_size=33, hidden_size=1280, num_hidden_layers=33, num_attention_heads=20, intermediate_size=5120,
@@ -110,42 +111,6 @@ def random_hub_tensors(cfg, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
-def build_keras_hub(cfg, tensors: dict[str, np.ndarray], dtype: str):
-    """keras-hub ESMBackbone with ``tensors`` copied in (keras-hub's own HF mapping; token dropout folded)."""
-    import keras_hub
-
-    kh = keras_hub.models.ESMBackbone(
-        vocabulary_size=cfg.vocab_size, num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
-        hidden_dim=cfg.hidden_size, intermediate_dim=cfg.intermediate_size, dropout=0.0,
-        max_sequence_length=cfg.max_position_embeddings, max_wavelength=cfg.rope_theta,
-        layer_norm_eps=cfg.layer_norm_eps, use_pre_layer_norm=cfg.emb_layer_norm_before,
-        position_embedding_type=cfg.position_embedding_type, pad_token_id=cfg.pad_token_id, dtype=dtype)
-    fold = (1.0 - 0.15 * 0.8) if cfg.token_dropout else 1.0
-
-    def put(var, name, transpose=False, scale=1.0):
-        arr = tensors[name] * np.float32(scale)
-        arr = arr.T if transpose else arr
-        var.assign(arr.reshape(tuple(var.shape)))
-
-    put(kh.get_layer("token_embedding").embeddings, "embeddings.word_embeddings.weight", scale=fold)
-    put(kh.output_layer_norm.gamma, "encoder.emb_layer_norm_after.weight")
-    put(kh.output_layer_norm.beta, "encoder.emb_layer_norm_after.bias")
-    for i in range(cfg.num_hidden_layers):
-        block = kh.get_layer(f"transformer_layer_{i}")
-        attn = block.attention_layer
-        p = f"encoder.layer.{i}."
-        for dense, hub in ((attn.q_dense, "attention.self.query"), (attn.k_dense, "attention.self.key"),
-                           (attn.v_dense, "attention.self.value"), (attn.o_dense, "attention.output.dense"),
-                           (block.feedforward_intermediate_dense, "intermediate.dense"),
-                           (block.feedforward_output_dense, "output.dense")):
-            put(dense.kernel, p + hub + ".weight", transpose=True)
-            put(dense.bias, p + hub + ".bias")
-        for norm, hub in ((block.attention_norm, "attention.LayerNorm"), (block.feedforward_norm, "LayerNorm")):
-            put(norm.gamma, p + hub + ".weight")
-            put(norm.beta, p + hub + ".bias")
-    return kh
-
-
 def device_name() -> str:
     try:
         import jax
@@ -199,7 +164,7 @@ def jax_sections(args, cfg, tensors, batches, train_batches) -> dict:
 
     policy = "mixed_bfloat16" if args.dtype == "bfloat16" else "float32"
     ours = TFEsmModel.from_checkpoint(_Ckpt(cfg, tensors), dtype=policy)
-    kh = build_keras_hub(cfg, tensors, policy)
+    kh = build_keras_hub(cfg, tensors, token_dropout_scale(cfg), dtype=policy)
     res = {"versions": {"jax": jax.__version__, "keras": keras.__version__, "keras_hub": keras_hub.__version__}}
 
     def forward(model, is_ours):

@@ -39,6 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402
+from keras_hub_reference import build_keras_hub, token_dropout_scale  # noqa: E402 (beside this file)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_FASTA = os.path.join(HERE, "..", "tests", "data", "some_proteins.fasta")
@@ -79,50 +80,6 @@ def random_hub_tensors(model, seed: int = 0) -> dict[str, np.ndarray]:
         else:  # Linear weights and biases, contact regression
             out[name] = rng.normal(0, 0.02, shape).astype(np.float32)
     return out
-
-
-def build_keras_hub(cfg, tensors: dict[str, np.ndarray], embedding_scale: float):
-    """keras-hub ESMBackbone with ``tensors`` copied in (keras-hub's own HF mapping)."""
-    import keras_hub
-
-    kh = keras_hub.models.ESMBackbone(
-        vocabulary_size=cfg.vocab_size, num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
-        hidden_dim=cfg.hidden_size, intermediate_dim=cfg.intermediate_size, dropout=0.0,
-        max_sequence_length=cfg.max_position_embeddings, max_wavelength=cfg.rope_theta,
-        layer_norm_eps=cfg.layer_norm_eps, use_pre_layer_norm=cfg.emb_layer_norm_before,
-        position_embedding_type=cfg.position_embedding_type, pad_token_id=cfg.pad_token_id,
-    )
-    used = set()
-
-    def put(var, name, transpose=False, scale=1.0):
-        arr = tensors[name] * scale
-        arr = arr.T if transpose else arr
-        assert tuple(var.shape) == arr.shape, (name, var.shape, arr.shape)
-        var.assign(arr.astype(np.float32))
-        used.add(name)
-
-    put(kh.get_layer("token_embedding").embeddings, "embeddings.word_embeddings.weight",
-        scale=embedding_scale)
-    put(kh.output_layer_norm.gamma, "encoder.emb_layer_norm_after.weight")
-    put(kh.output_layer_norm.beta, "encoder.emb_layer_norm_after.bias")
-    for i in range(cfg.num_hidden_layers):
-        block = kh.get_layer(f"transformer_layer_{i}")
-        attn = block.attention_layer
-        p = f"encoder.layer.{i}."
-        for dense, hub in ((attn.q_dense, "attention.self.query"), (attn.k_dense, "attention.self.key"),
-                           (attn.v_dense, "attention.self.value"), (attn.o_dense, "attention.output.dense"),
-                           (block.feedforward_intermediate_dense, "intermediate.dense"),
-                           (block.feedforward_output_dense, "output.dense")):
-            put(dense.kernel, p + hub + ".weight", transpose=True)
-            put(dense.bias, p + hub + ".bias")
-        for norm, hub in ((block.attention_norm, "attention.LayerNorm"),
-                          (block.feedforward_norm, "LayerNorm")):
-            put(norm.gamma, p + hub + ".weight")
-            put(norm.beta, p + hub + ".bias")
-    # What keras-hub has no place for: the rotary tables (recomputed) and the contact head.
-    left = sorted(set(tensors) - used)
-    assert all(n.endswith("inv_freq") or n.startswith("contact_head.") for n in left), left
-    return kh
 
 
 def read_sequences(path: str, limit: int | None) -> list[str]:
@@ -178,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     ours = TFEsmModel(cfg)
     tensors = random_hub_tensors(ours)
     ours.load_hub_tensors(tensors)
-    fold = (1.0 - 0.15 * 0.8) if cfg.token_dropout else 1.0
+    fold = token_dropout_scale(cfg)
     kh = build_keras_hub(cfg, tensors, embedding_scale=fold)
 
     def wrap(fn):
