@@ -154,7 +154,8 @@ def time_passes(fn, batches, reps: int) -> dict:
     return {"s": round(s, 4), "tokens_per_s": round(tokens / s, 1), "runs_s": [round(t, 4) for t in times]}
 
 
-def jax_sections(args, cfg, tensors, batches, train_batches) -> dict:
+def jax_sections(args, cfg, tensors, batches, train_batches, progress=lambda res: None) -> dict:
+    """The JAX sections; ``progress(res)`` is called after each one (the script saves partial results)."""
     import jax
     import jax.numpy as jnp
     import keras
@@ -212,9 +213,11 @@ def jax_sections(args, cfg, tensors, batches, train_batches) -> dict:
     res["numerics"] = {"max_abs_diff_last_hidden_single_sequences": diff, "dtype": args.dtype}
     res["inference"] = {"keras_hub": measured(fk, batches, args.reps), "esm_dual": measured(fo, batches, args.reps)}
     res["inference"]["speedup_vs_keras_hub"] = speedup(res["inference"]["esm_dual"], res["inference"]["keras_hub"])
+    progress(res)
     del fo, fk
-    res["training"] = {"esm_dual": measured(train(ours, True), train_batches, args.reps),
-                       "keras_hub": measured(train(kh, False), train_batches, args.reps)}
+    res["training"] = {"esm_dual": measured(train(ours, True), train_batches, args.reps)}
+    progress(res)
+    res["training"]["keras_hub"] = measured(train(kh, False), train_batches, args.reps)
     res["training"]["speedup_vs_keras_hub"] = speedup(res["training"]["esm_dual"], res["training"]["keras_hub"])
     return res
 
@@ -320,7 +323,13 @@ def main(argv: list[str] | None = None) -> dict:
         "lengths": {"median_residues": float(np.median(lengths_uniref(args.n_seqs, args.seed, max_res))),
                     "max_residues": int(lengths_uniref(args.n_seqs, args.seed, max_res).max())},
     }
-    result.update(jax_sections(args, cfg, tensors, batches, train_batches))
+    def save(partial=None):
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(json.dumps({**result, **(partial or {})}, indent=2) + "\n")
+
+    result.update(jax_sections(args, cfg, tensors, batches, train_batches, progress=save))
+    save()
     if not args.no_torch:
         cmd = [sys.executable, os.path.abspath(__file__), "--section", "torch", "--dtype", args.dtype,
                "--n-seqs", str(args.n_seqs), "--budget", str(args.budget), "--train-budget", str(args.train_budget),
