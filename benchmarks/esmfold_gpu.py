@@ -430,7 +430,7 @@ def suite(args, cfg: dict, device, models=None) -> dict:
             ours.set_fast(fast)
         fold(m, warm, 0, device)
     mode(ours, "esm_dual")
-    res: dict = {"per_length": [], "kernels": {"cueq_available": _cueq_available()}}
+    res: dict = {"per_length": [], "kernels": {"cueq_available": _cueq_available(), "cueq_error": _cueq_error()}}
     lengths = [int(x) for x in args.lengths.split(",") if x]
     for n in lengths:
         # --repeats folds per model, each of another random sequence of this length: the first fold of a
@@ -522,6 +522,12 @@ def suite(args, cfg: dict, device, models=None) -> dict:
                 row[f"time_ratio_hf_over_{name}"] = round(row["hf"]["seconds"] / row[name]["seconds"], 3)
         res["set"] = row
     return res
+
+
+def _cueq_error() -> str | None:
+    from esm_dual.pt.folding.kernels import cueq_import_error
+
+    return cueq_import_error()
 
 
 def _cueq_available() -> bool:

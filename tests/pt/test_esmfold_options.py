@@ -128,3 +128,19 @@ def test_an_invalid_fold_option_is_refused_by_name(model):
     with pytest.raises(TypeError, match="fast_path_options takes FastPathOptions"):
         model.fast_path_options = {"fold_fast": "on"}
     assert model.fast_path_options is before  # unchanged
+
+
+def test_cueq_import_error_says_why(monkeypatch):
+    """Where cuEquivariance does not import, the reason is kept (the GPU benchmark records it)."""
+    import sys
+
+    from esm_dual.pt.folding import kernels
+
+    kernels.cueq_import_error.cache_clear()
+    monkeypatch.setitem(sys.modules, "cuequivariance_ops_torch", None)  # as if not installed
+    try:
+        reason = kernels.cueq_import_error()
+        assert reason is not None and "cuequivariance_ops_torch" in reason and not kernels.cueq_available()
+        assert not kernels.use_cueq("cueq", torch.zeros(1))
+    finally:
+        kernels.cueq_import_error.cache_clear()

@@ -31,14 +31,20 @@ def check_kernels(kernels: str) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def cueq_available() -> bool:
-    """True if cuEquivariance's triangle kernels import (``pip install esm-dual[fold-gpu]``)."""
+def cueq_import_error() -> str | None:
+    """Why cuEquivariance's triangle kernels do not import (``"ModuleNotFoundError: ..."``), or None if they do
+    (``pip install esm-dual[fold-gpu]``)."""
     try:
         import cuequivariance_ops_torch  # noqa: F401
         from cuequivariance_torch import triangle_attention, triangle_multiplicative_update  # noqa: F401
-    except Exception:
-        return False
-    return True
+    except Exception as e:  # noqa: BLE001 - any failure means: not available, and this is why
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def cueq_available() -> bool:
+    """True if cuEquivariance's triangle kernels import (``pip install esm-dual[fold-gpu]``)."""
+    return cueq_import_error() is None
 
 
 def use_cueq(kernels: str, x: torch.Tensor) -> bool:
