@@ -433,9 +433,9 @@ def suite(args, cfg: dict, device, models=None) -> dict:
     res: dict = {"per_length": [], "kernels": {"cueq_available": _cueq_available(), "cueq_error": _cueq_error()}}
     lengths = [int(x) for x in args.lengths.split(",") if x]
     for n in lengths:
-        # --repeats folds per model, each of another random sequence of this length: the first fold of a
-        # shape also captures its CUDA graphs; "seconds" is the median of the later folds (all of them if
-        # there is one), "first_seconds" the first fold's.
+        # --repeats folds per model, each of another random sequence of this length ("auto" CUDA graphs
+        # capture a shape at its second fold, "on" at its first); "seconds" is the median of the folds
+        # after the first (all of them if there is one), "first_seconds" the first fold's; "runs" all.
         seqs = [random_seq(n, rng) for _ in range(max(1, args.repeats))]
         recycles = args.num_recycles if n <= args.full_recycles_max else 0
         row: dict = {"length": n, "num_recycles": recycles, "repeats": len(seqs)}
@@ -455,6 +455,7 @@ def suite(args, cfg: dict, device, models=None) -> dict:
                         row[name]["first_seconds"] = r["seconds"]
                 later = times[1:] or times
                 row[name]["seconds"] = round(float(np.median(later)), 3)
+                row[name]["runs"] = times
                 if name.startswith("esm_dual"):
                     row[name]["graph_captures"] = ours.trunk.graphs.captures
             except Exception as e:
@@ -732,7 +733,8 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", default="256,512,1022")
     p.add_argument("--suite-impls", default="esm_dual,esm_dual_fast,hf",
                    help="--suite: which models per length (also esm_dual_eager, esm_dual_fast_eager: no CUDA graphs)")
-    p.add_argument("--repeats", type=int, default=2, help="--suite: folds per model and length (other sequences)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="--suite: folds per model and length (other sequences; 'auto' graphs capture at the 2nd)")
     p.add_argument("--hf-repeats", type=int, default=0, help="--suite: HF's folds per length (0: --repeats)")
     p.add_argument("--full-recycles-max", type=int, default=1022,
                    help="--suite: longer sequences run one trunk pass (num_recycles 0) for every model")

@@ -77,25 +77,36 @@ def test_graph_passes_equal_eager_passes(model, cpu_graphs, seqs):
         ref = model.infer(seqs, num_recycles=3)
         model.set_fast_path(fold_graphs="auto")
         cache = _stand_in(model)
-        first = model.infer(seqs, num_recycles=3)  # eager pass 0, capture, three replays
+        first = model.infer(seqs, num_recycles=3)  # "auto": a shape's first fold stays eager
+        assert cache.captures == 0
+        second = model.infer(seqs, num_recycles=3)  # eager pass 0, capture, three replays
         assert cache.captures == 1 and len(cache) == 1
-        again = model.infer(seqs, num_recycles=3)  # four replays of the cached graph
+        third = model.infer(seqs, num_recycles=3)  # four replays of the cached graph
         assert cache.captures == 1
-    _assert_same(first, ref)
-    _assert_same(again, ref)
+    for out in (first, second, third):
+        _assert_same(out, ref)
     # what a fold hands out is its own: a later replay (other residues, same shape) does not change it
-    kept = {k: first[k].clone() for k in KEYS}
+    kept = {k: third[k].clone() for k in KEYS}
     other = [s[::-1] for s in seqs] if isinstance(seqs, list) else seqs[::-1]
     with torch.no_grad():
         reversed_ = model.infer(other, num_recycles=3)
     assert cache.captures == 1
     assert float((reversed_["positions"] - kept["positions"]).abs().max()) > 0.1
-    _assert_same(first, kept)
+    _assert_same(third, kept)
+
+
+def test_on_captures_at_the_first_fold(model, cpu_graphs):
+    cache = _stand_in(model)
+    model.set_fast_path(fold_graphs="on")
+    with torch.no_grad():
+        model.infer(SEQS[0], num_recycles=2)
+    assert cache.captures == 1
 
 
 def test_one_graph_per_shape_and_the_cache_is_bounded(model, cpu_graphs):
     cache = _stand_in(model)
     cache.max_graphs = 2
+    model.set_fast_path(fold_graphs="on")
     with torch.no_grad():
         for n in (12, 13, 12):
             model.infer("M" * n, num_recycles=1)
@@ -111,6 +122,7 @@ def test_one_graph_per_shape_and_the_cache_is_bounded(model, cpu_graphs):
 
 def test_changed_options_and_replaced_parameters_capture_again(model, cpu_graphs):
     cache = _stand_in(model)
+    model.set_fast_path(fold_graphs="on")
     seq = SEQS[0]
     with torch.no_grad():
         model.infer(seq, num_recycles=1)
@@ -131,6 +143,7 @@ def test_changed_options_and_replaced_parameters_capture_again(model, cpu_graphs
 
 def test_copies_and_pickles_start_without_graphs(model, cpu_graphs):
     cache = _stand_in(model)
+    model.set_fast_path(fold_graphs="on")
     with torch.no_grad():
         model.infer(SEQS[1], num_recycles=1)
     assert len(cache) == 1

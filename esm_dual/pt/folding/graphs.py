@@ -3,9 +3,11 @@
 One trunk pass (48 folding blocks, the structure module, the recycling inputs of the next pass) is
 about 10,000 small kernels. At a few hundred residues the GPU finishes them faster than Python can
 launch them, so an eager pass is bound by the CPU. :class:`PassGraphs` captures a pass once per input
-shape into a CUDA graph and replays it: the first fold of a shape runs its first pass eagerly (it also
-warms up cuBLAS and the fused kernels' tuning), captures the pass, then replays it for the other passes;
-later folds of the same shape replay every pass.
+shape into a CUDA graph and replays it. Recording a pass costs about one eager pass of CPU time, which the
+three replays left in one fold do not win back, so under "auto" a shape is captured at its second fold: that
+fold runs its first pass eagerly (which also warms up cuBLAS and the fused kernels' tuning), captures the
+pass, and replays it for the other passes; later folds of the shape replay every pass. A shape folded once
+never pays for a capture. ("on" captures at the first fold.)
 
 What a graph holds: static input buffers (the features and the recycled states; they live outside the
 graphs' memory pool), the recorded kernels (which read the parameters where they are: weights changed in
@@ -95,6 +97,7 @@ class PassGraphs:
         self.graph_type = graph_type  # None: CUDA graphs; tests pass _Rerun
         self._graphs: OrderedDict[Hashable, PassGraph | None] = OrderedDict()
         self._params: tuple[int, ...] | None = None
+        self._folds: OrderedDict[Hashable, int] = OrderedDict()  # folds seen per shape (bounded)
         self._pool = None
         self.captures = 0  # how many graphs were captured (tests and benchmarks read it)
 
@@ -113,6 +116,7 @@ class PassGraphs:
     def clear(self) -> None:
         """Drop every graph (and, once nothing else holds it, the memory their pool reserved)."""
         self._graphs.clear()
+        self._folds.clear()
         self._pool = None
 
     def check_parameters(self, params: tuple[int, ...]) -> None:
@@ -121,6 +125,15 @@ class PassGraphs:
         if params != self._params:
             self.clear()
             self._params = params
+
+    def note_fold(self, key: Hashable, capture_at: int) -> bool:
+        """Count a fold of shape ``key``; True if a shape without a graph should be captured in it (from its
+        ``capture_at``-th fold on)."""
+        n = self._folds.pop(key, 0) + 1
+        self._folds[key] = n
+        while len(self._folds) > 16 * self.max_graphs:
+            self._folds.popitem(last=False)
+        return n >= capture_at
 
     def lookup(self, key: Hashable) -> PassGraph | None | bool:
         """The graph of ``key``; None where a capture failed before (run eagerly); False if none yet."""

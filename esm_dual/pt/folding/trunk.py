@@ -368,13 +368,16 @@ class FoldingTrunk(nn.Module):
         masked = not bool(mask.bool().all())
         graphs = wants_graphs(self.graphs_mode, seq_feats.device, B * N * N, self.training)
         key = self._graph_key(feats, masked) if graphs else None
+        # "auto" captures a shape at its second fold (recording costs about one eager pass of CPU time, which
+        # the three replays of one fold do not win back); "on" at its first.
+        capture = graphs and self.graphs.note_fold(key, 1 if self.graphs_mode == "on" else 2)
 
         structure: dict = {}
         graph = None
         for i in range(no_recycles):
             with contextlib.nullcontext() if i == no_recycles - 1 else torch.no_grad():
                 graph = self.graphs.lookup(key) if graphs else None
-                if graph is False and i > 0:
+                if graph is False and i > 0 and capture:
                     # The first pass ran eagerly (and warmed up the kernels): capture this shape.
                     graph = self.graphs.capture(key, self._pass_fn(masked), {**feats, **state})
                 if graph:
