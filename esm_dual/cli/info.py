@@ -105,6 +105,7 @@ def describe(location: str) -> dict[str, Any]:
     else:
         trunk = (c.esmfold_config.trunk if c.esmfold_config is not None else None)
         info["folding_trunk_blocks"] = getattr(trunk, "num_blocks", None)
+        info["cuequivariance"] = cueq_status()
     preset = get_preset(os.path.basename(location.rstrip("/")), missing_ok=True)
     if preset is not None and _same_shape(preset.config, c):  # a folder's name alone proves nothing
         info["preset"] = preset.name
@@ -123,6 +124,16 @@ def fast_path_options() -> dict[str, Any] | str:
         return default_options().as_dict()
     except ValueError as e:  # an invalid ESM_DUAL_* value: say which, as the model would
         return f"error: {e}"
+
+
+def cueq_status() -> str:
+    """Whether ESMFold's fast mode can use cuEquivariance's kernels here (``esm-dual[fold-gpu]``), or why not."""
+    try:
+        from ..pt.folding.kernels import cueq_import_error
+    except ImportError as e:  # torch is not installed
+        return f"n/a ({type(e).__name__}: {e})"
+    error = cueq_import_error()
+    return "available" if error is None else f"not importable ({error}); the fast mode uses its SDPA fallback"
 
 
 def _same_shape(a, b) -> bool:
@@ -173,6 +184,8 @@ def _print_info(info: dict[str, Any], out) -> None:
         fast = FastPathOptions(**fast).describe()
     if fast is not None:
         rows.append(("fast path", fast))
+    if info.get("cuequivariance"):
+        rows.append(("cuEquivariance", info["cuequivariance"]))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}", file=out)

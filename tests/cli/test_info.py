@@ -147,3 +147,26 @@ def test_info_shows_the_fast_path_options(tmp_path, capsys, monkeypatch):
                                              "(also true/false, yes/no, on/off)")
     finally:
         set_default_options(previous)
+
+
+def test_info_says_whether_esmfolds_fused_kernels_are_available(esmfold_dir, capsys, monkeypatch):
+    """ESMFold checkpoints get a cuEquivariance row: "available", or why not (here: not installed)."""
+    import sys
+
+    from esm_dual.pt.folding import kernels
+
+    kernels.cueq_import_error.cache_clear()
+    monkeypatch.setitem(sys.modules, "cuequivariance_ops_torch", None)
+    try:
+        rc, out, err = run_cli(capsys, "info", esmfold_dir)
+        assert rc == 0, err
+        row = _fields(out)["cuEquivariance"]
+        assert row.startswith("not importable (") and "cuequivariance_ops_torch" in row and "SDPA fallback" in row
+        rc, out, _ = run_cli(capsys, "info", esmfold_dir, "--json")
+        assert json.loads(out)["cuequivariance"] == row
+    finally:
+        kernels.cueq_import_error.cache_clear()
+    # encoders have no such row
+    write_hub_checkpoint(str(esmfold_dir) + "_enc", tiny_config("esm2"), "mlm")
+    rc, out, _ = run_cli(capsys, "info", str(esmfold_dir) + "_enc")
+    assert "cuEquivariance" not in _fields(out)
