@@ -171,6 +171,20 @@ def test_a_failed_capture_runs_that_shape_eagerly(model, cpu_graphs):
     _assert_same(again, ref)
 
 
+def test_inference_mode_and_no_grad_keep_their_own_graphs(model, cpu_graphs):
+    """A graph captured under ``torch.inference_mode()`` holds inference tensors, which cannot be written
+    under ``no_grad``: each mode gets its own graph."""
+    cache = _stand_in(model)
+    model.set_fast_path(fold_graphs="on")
+    aa = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    with torch.inference_mode():
+        a = model(aa, num_recycles=2)
+    with torch.no_grad():
+        b = model(aa, num_recycles=2)
+    assert cache.captures == 2
+    _assert_same(a, b)
+
+
 def test_training_and_gradients_stay_eager(model, cpu_graphs):
     cache = _stand_in(model)
     out = model(torch.tensor([[1, 2, 3, 4, 5, 6]]), num_recycles=1)  # gradients on
