@@ -183,6 +183,10 @@ def test_inference_mode_and_no_grad_keep_their_own_graphs(model, cpu_graphs):
         b = model(aa, num_recycles=2)
     assert cache.captures == 2
     _assert_same(a, b)
+    # a caller's autocast is another graph too (it changes what the recorded kernels compute)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(aa, num_recycles=2)
+    assert cache.captures == 3
 
 
 def test_training_and_gradients_stay_eager(model, cpu_graphs):

@@ -322,14 +322,17 @@ class FoldingTrunk(nn.Module):
 
     def _graph_key(self, feats: dict, masked: bool) -> tuple:
         """What a captured pass depends on besides the inputs' values: their shapes and dtypes, the
-        padding, the precision and kernels, the chunking, inference mode. The parameters' addresses are checked here
-        too (the cache is dropped when they change)."""
+        padding, the precision and kernels, the chunking, the caller's autocast, inference mode. The
+        parameters' addresses are checked here too (the cache is dropped when they change)."""
         self.graphs.check_parameters(tuple(p.data_ptr() for p in self.parameters()))
         shapes = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(feats.items()))
         kernels = tuple((m.kernels, getattr(m, "triangle_sdpa", None))
                         for m in (self.blocks[0].tri_mul_out, self.blocks[0].tri_att_start)) if len(self.blocks) else ()
-        # Buffers made under inference mode cannot be written outside it (and the other way round).
-        return (shapes, masked, self.block_dtype, kernels, self.chunk_size, feats["s_s_0"].device,
+        dev = feats["s_s_0"].device
+        # A caller's autocast changes what the recorded kernels compute; buffers made under inference mode
+        # cannot be written outside it (and the other way round).
+        autocast = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
+        return (shapes, masked, self.block_dtype, kernels, self.chunk_size, dev, autocast,
                 torch.is_inference_mode_enabled())
 
     def forward(
