@@ -1,6 +1,7 @@
 """Framework idioms of the PyTorch model that sit beside the twin, as ``esm_dual/tf/ops.py`` does for Keras:
-whether torch is compiling or tracing (data-dependent checks are skipped then), the value check of an
-``attention_mask`` row with no real token, and model inputs given as numpy arrays."""
+whether torch is compiling or tracing (data-dependent checks are skipped then), whether hooks observe a
+module tree, the value check of an ``attention_mask`` row with no real token, and model inputs given as
+numpy arrays."""
 
 from __future__ import annotations
 
@@ -24,6 +25,16 @@ def is_compiling() -> bool:
 
     symbolic = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None)
     return bool(symbolic()) if symbolic is not None else False
+
+
+def observed_by_hooks(module: torch.nn.Module) -> bool:
+    """True if a forward hook or pre-hook (global, or on ``module`` or any module below it) would see a
+    call: paths that do not run the modules' forwards (a replayed CUDA graph) must not run then."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 def check_attention_rows(attention_mask: torch.Tensor, name: str = "attention_mask") -> None:

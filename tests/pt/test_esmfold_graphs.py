@@ -189,6 +189,22 @@ def test_inference_mode_and_no_grad_keep_their_own_graphs(model, cpu_graphs):
     assert cache.captures == 3
 
 
+def test_hooks_keep_the_passes_eager(model, cpu_graphs):
+    """A hook on any trunk module must see every pass: no graph is captured or replayed while one is set."""
+    cache = _stand_in(model)
+    model.set_fast_path(fold_graphs="on")
+    calls = []
+    handle = model.trunk.blocks[0].tri_mul_out.register_forward_hook(lambda m, i, o: calls.append(1))
+    with torch.no_grad():
+        model.infer(SEQS[0], num_recycles=2)
+        model.infer(SEQS[0], num_recycles=2)
+    assert cache.captures == 0 and len(calls) == 6  # 3 passes x 2 folds
+    handle.remove()
+    with torch.no_grad():
+        model.infer(SEQS[0], num_recycles=2)
+    assert cache.captures == 1
+
+
 def test_training_and_gradients_stay_eager(model, cpu_graphs):
     cache = _stand_in(model)
     out = model(torch.tensor([[1, 2, 3, 4, 5, 6]]), num_recycles=1)  # gradients on

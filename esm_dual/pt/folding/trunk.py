@@ -10,6 +10,7 @@ from torch import nn
 
 from ...common.config import TrunkConfig
 from ..fast.options import FastPathOptions, default_options
+from ..ops import is_compiling, observed_by_hooks
 from .graphs import PassGraphs, wants_graphs
 from .kernels import check_kernels
 from .primitives import chunked_rows, row_chunks, softmax_fp32, wide_op_rows
@@ -371,7 +372,9 @@ class FoldingTrunk(nn.Module):
         }
         # No padding (a single sequence, or equal lengths): the blocks need no mask at all.
         masked = not bool(mask.bool().all())
-        graphs = wants_graphs(self.graphs_mode, seq_feats.device, B * N * N, self.training)
+        # Graphs replay kernels only: not where hooks want to see the modules run, nor inside torch.compile.
+        graphs = (wants_graphs(self.graphs_mode, seq_feats.device, B * N * N, self.training)
+                  and not is_compiling() and not observed_by_hooks(self))
         key = self._graph_key(feats, masked) if graphs else None
         # "auto" captures a shape at its second fold (recording costs about one eager pass of CPU time, which
         # the three replays of one fold do not win back); "on" at its first.
