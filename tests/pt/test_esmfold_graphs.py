@@ -15,23 +15,16 @@ import torch
 
 from esm_dual.pt.folding import graphs as graphs_mod
 from esm_dual.pt.folding import trunk as trunk_mod
-from tests.pt.test_esmfold import SEQS, one_thread, write_tiny_esmfold  # noqa: F401 (autouse fixture)
+from tests.pt.test_esmfold import SEQS, one_thread  # noqa: F401 (autouse fixture)
 
 KEYS = ("positions", "frames", "plddt", "ptm", "predicted_aligned_error", "distogram_logits", "s_z")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("esmfold_graphs"))
-    write_tiny_esmfold(d)
-    return d
-
-
 @pytest.fixture
-def model(checkpoint):
+def model(esmfold_dir):
     from esm_dual.pt import EsmForProteinFolding
 
-    return EsmForProteinFolding.from_pretrained(checkpoint).eval()
+    return EsmForProteinFolding.from_pretrained(esmfold_dir).eval()
 
 
 @pytest.fixture
@@ -47,7 +40,7 @@ def cpu_graphs(monkeypatch):
 
 
 def _stand_in(model) -> graphs_mod.PassGraphs:
-    model.trunk.graphs = graphs_mod.PassGraphs(graph_type=graphs_mod._Rerun)
+    model.trunk.graphs = graphs_mod.PassGraphs(graph_type=graphs_mod.RerunGraph)
     return model.trunk.graphs
 
 
@@ -216,10 +209,10 @@ def test_training_and_gradients_stay_eager(model, cpu_graphs):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fast", [False, True], ids=["fp32-trunk", "fast"])
-def test_cuda_graph_folds_match_eager_on_gpu(checkpoint, fast):
+def test_cuda_graph_folds_match_eager_on_gpu(esmfold_dir, fast):
     from esm_dual.pt import EsmForProteinFolding
 
-    m = EsmForProteinFolding.from_pretrained(checkpoint, device="cuda").eval()
+    m = EsmForProteinFolding.from_pretrained(esmfold_dir, device="cuda").eval()
     m.set_fast(fast)
     seqs = [SEQS, SEQS[0] * 7, "MKVLAAGIVG" * 20]
     with torch.no_grad():

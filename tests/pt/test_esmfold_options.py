@@ -8,21 +8,14 @@ import pytest
 import torch
 
 from esm_dual.pt.fast.options import default_options
-from tests.pt.test_esmfold import SEQS, one_thread, write_tiny_esmfold  # noqa: F401 (autouse fixture)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("esmfold_options"))
-    write_tiny_esmfold(d)
-    return d
+from tests.pt.test_esmfold import SEQS, one_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture
-def model(checkpoint):
+def model(esmfold_dir):
     from esm_dual.pt import EsmForProteinFolding
 
-    return EsmForProteinFolding.from_pretrained(checkpoint).eval()
+    return EsmForProteinFolding.from_pretrained(esmfold_dir).eval()
 
 
 def _fold_fields(model) -> tuple[str, str]:
@@ -30,10 +23,10 @@ def _fold_fields(model) -> tuple[str, str]:
     return o.fold_fast, o.fold_kernels
 
 
-def test_set_fast_set_kernels_set_trunk_dtype_are_the_models_options(model, checkpoint, fast_path_defaults):
+def test_set_fast_set_kernels_set_trunk_dtype_are_the_models_options(model, esmfold_dir, fast_path_defaults):
     from esm_dual.pt import EsmForProteinFolding
 
-    other = EsmForProteinFolding.from_pretrained(checkpoint)
+    other = EsmForProteinFolding.from_pretrained(esmfold_dir)
     before = default_options()
     assert model.fast_path_options is before and _fold_fields(model) == ("auto", "auto")
     assert not model.fast  # auto on the CPU: the fp32 trunk

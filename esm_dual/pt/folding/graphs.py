@@ -57,7 +57,7 @@ class _CudaGraph:
         return self.outputs
 
 
-class _Rerun:
+class RerunGraph:
     """Stand-in with a graph's contract that re-runs ``fn`` (no capture): the CPU tests exercise the
     static-buffer plumbing with it. Its outputs are fixed tensors overwritten at each replay."""
 
@@ -94,7 +94,7 @@ class PassGraphs:
 
     def __init__(self, max_graphs: int = MAX_GRAPHS, graph_type=None):
         self.max_graphs = max_graphs
-        self.graph_type = graph_type  # None: CUDA graphs; tests pass _Rerun
+        self.graph_type = graph_type  # None: CUDA graphs; tests pass RerunGraph
         self._graphs: OrderedDict[Hashable, PassGraph | None] = OrderedDict()
         self._params: tuple[int, ...] | None = None
         self._folds: OrderedDict[Hashable, int] = OrderedDict()  # folds seen per shape (bounded)
