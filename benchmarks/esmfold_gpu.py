@@ -447,7 +447,8 @@ def suite(args, cfg: dict, device, models=None) -> dict:
             m = hf if name == "hf" else ours
             try:
                 times = []
-                for i, seq in enumerate(seqs[:args.hf_repeats] if name == "hf" and args.hf_repeats else seqs):
+                k = args.hf_repeats if name == "hf" else args.fp32_repeats if name == "esm_dual" else 0
+                for i, seq in enumerate(seqs[:k] if k else seqs):
                     r, o = _timed(m, seq, recycles, device)
                     times.append(r["seconds"])
                     if i == 0:
@@ -499,11 +500,19 @@ def suite(args, cfg: dict, device, models=None) -> dict:
         res["drift"] = drift
 
     if args.set:
-        lengths = np.clip(rng.lognormal(np.log(270), 0.6, args.set).astype(int), 30, args.max_len).tolist()
-        seqs = [random_seq(n, rng) for n in lengths]
-        row = {"sequences": len(seqs), "residues": int(sum(lengths)), "max_length": int(max(lengths))}
-        for name in ("hf", "esm_dual_fast", "esm_dual_fast_eager", "esm_dual"):
-            if name in args.set_skip.split(","):
+        # The set has its own random stream: the same sequences whatever else this run folds (a later call
+        # can time `esm-dual fold` on the set another call timed HF on).
+        set_rng = np.random.default_rng([args.seed, 64])
+        lengths = np.clip(set_rng.lognormal(np.log(270), 0.6, args.set).astype(int), 30, args.max_len).tolist()
+        seqs = [random_seq(n, set_rng) for n in lengths]
+        row = {"sequences": len(seqs), "residues": int(sum(lengths)), "max_length": int(max(lengths)),
+               "median_length": float(np.median(lengths))}
+        for name in ("hf", "esm_dual_fast", "esm_dual_fast_eager", "esm_dual", "esm_dual_cli"):
+            if name in args.set_skip.split(",") or (name == "esm_dual_cli" and not args.set_cli):
+                continue
+            if name == "esm_dual_cli":
+                row[name] = fold_cli(ours, seqs, args)
+                _emit({"set": row}, args.attempts_out)
                 continue
             sync(device)
             t = time.perf_counter()
@@ -518,11 +527,49 @@ def suite(args, cfg: dict, device, models=None) -> dict:
             mode(ours, "esm_dual")
             _free()
             _emit({"set": row}, args.attempts_out)
-        for name in ("esm_dual", "esm_dual_fast", "esm_dual_fast_eager"):
+        for name in ("esm_dual", "esm_dual_fast", "esm_dual_fast_eager", "esm_dual_cli"):
             if name in row and "hf" in row:
                 row[f"time_ratio_hf_over_{name}"] = round(row["hf"]["seconds"] / row[name]["seconds"], 3)
         res["set"] = row
     return res
+
+
+def fold_cli(ours, seqs: list[str], args) -> dict:
+    """``esm-dual fold`` with its defaults over ``seqs``, in this process: the model saved in the hub layout to a
+    temporary folder, the set written as FASTA, then the command as a user types it. "seconds" is the
+    command's whole run (loading the checkpoint included); "fold_seconds" what it reports for folding."""
+    import contextlib
+    import io
+    import re
+    import shutil
+    import tempfile
+
+    from esm_dual.cli.main import main as cli_main
+
+    tmp = tempfile.mkdtemp(prefix="esmfold_cli_")
+    try:
+        ckpt, fasta, out = (os.path.join(tmp, x) for x in ("model", "set.fasta", "pdbs"))
+        t = time.perf_counter()
+        ours.save_pretrained(ckpt)
+        saved = time.perf_counter() - t
+        with open(fasta, "w") as f:
+            f.writelines(f">seq{i}\n{s}\n" for i, s in enumerate(seqs))
+        err = io.StringIO()
+        t = time.perf_counter()
+        with contextlib.redirect_stderr(err):
+            rc = cli_main(["fold", fasta, out, "--model", ckpt])
+        total = time.perf_counter() - t
+        m = re.search(r"folded (\d+) record\(s\) in ([0-9.]+) s", err.getvalue())
+        pdbs = len([x for x in os.listdir(out) if x.endswith(".pdb")]) if os.path.isdir(out) else 0
+        res = {"seconds": round(total, 2), "rc": rc, "pdbs": pdbs, "save_seconds": round(saved, 2)}
+        if m:
+            res["fold_seconds"] = float(m.group(2))
+        else:
+            res["stderr_tail"] = err.getvalue()[-500:]
+        return res
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _free()
 
 
 def _cueq_error() -> str | None:
@@ -690,6 +737,10 @@ def markdown_table(meta: dict, res: dict) -> str:
                   f"infer_pdbs, default (fast mode) {st.get('esm_dual_fast', {}).get('seconds', '-')} s "
                   f"({st.get('time_ratio_hf_over_esm_dual_fast', '-')}x), fp32 trunk "
                   f"{st.get('esm_dual', {}).get('seconds', '-')} s ({st.get('time_ratio_hf_over_esm_dual', '-')}x)"]
+        if "esm_dual_cli" in st:
+            c = st["esm_dual_cli"]
+            lines[-1] += (f"; `esm-dual fold` {c.get('seconds', '-')} s end to end, loading included "
+                          f"({st.get('time_ratio_hf_over_esm_dual_cli', '-')}x; folding {c.get('fold_seconds', '-')} s)")
     return "\n".join(lines)
 
 
@@ -743,6 +794,10 @@ def main(argv=None) -> int:
     p.add_argument("--drift-lengths", default="", help="--suite: fp16- vs fp32-stem folds at these lengths")
     p.add_argument("--set", type=int, default=0, help="--suite: also fold N UniRef-like sequences as a set")
     p.add_argument("--set-skip", default="", help="--suite: comma-separated impls to leave out of the set")
+    p.add_argument("--set-cli", action="store_true",
+                   help="--set: also run `esm-dual fold` with its defaults over the set (model saved to a temp dir)")
+    p.add_argument("--fp32-repeats", type=int, default=0, help="--suite: the fp32 trunk's folds per length "
+                   "(0: --repeats)")
     p.add_argument("--profile-lengths", default="", help="per-part time breakdown at these lengths")
     p.add_argument("--profile-recycles", type=int, default=0, help="--profile-lengths: recycles (0: one pass)")
     p.add_argument("--profile-impls", default="esm_dual,esm_dual_fast,hf", help="--profile-lengths: which models")
