@@ -285,6 +285,67 @@ def test_jax_mixed_bfloat16_inference_and_fit(hub_dir):
     assert all(np.isfinite(hist.history["loss"]))
 
 
+def test_key_lengths_tell_right_padding():
+    from esm_dual.tf.ops import key_lengths
+
+    def check(mask):
+        m = np.asarray(mask, np.float32)
+        lengths, ok = key_lengths(((1.0 - m) * -3.0e38)[:, None, None, :])
+        return np_(lengths).astype(int).tolist(), bool(np_(ok))
+
+    assert check([[1, 1, 1, 0], [1, 1, 0, 0]]) == ([3, 2], True)
+    assert check([[1, 1, 1, 1], [1, 0, 0, 0]]) == ([4, 1], True)
+    assert check([[0, 1, 1, 1], [1, 1, 0, 0]])[1] is False   # left padding
+    assert check([[1, 0, 1, 0], [1, 1, 0, 0]])[1] is False   # a hole
+    assert check([[0, 0, 0, 0], [1, 1, 0, 0]])[1] is False   # an empty row
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(BACKEND != "jax", reason="cuDNN attention is the JAX backend's")
+def test_jax_cudnn_attention_matches_xla_on_gpu(hub_dir, monkeypatch):
+    """bf16 on a GPU: cuDNN's flash attention (key lengths) against XLA's attention with the bias, on a
+    right-padded batch (cuDNN) and a left-padded one (the run-time fallback), outputs and gradients."""
+    import jax
+
+    if jax.default_backend() != "gpu":
+        pytest.skip("no JAX GPU")
+    from esm_dual.tf.ops import use_cudnn_attention
+
+    # head size 16: cuDNN takes multiples of 8 (the tiny models' 6 takes XLA's attention)
+    model = T.TFEsmForMaskedLM.from_pretrained(hub_dir("esm2", "mlm", hidden_size=48), dtype="mixed_bfloat16")
+    ids, mask = make_batch(seed=13)
+    monkeypatch.setenv("ESM_DUAL_KERAS_CUDNN_ATTENTION", "1")
+    assert use_cudnn_attention(keras.ops.zeros((1, 4, 2, model.config.head_dim), "bfloat16"))
+    assert not use_cudnn_attention(keras.ops.zeros((1, 4, 2, 6), "bfloat16"))
+    left_ids = np.stack([np.roll(r, int((m == 0).sum())) for r, m in zip(ids, mask)])
+    left_mask = np.stack([np.roll(m, int((m == 0).sum())) for m in mask])
+    assert (left_mask != mask).any()
+    labels = random_labels("mlm", ids, mask)
+
+    def run(i, m, lab):
+        tv, ntv = [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables]
+
+        def f(tv):
+            out, _ = model.stateless_call(tv, ntv, i, attention_mask=m, labels=lab)
+            return out.loss, out.logits
+
+        (loss, logits), g = jax.jit(jax.value_and_grad(f, has_aux=True))(tv)
+        return np_(logits), [np_(x) for x in g]
+
+    for i, m in ((ids, mask), (left_ids, left_mask)):
+        lab = np.where(m > 0, labels if i is ids else np.stack([np.roll(r, int((mm == 0).sum()))
+                                                                  for r, mm in zip(labels, mask)]), -100)
+        monkeypatch.setenv("ESM_DUAL_KERAS_CUDNN_ATTENTION", "1")
+        fused, gf = run(i, m, lab)
+        monkeypatch.setenv("ESM_DUAL_KERAS_CUDNN_ATTENTION", "0")
+        plain, gp = run(i, m, lab)
+        assert np.isfinite(fused).all()
+        real = m > 0
+        assert np.abs(fused - plain)[real].max() < 0.03 * np.abs(plain).max()
+        for a, b in zip(gf, gp):
+            assert np.isfinite(a).all() and np.abs(a - b).max() <= 0.05 * np.abs(b).max() + 1e-6
+
+
 # ------------------------------------------------------------------------------------------------
 # Value checks in eager, graph and XLA modes (issue 19: items 6 and 13)
 # ------------------------------------------------------------------------------------------------
