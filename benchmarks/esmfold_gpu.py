@@ -740,7 +740,8 @@ def markdown_table(meta: dict, res: dict) -> str:
         if "esm_dual_cli" in st:
             c = st["esm_dual_cli"]
             lines[-1] += (f"; `esm-dual fold` {c.get('seconds', '-')} s end to end, loading included "
-                          f"({st.get('time_ratio_hf_over_esm_dual_cli', '-')}x; folding {c.get('fold_seconds', '-')} s)")
+                          f"({st.get('time_ratio_hf_over_esm_dual_cli', '-')}x; "
+                          f"folding {c.get('fold_seconds', '-')} s)")
     return "\n".join(lines)
 
 
