@@ -10,6 +10,7 @@ they raise ``ValueError`` at once (eager TensorFlow, eager JAX, PyTorch); inside
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from typing import Any
 
@@ -79,8 +80,6 @@ def use_cudnn_attention(q) -> bool:
 
     Opt-in until its GPU test has run: on an H100 it made 650M inference 1.38x keras-hub's (XLA's attention:
     0.94x), but its agreement with XLA's attention and its backward pass are not yet measured on a GPU."""
-    import os
-
     import jax
 
     if os.environ.get("ESM_DUAL_KERAS_CUDNN_ATTENTION", "0") != "1" or jax.default_backend() != "gpu":

@@ -317,10 +317,10 @@ def test_jax_cudnn_attention_matches_xla_on_gpu(hub_dir, monkeypatch):
     monkeypatch.setenv("ESM_DUAL_KERAS_CUDNN_ATTENTION", "1")
     assert use_cudnn_attention(keras.ops.zeros((1, 4, 2, model.config.head_dim), "bfloat16"))
     assert not use_cudnn_attention(keras.ops.zeros((1, 4, 2, 6), "bfloat16"))
-    left_ids = np.stack([np.roll(r, int((m == 0).sum())) for r, m in zip(ids, mask)])
-    left_mask = np.stack([np.roll(m, int((m == 0).sum())) for m in mask])
-    assert (left_mask != mask).any()
     labels = random_labels("mlm", ids, mask)
+    shift = [int((m == 0).sum()) for m in mask]
+    left = [np.stack([np.roll(r, k) for r, k in zip(x, shift)]) for x in (ids, mask, labels)]
+    assert (left[1] != mask).any()
 
     def run(i, m, lab):
         tv, ntv = [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables]
@@ -329,16 +329,18 @@ def test_jax_cudnn_attention_matches_xla_on_gpu(hub_dir, monkeypatch):
             out, _ = model.stateless_call(tv, ntv, i, attention_mask=m, labels=lab)
             return out.loss, out.logits
 
-        (loss, logits), g = jax.jit(jax.value_and_grad(f, has_aux=True))(tv)
-        return np_(logits), [np_(x) for x in g]
+        step = jax.jit(jax.value_and_grad(f, has_aux=True))
+        (loss, logits), g = step(tv)
+        return np_(logits), [np_(x) for x in g], "cudnn" in step.lower(tv).as_text().lower()
 
-    for i, m in ((ids, mask), (left_ids, left_mask)):
-        lab = np.where(m > 0, labels if i is ids else np.stack([np.roll(r, int((mm == 0).sum()))
-                                                                  for r, mm in zip(labels, mask)]), -100)
+    for i, m, lab in ((ids, mask, labels), left):
+        lab = np.where(m > 0, lab, -100)
         monkeypatch.setenv("ESM_DUAL_KERAS_CUDNN_ATTENTION", "1")
-        fused, gf = run(i, m, lab)
+        fused, gf, has_cudnn = run(i, m, lab)
+        assert has_cudnn  # cuDNN was traced (not the silent fallback of a refused trace)
         monkeypatch.setenv("ESM_DUAL_KERAS_CUDNN_ATTENTION", "0")
-        plain, gp = run(i, m, lab)
+        plain, gp, has_cudnn = run(i, m, lab)
+        assert not has_cudnn
         assert np.isfinite(fused).all()
         real = m > 0
         assert np.abs(fused - plain)[real].max() < 0.03 * np.abs(plain).max()
