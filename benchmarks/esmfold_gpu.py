@@ -433,8 +433,8 @@ def suite(args, cfg: dict, device, models=None) -> dict:
     res: dict = {"per_length": [], "kernels": {"cueq_available": _cueq_available(), "cueq_error": _cueq_error()}}
     lengths = [int(x) for x in args.lengths.split(",") if x]
     for n in lengths:
-        # --repeats folds per model, each of another random sequence of this length ("auto" CUDA graphs
-        # capture a shape at its second fold, "on" at its first); "seconds" is the median of the folds
+        # --repeats folds per model, each of another random sequence of this length (CUDA graphs capture a
+        # shape at its first fold and replay it in later ones); "seconds" is the median of the folds
         # after the first (all of them if there is one), "first_seconds" the first fold's; "runs" all.
         seqs = [random_seq(n, rng) for _ in range(max(1, args.repeats))]
         recycles = args.num_recycles if n <= args.full_recycles_max else 0
@@ -507,7 +507,10 @@ def suite(args, cfg: dict, device, models=None) -> dict:
         seqs = [random_seq(n, set_rng) for n in lengths]
         row = {"sequences": len(seqs), "residues": int(sum(lengths)), "max_length": int(max(lengths)),
                "median_length": float(np.median(lengths))}
-        for name in ("hf", "esm_dual_fast", "esm_dual_fast_eager", "esm_dual", "esm_dual_cli"):
+        # "esm_dual_fast_one_by_one": infer_pdbs with max_tokens_per_batch=0 (each sequence alone, CUDA graphs on
+        # the length grid) against the default length buckets.
+        for name in ("hf", "esm_dual_fast", "esm_dual_fast_one_by_one", "esm_dual_fast_eager", "esm_dual",
+                     "esm_dual_cli"):
             if name in args.set_skip.split(",") or (name == "esm_dual_cli" and not args.set_cli):
                 continue
             if name == "esm_dual_cli":
@@ -519,6 +522,9 @@ def suite(args, cfg: dict, device, models=None) -> dict:
             with torch.no_grad():
                 if name == "hf":
                     pdbs = [hf.infer_pdb(s) for s in seqs]
+                elif name == "esm_dual_fast_one_by_one":
+                    mode(ours, "esm_dual_fast")
+                    pdbs = ours.infer_pdbs(seqs, num_recycles=args.num_recycles, max_tokens_per_batch=0)
                 else:
                     mode(ours, name)
                     pdbs = ours.infer_pdbs(seqs, num_recycles=args.num_recycles)
@@ -527,7 +533,7 @@ def suite(args, cfg: dict, device, models=None) -> dict:
             mode(ours, "esm_dual")
             _free()
             _emit({"set": row}, args.attempts_out)
-        for name in ("esm_dual", "esm_dual_fast", "esm_dual_fast_eager", "esm_dual_cli"):
+        for name in ("esm_dual", "esm_dual_fast", "esm_dual_fast_one_by_one", "esm_dual_fast_eager", "esm_dual_cli"):
             if name in row and "hf" in row:
                 row[f"time_ratio_hf_over_{name}"] = round(row["hf"]["seconds"] / row[name]["seconds"], 3)
         res["set"] = row
@@ -729,13 +735,15 @@ def markdown_table(meta: dict, res: dict) -> str:
             f"{f.get('mean_plddt_diff', '-')}, {f.get('ptm_diff', '-')} |")
     st = res.get("set")
     if st:
-        for k in ("esm_dual", "esm_dual_fast"):
+        for k in ("esm_dual", "esm_dual_fast", "esm_dual_fast_one_by_one"):
             if "seconds" in st.get(k, {}) and "seconds" in st.get("hf", {}):
                 st[f"time_ratio_hf_over_{k}"] = round(st["hf"]["seconds"] / st[k]["seconds"], 2)
         lines += ["", f"Set of {st['sequences']} UniRef-like sequences ({st['residues']} residues, longest "
                   f"{st['max_length']}): HF infer_pdb loop {st.get('hf', {}).get('seconds', '-')} s; esm-dual "
                   f"infer_pdbs, default (fast mode) {st.get('esm_dual_fast', {}).get('seconds', '-')} s "
-                  f"({st.get('time_ratio_hf_over_esm_dual_fast', '-')}x), fp32 trunk "
+                  f"({st.get('time_ratio_hf_over_esm_dual_fast', '-')}x), one by one "
+                  f"{st.get('esm_dual_fast_one_by_one', {}).get('seconds', '-')} s "
+                  f"({st.get('time_ratio_hf_over_esm_dual_fast_one_by_one', '-')}x), fp32 trunk "
                   f"{st.get('esm_dual', {}).get('seconds', '-')} s ({st.get('time_ratio_hf_over_esm_dual', '-')}x)"]
         if "esm_dual_cli" in st:
             c = st["esm_dual_cli"]
@@ -786,7 +794,7 @@ def main(argv=None) -> int:
     p.add_argument("--suite-impls", default="esm_dual,esm_dual_fast,hf",
                    help="--suite: which models per length (also esm_dual_eager, esm_dual_fast_eager: no CUDA graphs)")
     p.add_argument("--repeats", type=int, default=3,
-                   help="--suite: folds per model and length (other sequences; 'auto' graphs capture at the 2nd)")
+                   help="--suite: folds per model and length (other sequences; graphs capture at the 1st)")
     p.add_argument("--hf-repeats", type=int, default=0, help="--suite: HF's folds per length (0: --repeats)")
     p.add_argument("--full-recycles-max", type=int, default=1022,
                    help="--suite: longer sequences run one trunk pass (num_recycles 0) for every model")

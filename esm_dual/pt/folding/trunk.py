@@ -11,11 +11,19 @@ from torch import nn
 from ...common.config import TrunkConfig
 from ..fast.options import FastPathOptions, default_options
 from ..ops import is_compiling, observed_by_hooks
-from .graphs import PassGraphs, wants_graphs
+from .graphs import PassGraphs, graph_length, wants_graphs
 from .kernels import check_kernels
 from .primitives import chunked_rows, row_chunks, softmax_fp32, wide_op_rows
-from .structure_module import StructureModule
+from .structure_module import STRUCTURE_OUTPUTS, StructureModule
 from .triangular import TriangleAttention, TriangleMultiplicativeUpdate
+
+
+def _pad_residues(t: torch.Tensor, extra: int, pair: bool = False) -> torch.Tensor:
+    """``t`` [B, N, ...] (``pair``: [B, N, N, ...]) with ``extra`` zero residues appended."""
+    dims = (1, 2) if pair else (1,)
+    for d in dims:
+        t = torch.cat([t, t.new_zeros(t.shape[:d] + (extra,) + t.shape[d + 1:])], dim=d)
+    return t
 
 
 class SequenceToPair(nn.Module):
@@ -361,32 +369,38 @@ class FoldingTrunk(nn.Module):
                 raise ValueError("Number of recycles must not be negative.")
             no_recycles += 1  # the first pass is the ordinary forward pass
         B, N = seq_feats.shape[:2]
-        pair_shape = (B, N, N, self.recycle_z_norm.normalized_shape[0])
+        # Graphs replay kernels only: not where hooks want to see the modules run, nor inside torch.compile.
+        # A graphed fold is padded to the length grid (graphs.graph_length), so nearby lengths share a graph.
+        padded = graph_length(N)
+        graphs = (wants_graphs(self.graphs_mode, seq_feats.device, B * padded * padded, self.training)
+                  and not is_compiling() and not observed_by_hooks(self))
         feats = {"s_s_0": seq_feats, "true_aa": true_aa, "residx": residx, "mask": mask}
         if pair_feats is not None:
             feats["s_z_0"] = pair_feats
+        if graphs and padded != N:
+            # Padding as a padded batch's (zeros, mask 0): the blocks and the structure module mask it out.
+            feats = {k: _pad_residues(v, padded - N, pair=k == "s_z_0") for k, v in feats.items()}
+        else:
+            padded = N
+        s_0 = feats["s_s_0"]
+        pair_shape = (B, padded, padded, self.recycle_z_norm.normalized_shape[0])
         state = {
-            "s": torch.zeros_like(seq_feats),
-            "z": seq_feats.new_zeros(pair_shape) if pair_feats is None else torch.zeros_like(pair_feats),
-            "bins": torch.zeros(pair_shape[:-1], device=seq_feats.device, dtype=torch.int64),
+            "s": torch.zeros_like(s_0),
+            "z": s_0.new_zeros(pair_shape) if pair_feats is None else torch.zeros_like(feats["s_z_0"]),
+            "bins": torch.zeros(pair_shape[:-1], device=s_0.device, dtype=torch.int64),
         }
-        # No padding (a single sequence, or equal lengths): the blocks need no mask at all.
-        masked = not bool(mask.bool().all())
-        # Graphs replay kernels only: not where hooks want to see the modules run, nor inside torch.compile.
-        graphs = (wants_graphs(self.graphs_mode, seq_feats.device, B * N * N, self.training)
-                  and not is_compiling() and not observed_by_hooks(self))
+        # No padding (a single sequence, or equal lengths): the blocks need no mask at all. A graphed fold
+        # always takes the mask, so that a grid point has one graph whether or not it was padded.
+        masked = graphs or not bool(feats["mask"].bool().all())
         key = self._graph_key(feats, masked) if graphs else None
-        # "auto" captures a shape at its second fold (recording costs about one eager pass of CPU time, which
-        # the three replays of one fold do not win back); "on" at its first.
-        capture = graphs and self.graphs.note_fold(key, 1 if self.graphs_mode == "on" else 2)
 
         structure: dict = {}
         graph = None
         for i in range(no_recycles):
             with contextlib.nullcontext() if i == no_recycles - 1 else torch.no_grad():
                 graph = self.graphs.lookup(key) if graphs else None
-                if graph is False and i > 0 and capture:
-                    # The first pass ran eagerly (and warmed up the kernels): capture this shape.
+                if graph is False and i > 0:
+                    # A shape's first fold: its first pass ran eagerly (and warmed up the kernels); capture.
                     graph = self.graphs.capture(key, self._pass_fn(masked), {**feats, **state})
                 if graph:
                     flat = graph({**feats, **state})
@@ -398,11 +412,16 @@ class FoldingTrunk(nn.Module):
                     state = self._recycle_pass(feats, state, masked)
                     structure = state.pop("structure")
         s_s, s_z = state["s"], state["z"]
-        if graph:
-            # The outputs live in the graphs' pool until the next replay: hand out copies.
+        del state
+        if padded != N:
+            # Back to the caller's length: [S, B, N, ...] per structure block, [B, N, ...] and [B, N, N, C].
+            structure = {k: v[:, :, :N] if k in STRUCTURE_OUTPUTS else v[:, :N] for k, v in structure.items()}
+            s_s, s_z = s_s[:, :N], s_z[:, :N, :N]
+        if graph or padded != N:
+            # The outputs live in the graphs' pool until the next replay (and slices would keep the padded
+            # tensors alive): hand out copies.
             structure = {k: v.clone() for k, v in structure.items()}
             s_s, s_z = s_s.clone(), s_z.clone()
-        del state
         structure["s_s"] = s_s
         structure["s_z"] = s_z
         return structure
