@@ -509,7 +509,7 @@ def suite(args, cfg: dict, device, models=None) -> dict:
                "median_length": float(np.median(lengths))}
         # "esm_dual_fast_one_by_one": infer_pdbs with max_tokens_per_batch=0 (each sequence alone, CUDA graphs on
         # the length grid) against the default length buckets.
-        for name in ("hf", "esm_dual_fast", "esm_dual_fast_one_by_one", "esm_dual_fast_eager", "esm_dual",
+        for name in ("hf", "esm_dual_fast_one_by_one", "esm_dual_fast", "esm_dual_fast_eager", "esm_dual",
                      "esm_dual_cli"):
             if name in args.set_skip.split(",") or (name == "esm_dual_cli" and not args.set_cli):
                 continue
