@@ -31,12 +31,13 @@ def model(esmfold_dir):
 
 @pytest.fixture
 def cpu_graphs(monkeypatch):
-    """Graph mode on the CPU, with the re-running stand-in for CUDA graphs."""
+    """Graph mode on the CPU, with the re-running stand-in for CUDA graphs. The CPU model's trunk is fp32;
+    the decision is taken as for the fast trunk on CUDA (which "auto" graphs)."""
     real = graphs_mod.wants_graphs
 
-    def wants(mode, device, pairs, training):
-        return real(mode, torch.device("cuda"), pairs, training) if device.type == "cpu" else real(
-            mode, device, pairs, training)
+    def wants(mode, device, pairs, training, fast):
+        return real(mode, torch.device("cuda"), pairs, training, True) if device.type == "cpu" else real(
+            mode, device, pairs, training, fast)
 
     monkeypatch.setattr(trunk_mod, "wants_graphs", wants)
 
@@ -67,15 +68,32 @@ def _assert_same(a, b, tol=0.0):
 
 def test_wants_graphs_decision():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    wants = graphs_mod.wants_graphs
     with torch.no_grad():
-        assert graphs_mod.wants_graphs("auto", cuda, 256 * 256, False)
-        assert graphs_mod.wants_graphs("auto", cuda, graphs_mod.AUTO_MAX_PAIRS, False)
-        assert not graphs_mod.wants_graphs("auto", cuda, graphs_mod.AUTO_MAX_PAIRS + 1, False)
-        assert graphs_mod.wants_graphs("on", cuda, 4096 * 4096, False)
-        assert not graphs_mod.wants_graphs("off", cuda, 16, False)
-        assert not graphs_mod.wants_graphs("on", cpu, 16, False)  # CUDA only
-        assert not graphs_mod.wants_graphs("on", cuda, 16, True)  # never in training
-    assert not graphs_mod.wants_graphs("on", cuda, 16, False)  # never with gradients
+        assert wants("auto", cuda, 256 * 256, False, fast=True)
+        assert wants("auto", cuda, graphs_mod.AUTO_MAX_PAIRS, False, fast=True)
+        assert not wants("auto", cuda, graphs_mod.AUTO_MAX_PAIRS + 1, False, fast=True)
+        assert not wants("auto", cuda, 256 * 256, False, fast=False)  # "auto": the fast trunk only
+        assert wants("on", cuda, 4096 * 4096, False, fast=False)  # "on": any size, the fp32 trunk too
+        assert not wants("off", cuda, 16, False, fast=True)
+        assert not wants("on", cpu, 16, False, fast=True)  # CUDA only
+        assert not wants("on", cuda, 16, True, fast=True)  # never in training
+    assert not wants("on", cuda, 16, False, fast=True)  # never with gradients
+
+
+def test_the_trunk_tells_the_decision_which_trunk_runs(model, monkeypatch):
+    seen = []
+
+    def wants(mode, device, pairs, training, fast):
+        seen.append((mode, fast))
+        return False
+
+    monkeypatch.setattr(trunk_mod, "wants_graphs", wants)
+    with torch.no_grad():
+        for fast in (False, True):
+            model.set_fast(fast)
+            model.infer(SEQS[0], num_recycles=0)
+    assert seen == [("auto", False), ("auto", True)]
 
 
 @pytest.mark.parametrize("seqs", [SEQS[0], SEQS], ids=["single", "padded-batch"])
@@ -243,7 +261,7 @@ def test_cuda_graph_folds_match_eager_on_gpu(esmfold_dir, fast):
     with torch.no_grad():
         m.set_fast_path(fold_graphs="off")
         refs = [m.infer(s) for s in seqs]
-        m.set_fast_path(fold_graphs="auto")
+        m.set_fast_path(fold_graphs="auto" if fast else "on")  # "auto" graphs the fast trunk only
         firsts = [m.infer(s) for s in seqs]  # capture
         agains = [m.infer(s) for s in seqs]  # replay
     assert m.trunk.graphs.captures == len(seqs)

@@ -65,8 +65,9 @@ class FastPathOptions:
     - ``fold_graphs`` (``ESM_DUAL_FOLD_GRAPHS``: auto, on, off): each trunk pass of an ESMFold inference
       fold (blocks, structure module, recycling) replayed from a CUDA graph captured once per input shape
       (:mod:`esm_dual.pt.folding.graphs`), which removes the ~10k kernel launches a pass costs on the CPU.
-      "auto": on CUDA for folds of at most ``graphs.AUTO_MAX_PAIRS`` pair entries (batch x length^2; longer
-      folds keep the GPU busy without graphs); "on": every CUDA inference fold; "off": never. Graphed folds are
+      "auto": on CUDA, the fast (bf16) trunk's folds of at most ``graphs.AUTO_MAX_PAIRS`` pair entries
+      (batch x length^2; longer folds, and the fp32 trunk's, keep the GPU busy without graphs); "on": every
+      CUDA inference fold; "off": never. Graphed folds are
       padded to a multiple of 32 residues (``graphs.graph_length``), so nearby lengths share one graph,
       captured at the first fold on that grid point. Training,
       gradients and the CPU always run eagerly.

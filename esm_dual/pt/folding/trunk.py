@@ -372,7 +372,8 @@ class FoldingTrunk(nn.Module):
         # Graphs replay kernels only: not where hooks want to see the modules run, nor inside torch.compile.
         # A graphed fold is padded to the length grid (graphs.graph_length), so nearby lengths share a graph.
         padded = graph_length(N)
-        graphs = (wants_graphs(self.graphs_mode, seq_feats.device, B * padded * padded, self.training)
+        graphs = (wants_graphs(self.graphs_mode, seq_feats.device, B * padded * padded, self.training,
+                               fast=self.block_dtype is not None)
                   and not is_compiling() and not observed_by_hooks(self))
         feats = {"s_s_0": seq_feats, "true_aa": true_aa, "residx": residx, "mask": mask}
         if pair_feats is not None:
