@@ -319,10 +319,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--section", choices=("jax", "torch"), default="jax", help=argparse.SUPPRESS)
     ap.add_argument("--out", help="also write the JSON here")
     ap.add_argument("--cudnn-attention", action="store_true",
-                    help="esm-dual's opt-in cuDNN attention on JAX (ESM_DUAL_KERAS_CUDNN_ATTENTION=1)")
+                    help="(the default) esm-dual's attention through cuDNN on JAX GPUs")
+    ap.add_argument("--xla-attention", action="store_true",
+                    help="esm-dual's attention through XLA instead (ESM_DUAL_KERAS_CUDNN_ATTENTION=0)")
     args = ap.parse_args(argv)
-    if args.cudnn_attention:
-        os.environ["ESM_DUAL_KERAS_CUDNN_ATTENTION"] = "1"
+    if args.xla_attention:
+        os.environ["ESM_DUAL_KERAS_CUDNN_ATTENTION"] = "0"
     if args.smoke:
         args.n_seqs, args.budget, args.train_budget, args.reps = 8, 256, 256, 1
 
@@ -345,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                  "intermediate_size")},
         "n_seqs": args.n_seqs, "inference_batches": len(batches), "training_batches": len(train_batches),
         "buckets": list(buckets), "tokens": real_tokens(batches),
-        "esm_dual_cudnn_attention": os.environ.get("ESM_DUAL_KERAS_CUDNN_ATTENTION", "0") == "1",
+        "esm_dual_cudnn_attention": os.environ.get("ESM_DUAL_KERAS_CUDNN_ATTENTION", "1") != "0",
         "padded_tokens": int(sum(m.size for _, m in batches)),
         "lengths": {"median_residues": float(np.median(lengths_uniref(args.n_seqs, args.seed, max_res))),
                     "max_residues": int(lengths_uniref(args.n_seqs, args.seed, max_res).max())},

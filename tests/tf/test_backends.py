@@ -300,6 +300,29 @@ def test_key_lengths_tell_right_padding():
     assert check([[0, 0, 0, 0], [1, 1, 0, 0]])[1] is False   # an empty row
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="cuDNN attention is the JAX backend's")
+def test_cudnn_attention_decision(monkeypatch):
+    """On by default on a JAX GPU for half precision and head sizes cuDNN takes; off on the CPU, in fp32, for
+    other head sizes, and with ESM_DUAL_KERAS_CUDNN_ATTENTION=0."""
+    import jax
+
+    from esm_dual.tf.ops import use_cudnn_attention
+
+    def q(head, dtype="bfloat16"):
+        return keras.ops.zeros((1, 4, 2, head), dtype)
+
+    monkeypatch.delenv("ESM_DUAL_KERAS_CUDNN_ATTENTION", raising=False)
+    assert jax.default_backend() != "gpu" or use_cudnn_attention(q(64))
+    if jax.default_backend() != "gpu":
+        assert not use_cudnn_attention(q(64))  # the CPU: XLA's attention
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert use_cudnn_attention(q(64)) and use_cudnn_attention(q(16, "float16")) and use_cudnn_attention(q(128))
+    assert not use_cudnn_attention(q(64, "float32"))
+    assert not use_cudnn_attention(q(6)) and not use_cudnn_attention(q(136))
+    monkeypatch.setenv("ESM_DUAL_KERAS_CUDNN_ATTENTION", "0")
+    assert not use_cudnn_attention(q(64))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(BACKEND != "jax", reason="cuDNN attention is the JAX backend's")
 def test_jax_cudnn_attention_matches_xla_on_gpu(hub_dir, monkeypatch):
@@ -314,7 +337,7 @@ def test_jax_cudnn_attention_matches_xla_on_gpu(hub_dir, monkeypatch):
     # head size 16: cuDNN takes multiples of 8 (the tiny models' 6 takes XLA's attention)
     model = T.TFEsmForMaskedLM.from_pretrained(hub_dir("esm2", "mlm", hidden_size=48), dtype="mixed_bfloat16")
     ids, mask = make_batch(seed=13)
-    monkeypatch.setenv("ESM_DUAL_KERAS_CUDNN_ATTENTION", "1")
+    monkeypatch.delenv("ESM_DUAL_KERAS_CUDNN_ATTENTION", raising=False)  # the default: on
     assert use_cudnn_attention(keras.ops.zeros((1, 4, 2, model.config.head_dim), "bfloat16"))
     assert not use_cudnn_attention(keras.ops.zeros((1, 4, 2, 6), "bfloat16"))
     labels = random_labels("mlm", ids, mask)
