@@ -734,10 +734,7 @@ def markdown_table(meta: dict, res: dict) -> str:
             f"| {f.get('rmsd_angstrom', '-')} / {f.get('max_dev_angstrom', '-')}, "
             f"{f.get('mean_plddt_diff', '-')}, {f.get('ptm_diff', '-')} |")
     st = res.get("set")
-    if st:
-        for k in ("esm_dual", "esm_dual_fast", "esm_dual_fast_one_by_one"):
-            if "seconds" in st.get(k, {}) and "seconds" in st.get("hf", {}):
-                st[f"time_ratio_hf_over_{k}"] = round(st["hf"]["seconds"] / st[k]["seconds"], 2)
+    if st:  # suite() put the ratios in
         lines += ["", f"Set of {st['sequences']} UniRef-like sequences ({st['residues']} residues, longest "
                   f"{st['max_length']}): HF infer_pdb loop {st.get('hf', {}).get('seconds', '-')} s; esm-dual "
                   f"infer_pdbs, default (fast mode) {st.get('esm_dual_fast', {}).get('seconds', '-')} s "

@@ -318,13 +318,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch section")
     ap.add_argument("--section", choices=("jax", "torch"), default="jax", help=argparse.SUPPRESS)
     ap.add_argument("--out", help="also write the JSON here")
-    ap.add_argument("--cudnn-attention", action="store_true",
-                    help="(the default) esm-dual's attention through cuDNN on JAX GPUs")
-    ap.add_argument("--xla-attention", action="store_true",
-                    help="esm-dual's attention through XLA instead (ESM_DUAL_KERAS_CUDNN_ATTENTION=0)")
+    attention = ap.add_mutually_exclusive_group()
+    attention.add_argument("--cudnn-attention", action="store_true",
+                           help="esm-dual's attention through cuDNN on JAX GPUs (the default unless "
+                                "ESM_DUAL_KERAS_CUDNN_ATTENTION=0)")
+    attention.add_argument("--xla-attention", action="store_true",
+                           help="esm-dual's attention through XLA instead (ESM_DUAL_KERAS_CUDNN_ATTENTION=0)")
     args = ap.parse_args(argv)
-    if args.xla_attention:
-        os.environ["ESM_DUAL_KERAS_CUDNN_ATTENTION"] = "0"
+    if args.cudnn_attention or args.xla_attention:
+        os.environ["ESM_DUAL_KERAS_CUDNN_ATTENTION"] = "1" if args.cudnn_attention else "0"
     if args.smoke:
         args.n_seqs, args.budget, args.train_budget, args.reps = 8, 256, 256, 1
 
@@ -341,13 +343,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(res))
         return res
 
+    from esm_dual.tf.ops import cudnn_attention_enabled
+
     result = {
         "benchmark": "keras_gpu", "device": device_name(), "dtype": args.dtype, "smoke": args.smoke,
         "config": {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                  "intermediate_size")},
         "n_seqs": args.n_seqs, "inference_batches": len(batches), "training_batches": len(train_batches),
         "buckets": list(buckets), "tokens": real_tokens(batches),
-        "esm_dual_cudnn_attention": os.environ.get("ESM_DUAL_KERAS_CUDNN_ATTENTION", "1") != "0",
+        "esm_dual_cudnn_attention": cudnn_attention_enabled(),
         "padded_tokens": int(sum(m.size for _, m in batches)),
         "lengths": {"median_residues": float(np.median(lengths_uniref(args.n_seqs, args.seed, max_res))),
                     "max_residues": int(lengths_uniref(args.n_seqs, args.seed, max_res).max())},

@@ -74,6 +74,11 @@ def scaled_dot_product_attention(q, k, v, attention_bias, dropout: keras.layers.
     return ops.einsum("bhlm,bmhk->blhk", dropout(probs, training=training), v)
 
 
+def cudnn_attention_enabled() -> bool:
+    """The switch ``ESM_DUAL_KERAS_CUDNN_ATTENTION`` (default on; "0" turns cuDNN attention off)."""
+    return os.environ.get("ESM_DUAL_KERAS_CUDNN_ATTENTION", "1") != "0"
+
+
 def use_cudnn_attention(q) -> bool:
     """JAX on a CUDA GPU, half precision and a head size cuDNN's flash attention takes (a multiple of 8, at
     most 128): attention through cuDNN (``_jax_cudnn_attention``). ``ESM_DUAL_KERAS_CUDNN_ATTENTION=0`` (read
@@ -84,7 +89,7 @@ def use_cudnn_attention(q) -> bool:
     XLA's attention on right- and left-padded batches."""
     import jax
 
-    if os.environ.get("ESM_DUAL_KERAS_CUDNN_ATTENTION", "1") == "0" or jax.default_backend() != "gpu":
+    if not cudnn_attention_enabled() or jax.default_backend() != "gpu":
         return False
     head = q.shape[-1]
     return keras.backend.standardize_dtype(q.dtype) in ("bfloat16", "float16") and head % 8 == 0 and head <= 128
