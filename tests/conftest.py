@@ -39,6 +39,7 @@ SLOW_TESTS = (
     "tests/tf/test_fit_e2e.py",
     "tests/pt/test_encoder_gpu_bench.py::test_cpu_smoke_with_bounds",
     "tests/cli/test_embed_gpu_bench.py::test_cpu_smoke",
+    "tests/pt/test_esmfold_gpu_bench.py",
     "tests/pt/test_training_pt.py::test_training_loop_reduces_mlm_loss",
     "tests/tf/test_keras_training.py::test_mlm_trains_on_its_own_loss_with_labels_as_y",
     "tests/tf/test_keras_training.py::test_keras_loss_and_metrics_on_the_logits",

@@ -1,0 +1,41 @@
+"""benchmarks/esmfold_gpu.py in its CPU smoke mode (--tiny): the issue-22 suite per length (HF, the fp32 trunk,
+the fast mode on the same weights), the set through infer_pdbs and through `esm-dual fold`, and the README
+table it prints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from tests.utils import load_benchmark  # noqa: E402
+
+
+def test_cpu_smoke_suite_set_and_table(tmp_path, capsys):
+    bench = load_benchmark("esmfold_gpu")
+    table = tmp_path / "table.md"
+    assert bench.main(["--tiny", "--suite", "--lengths", "24,40", "--repeats", "2",
+                       "--suite-impls", "esm_dual,esm_dual_fast,hf", "--set", "4", "--max-len", "40",
+                       "--set-cli", "--markdown", str(table)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["mode"] == "suite" and report["device"] == "cpu"
+    rows = report["results"]["per_length"]
+    assert [r["length"] for r in rows] == [24, 40]
+    for r in rows:
+        for impl in ("esm_dual", "esm_dual_fast", "hf"):
+            assert len(r[impl]["runs"]) == 2 and r[impl]["seconds"] > 0, (impl, r[impl])
+        # same weights, fp32 on the CPU: esm-dual's fp32 trunk is HF's fold
+        assert r["esm_dual_vs_hf"]["max_dev_angstrom"] < 1e-3, r["esm_dual_vs_hf"]
+        assert r["fast_vs_fp32_trunk"]["finite"] and r["fast_vs_fp32_trunk"]["rmsd_angstrom"] < 0.5
+        assert r["time_ratio_hf_over_esm_dual"] == pytest.approx(r["hf"]["seconds"] / r["esm_dual"]["seconds"],
+                                                                 rel=0.05, abs=0.01)
+    s = report["results"]["set"]
+    assert s["sequences"] == 4 and s["max_length"] <= 40
+    for impl in ("hf", "esm_dual_fast", "esm_dual_fast_one_by_one", "esm_dual", "esm_dual_cli"):
+        assert s[impl]["pdbs"] == 4, (impl, s[impl])
+    assert s["esm_dual_cli"]["rc"] == 0
+    text = table.read_text()
+    assert "| 24 |" in text and "| 40 |" in text and "Set of 4 UniRef-like sequences" in text
