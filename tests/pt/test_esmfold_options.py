@@ -137,3 +137,54 @@ def test_cueq_import_error_says_why(monkeypatch):
         assert not kernels.use_cueq("cueq", torch.zeros(1))
     finally:
         kernels.cueq_import_error.cache_clear()
+
+
+def test_the_fast_modes_pair_layer_norms_write_the_autocast_dtype(model, monkeypatch):
+    """In the fast mode (bf16 trunk, fused kernels, Triton on) the pair LayerNorms that feed only projections
+    go through fast.kernels.layer_norm_rows into bf16, one per update and block (the triangle attention's
+    LayerNorm, needed for its bias and its rows, is computed once when the rows are not chunked); the fp32
+    trunk, the bf16 trunk with the fp32 path's kernels and Triton switched off keep torch's LayerNorm. On the
+    CPU the function falls back to the module and the cast the projections would make: the same folds."""
+    from esm_dual.pt.folding import kernels
+
+    calls = []
+    real = kernels.layer_norm_rows
+
+    def spy(x, ln, out_dtype, options=None):
+        calls.append((tuple(x.shape), out_dtype))
+        return real(x, ln, out_dtype, options)
+
+    monkeypatch.setattr(kernels, "layer_norm_rows", spy)
+    seq = SEQS[0]
+    passes = model.config.esmfold_config.trunk.max_recycles
+    blocks = len(model.trunk.blocks)
+    folds = {}
+    for name, changes in (("fast", dict(fold_fast="on", fold_kernels="sdpa", triton=True)),
+                          ("no_triton", dict(fold_fast="on", fold_kernels="sdpa", triton=False)),
+                          ("bf16_torch", dict(fold_fast="on", fold_kernels="torch", triton=True)),
+                          ("fp32", dict(fold_fast="off", triton=True))):
+        model.set_fast_path(**changes)
+        calls.clear()
+        with torch.no_grad():
+            folds[name] = model.infer(seq)["positions"]
+        on = {b.mlp_pair.ln_options is not None for b in model.trunk.blocks}
+        n, c_z = len(seq), model.config.esmfold_config.trunk.pairwise_state_dim
+        if name == "fast":
+            # pair -> sequence, starting and ending triangle attention, pair transition
+            assert calls == [((1, n, n, c_z), torch.bfloat16)] * (4 * blocks * passes)
+            assert on == {True}
+        else:
+            assert calls == [] and on == {False}, name
+    assert torch.equal(folds["fast"], folds["no_triton"])
+    # with gradients (training) and outside autocast the fast mode's modules keep torch's LayerNorm
+    ln, x = model.trunk.blocks[0].mlp_pair.mlp[0], torch.randn(1, 5, 5, c_z)
+    model.set_fast_path(fold_fast="on", fold_kernels="sdpa", triton=True)
+    options = model.fast_path_options
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kernels.pair_layer_norm(ln, x, options)
+        assert y.dtype == torch.float32 and torch.equal(y, ln(x))
+        with torch.no_grad():
+            assert kernels.pair_layer_norm(ln, x, options).dtype == torch.bfloat16
+    with torch.no_grad():
+        assert kernels.pair_layer_norm(ln, x, options).dtype == torch.float32
+    assert len(calls) == 1

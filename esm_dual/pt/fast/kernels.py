@@ -324,3 +324,81 @@ def pending_layer_norm(h: torch.Tensor, pending: torch.Tensor | None, ln,
         pending = pending.to(device=h.device, dtype=torch.float32).contiguous()
     return _launch_ln(None, h, pending, ln, None)
 
+
+
+# ================================================================================================
+# LayerNorm of strided rows into another dtype (Triton, inference): ESMFold's pair tensors
+# ================================================================================================
+
+
+def _strided_ln_kernel():
+    if "strided_ln" in _KERNELS:
+        return _KERNELS["strided_ln"]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def strided_layer_norm(X, W, B, Y, T, D, S1, S2, stride0, stride1, stride2, eps, BLOCK: tl.constexpr,
+                           ROWS: tl.constexpr):
+        # Row r of the [T = S0 * S1 * S2, D] view is x[r // (S1 S2), (r // S2) % S1, r % S2, :], which sits at
+        # that index times (stride0, stride1, stride2); the last dim is contiguous. y [T, D] is contiguous, in
+        # Y's dtype; the statistics and the affine map in fp32.
+        rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+        offs = (rows // (S1 * S2)) * stride0 + ((rows // S2) % S1) * stride1 + (rows % S2) * stride2
+        cols = tl.arange(0, BLOCK)[None, :]
+        cm = cols < D
+        m = (rows[:, None] < T) & cm
+        x = tl.load(X + offs[:, None] + cols, mask=m, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1)[:, None] / D
+        d = tl.where(m, x - mean, 0.0)
+        var = tl.sum(d * d, axis=1)[:, None] / D
+        rstd = 1.0 / tl.sqrt(var + eps)
+        w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=cm, other=0.0).to(tl.float32)
+        tl.store(Y + rows[:, None] * D + cols, (d * rstd * w + b).to(Y.dtype.element_ty), mask=m)
+
+    _KERNELS["strided_ln"] = strided_layer_norm
+    return strided_layer_norm
+
+
+def _three_row_dims(x: torch.Tensor) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
+    """x's leading dims (all but the last) as at most three (size, stride) pairs, merging dims that are
+    contiguous with each other; None if more than three remain."""
+    dims: list[list[int]] = []
+    for size, stride in zip(x.shape[:-1], x.stride()[:-1]):
+        if size == 1:
+            continue
+        if dims and dims[-1][1] == stride * size:
+            dims[-1] = [dims[-1][0] * size, stride]
+        else:
+            dims.append([size, stride])
+    if len(dims) > 3:
+        return None
+    dims = [[1, 0]] * (3 - len(dims)) + dims
+    return tuple(d[0] for d in dims), tuple(d[1] for d in dims)
+
+
+def layer_norm_rows(x: torch.Tensor, ln, out_dtype: torch.dtype,
+                    options: FastPathOptions | None = None) -> torch.Tensor:
+    """``ln(x).to(out_dtype)`` in one pass over memory (no autograd), as a new contiguous tensor. x's last dim
+    is normalised (it must be contiguous); the leading dims may be strided, so a transposed pair tensor
+    ([B, J, I, C] view of [B, I, J, C]) is read where it is, without the copy torch's LayerNorm makes. ``ln`` is
+    an ``nn.LayerNorm`` over that dim. ESMFold's bf16 trunk feeds its fp32 pair state to LayerNorms whose
+    outputs go only to bf16 projections: writing bf16 here saves the fp32 output and every projection's cast.
+    Falls back to the torch ops where Triton cannot run."""
+    dims = _three_row_dims(x) if x.dim() >= 2 and x.stride(-1) == 1 else None
+    if not triton_ok(x, options) or dims is None or x.shape[-1] > 8192:
+        return ln(x).to(out_dtype)
+    import triton
+
+    (_, s1, s2), strides = dims
+    D = x.shape[-1]
+    T = x.numel() // D if D else 0
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if T:
+        block = _next_pow2(D)
+        rows = max(1, min(16, 2048 // block))
+        _strided_ln_kernel()[(triton.cdiv(T, rows),)](
+            x, ln.weight, ln.bias, y, T, D, s1, s2, *strides, float(ln.eps), BLOCK=block, ROWS=rows,
+            num_warps=4 if block * rows >= 1024 else 2)
+    return y

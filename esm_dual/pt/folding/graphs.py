@@ -118,9 +118,14 @@ class PassGraphs:
         self._params: tuple[int, ...] | None = None
         self._pool = None
         self.captures = 0  # how many graphs were captured (tests and benchmarks read it)
+        # True: a shape's first fold runs its first pass eagerly and captures at the second; False: it
+        # captures at the first pass (no eager warm-up of the kernels in that shape).
+        self.warmup_pass = True
 
     def __deepcopy__(self, memo):
-        return PassGraphs(self.max_graphs, self.graph_type)
+        new = PassGraphs(self.max_graphs, self.graph_type)
+        new.warmup_pass = self.warmup_pass
+        return new
 
     def __getstate__(self):
         return {"max_graphs": self.max_graphs, "graph_type": self.graph_type}

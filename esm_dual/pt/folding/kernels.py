@@ -21,6 +21,9 @@ import math
 
 import torch
 
+from ..fast.kernels import layer_norm_rows
+from ..fast.options import FastPathOptions
+
 KERNELS = ("torch", "sdpa", "cueq")
 
 
@@ -56,6 +59,18 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def pair_layer_norm(ln, x: torch.Tensor, options: FastPathOptions | None) -> torch.Tensor:
+    """``ln(x)`` where x feeds only projections. With ``options`` (the fast mode's: set by
+    ``FoldingTrunk.configure``), under autocast and without gradients, the output is written once in the
+    autocast dtype by a Triton kernel that also reads a transposed x in place (``fast.kernels.layer_norm_rows``):
+    the projections would cast it anyway, so the numbers are the same, and the fp32 output, the per-projection
+    casts and the ending-node transpose copy are saved. Otherwise torch's LayerNorm."""
+    dev = x.device.type
+    if options is None or torch.is_grad_enabled() or not torch.is_autocast_enabled(dev):
+        return ln(x)
+    return layer_norm_rows(x, ln, torch.get_autocast_dtype(dev), options)
 
 
 def cueq_triangle_multiplication(module, z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

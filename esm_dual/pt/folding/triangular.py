@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kernels import compute_dtype, cueq_triangle_attention, cueq_triangle_multiplication, use_cueq
+from ..fast.options import FastPathOptions
+from .kernels import compute_dtype, cueq_triangle_attention, cueq_triangle_multiplication, pair_layer_norm, use_cueq
 from .primitives import Attention, aligned_bias, aligned_empty, row_chunks, sdpa_bias_ok
 
 
@@ -28,6 +29,8 @@ class TriangleAttention(nn.Module):
         # default); set from the model's options by FoldingTrunk.configure
         self.kernels = "torch"
         self.triangle_sdpa: bool | None = None
+        # the fast mode's options where its LayerNorm writes the autocast dtype (kernels.pair_layer_norm)
+        self.ln_options: FastPathOptions | None = None
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, chunk_size: int | None = None
@@ -37,7 +40,7 @@ class TriangleAttention(nn.Module):
             # The ending-node variant is the starting-node one on the transposed pair tensor.
             x = x.transpose(-2, -3)
             mask = None if mask is None else mask.transpose(-1, -2)
-        x = self.layer_norm(x)
+        x = pair_layer_norm(self.layer_norm, x, self.ln_options)
         if x.dim() == 4 and use_cueq(self.kernels, x):
             # [B, J, J, H] -> [B, H, J, J]
             bias = self.linear(x).permute(0, 3, 1, 2)
@@ -82,10 +85,14 @@ class TriangleAttention(nn.Module):
         h = self.linear.out_features
         # [B, H, J, J], row block by row block: bias[b, h, j, k] = linear(LN(z))[b, j, k, h]
         bias = aligned_empty((B, h, n, n), zt, compute_dtype(zt) if (sdpa or cueq) else torch.float32)
-        for rows in row_chunks(n, chunk_size):
-            bias[:, :, rows] = self.linear(self.layer_norm(zt[:, rows])).permute(0, 3, 1, 2)
-        for rows in row_chunks(n, chunk_size):
-            x = self.layer_norm(zt[:, rows])
+        chunks = list(row_chunks(n, chunk_size))
+        for rows in chunks:
+            x = pair_layer_norm(self.layer_norm, zt[:, rows], self.ln_options)
+            bias[:, :, rows] = self.linear(x).permute(0, 3, 1, 2)
+        for rows in chunks:
+            # One chunk: the LayerNorm of every row is at hand already (the rows are unchanged until the add).
+            if len(chunks) > 1:
+                x = pair_layer_norm(self.layer_norm, zt[:, rows], self.ln_options)
             m = None if mt is None else mt[:, rows]
             if cueq:
                 zt[:, rows] += cueq_triangle_attention(self.mha, x, bias, m)

@@ -12,7 +12,7 @@ from ...common.config import TrunkConfig
 from ..fast.options import FastPathOptions, default_options
 from ..ops import is_compiling, observed_by_hooks
 from .graphs import PassGraphs, graph_length, wants_graphs
-from .kernels import check_kernels
+from .kernels import check_kernels, pair_layer_norm
 from .primitives import chunked_rows, row_chunks, softmax_fp32, wide_op_rows
 from .structure_module import STRUCTURE_OUTPUTS, StructureModule
 from .triangular import TriangleAttention, TriangleMultiplicativeUpdate
@@ -61,10 +61,12 @@ class PairToSequence(nn.Module):
         super().__init__()
         self.layernorm = nn.LayerNorm(pairwise_state_dim)
         self.linear = nn.Linear(pairwise_state_dim, num_heads, bias=False)
+        self.ln_options: FastPathOptions | None = None  # see kernels.pair_layer_norm
 
     def forward(self, z: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """z [B, N, N, C_z] -> bias [B, N, N, H]."""
-        return chunked_rows(lambda x: self.linear(self.layernorm(x)), z, chunk_size)
+        return chunked_rows(lambda x: self.linear(pair_layer_norm(self.layernorm, x, self.ln_options)), z,
+                            chunk_size)
 
 
 class ResidueMLP(nn.Module):
@@ -79,6 +81,7 @@ class ResidueMLP(nn.Module):
             nn.Linear(inner_dim, embed_dim),
             nn.Dropout(dropout),
         )
+        self.ln_options: FastPathOptions | None = None  # pair transitions: see kernels.pair_layer_norm
 
     def forward(self, x: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """x [B, N, C] or [B, N, N, C]; pair inputs are chunked over rows."""
@@ -88,8 +91,9 @@ class ResidueMLP(nn.Module):
 
     def add_into(self, z: torch.Tensor, chunk_size: int | None) -> None:
         """z = self(z) in place, row block by row block (inference; pair inputs)."""
+        ln, rest = self.mlp[0], self.mlp[1:]
         for r in row_chunks(z.shape[1], chunk_size):
-            z[:, r] += self.mlp(z[:, r])
+            z[:, r] += rest(pair_layer_norm(ln, z[:, r], self.ln_options))
 
 
 class SequenceAttention(nn.Module):
@@ -272,11 +276,15 @@ class FoldingTrunk(nn.Module):
         self.block_dtype = torch.bfloat16 if bf16 else None
         self.kernels = check_kernels(kernels)
         self.graphs_mode = options.fold_graphs
+        # The fast mode's pair LayerNorms write bf16 through Triton (kernels.pair_layer_norm).
+        fast_ln = options if (bf16 and kernels != "torch" and options.triton) else None
         for block in self.blocks:
             for m in (block.tri_mul_out, block.tri_mul_in, block.tri_att_start, block.tri_att_end):
                 m.kernels = kernels
             for m in (block.tri_att_start, block.tri_att_end):
                 m.triangle_sdpa = options.triangle_sdpa
+            for m in (block.tri_att_start, block.tri_att_end, block.pair_to_sequence, block.mlp_pair):
+                m.ln_options = fast_ln
 
     def _autocast(self, device: torch.device):
         if self.block_dtype is None or self.block_dtype == torch.float32:
@@ -335,7 +343,7 @@ class FoldingTrunk(nn.Module):
         parameters' addresses are checked here too (the cache is dropped when they change)."""
         self.graphs.check_parameters(tuple(p.data_ptr() for p in self.parameters()))
         shapes = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(feats.items()))
-        kernels = tuple((m.kernels, getattr(m, "triangle_sdpa", None))
+        kernels = tuple((m.kernels, getattr(m, "triangle_sdpa", None), getattr(m, "ln_options", None) is not None)
                         for m in (self.blocks[0].tri_mul_out, self.blocks[0].tri_att_start)) if len(self.blocks) else ()
         dev = feats["s_s_0"].device
         # A caller's autocast changes what the recorded kernels compute; buffers made under inference mode
@@ -400,7 +408,7 @@ class FoldingTrunk(nn.Module):
         for i in range(no_recycles):
             with contextlib.nullcontext() if i == no_recycles - 1 else torch.no_grad():
                 graph = self.graphs.lookup(key) if graphs else None
-                if graph is False and i > 0:
+                if graph is False and (i > 0 or not self.graphs.warmup_pass):
                     # A shape's first fold: its first pass ran eagerly (and warmed up the kernels); capture.
                     graph = self.graphs.capture(key, self._pass_fn(masked), {**feats, **state})
                 if graph:

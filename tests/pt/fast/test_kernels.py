@@ -86,3 +86,50 @@ def test_fused_qkv_projection_matches_module_calls(tmp_path):
     assert maxdiff(fused, ref) < TOL
     for a, b in zip(g_fused, g_ref):
         assert maxdiff(a, b) < TOL * max(1.0, b.abs().max().item())
+
+
+def _pair_views(device):
+    """A [2, 24, 24, C] pair tensor as ESMFold's trunk reads it: whole, transposed (the ending-node
+    orientation), row blocks of both, one batch row; and a [T, C] matrix."""
+    torch.manual_seed(0)
+    z = torch.randn(2, 24, 24, 128, device=device) * 3 + 1
+    zt = z.transpose(1, 2)
+    return {"whole": z, "transposed": zt, "rows": z[:, 3:9], "transposed_rows": zt[:, 5:11], "one": z[0],
+            "matrix": z.reshape(-1, 128), "narrow": z[..., :100].contiguous()}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (CUDA or _INTERPRET) or not triton_available(), reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_strided_layer_norm_matches_module(out_dtype):
+    from esm_dual.pt.fast.kernels import layer_norm_rows
+
+    device = "cuda" if CUDA else "cpu"
+    for name, x in _pair_views(device).items():
+        ln = torch.nn.LayerNorm(x.shape[-1]).to(device)
+        with torch.no_grad():
+            ln.weight.normal_()
+            ln.bias.normal_()
+            y, ref = layer_norm_rows(x, ln, out_dtype), ln(x)
+        assert y.dtype == out_dtype and y.shape == x.shape and y.is_contiguous(), name
+        # fp32: the module's value; bf16: the module's value rounded (within one bf16 step)
+        tol = ref.abs() * 2**-7 + 1e-5 if out_dtype == torch.bfloat16 else 1e-5
+        assert bool(((y.float() - ref).abs() <= tol).all()), (name, float((y.float() - ref).abs().max()))
+
+
+def test_strided_layer_norm_falls_back_to_the_module():
+    """Where Triton cannot run (the CPU without the interpreter, Triton switched off, a last dim that is not
+    contiguous), layer_norm_rows is the module followed by the cast."""
+    from esm_dual.pt.fast.kernels import layer_norm_rows
+    from esm_dual.pt.fast.options import FastPathOptions
+
+    views = _pair_views("cuda" if CUDA else "cpu")
+    views["channels_strided"] = views["whole"].transpose(-1, -2)[..., :24]
+    off = FastPathOptions(triton=False)
+    for name, x in views.items():
+        ln = torch.nn.LayerNorm(x.shape[-1]).to(x.device)
+        with torch.no_grad():
+            y = layer_norm_rows(x, ln, torch.bfloat16, off)
+            assert torch.equal(y, ln(x).to(torch.bfloat16)), name
+            if not (CUDA or _INTERPRET) or name == "channels_strided":
+                assert torch.equal(layer_norm_rows(x, ln, torch.bfloat16), y), name
