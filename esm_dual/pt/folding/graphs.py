@@ -121,7 +121,8 @@ class PassGraphs:
         # True: a shape's first fold runs its first pass eagerly (which tunes the fused kernels for that
         # shape) and captures at the second; False: it captures at the first pass. Both capture cleanly with
         # cuEquivariance 0.13 on an H100; on a shape seen before, capturing at once saved 0.16 s of a
-        # 256-residue first fold, on a new shape it measured slower (docs/performance.md).
+        # 256-residue first fold, on new shapes such first folds took more than an eager fold
+        # (docs/performance.md).
         self.warmup_pass = True
 
     def __deepcopy__(self, memo):
