@@ -325,7 +325,6 @@ def pending_layer_norm(h: torch.Tensor, pending: torch.Tensor | None, ln,
     return _launch_ln(None, h, pending, ln, None)
 
 
-
 # ================================================================================================
 # LayerNorm of strided rows into another dtype (Triton, inference): ESMFold's pair tensors
 # ================================================================================================
