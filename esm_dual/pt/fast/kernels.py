@@ -9,6 +9,8 @@ cannot: off CUDA, without the package, or with ``FastPathOptions.triton`` off).
   (:class:`_QKVRotary`), where the projections are plain ``nn.Linear`` modules.
 - Residual add + LayerNorm in one pass over [T, D] (:func:`add_layer_norm`), and LayerNorm of h plus a
   pending fp32 bias vector (:func:`pending_layer_norm`), statistics in fp32. Inference only.
+- LayerNorm of rows with strided leading dims into another dtype (:func:`layer_norm_rows`): ESMFold's fast
+  mode reads its fp32 pair state (also transposed, in place) and writes bf16 for the projections. Inference only.
 
 Under Triton's ``TRITON_INTERPRET=1`` the kernels also run on the CPU (slowly: kernel tests).
 """
