@@ -150,9 +150,14 @@ def test_one_graph_per_grid_point_and_the_cache_is_bounded(model, cpu_graphs):
         assert cache.captures == 3 and len(cache) == 2  # 40's graph (64), the least recently used, is gone
         model.infer("M" * 50, num_recycles=1)
         assert cache.captures == 4
-        # a single pass never captures (nothing to replay in that fold)
+        # a single pass never captures (nothing to replay in that fold) ...
         model.infer("M" * 100, num_recycles=0)
         assert cache.captures == 4
+        # ... unless the warm-up pass is off: then a shape is captured at its first pass
+        cache.warmup_pass = False
+        assert copy.deepcopy(cache).warmup_pass is False
+        model.infer("M" * 100, num_recycles=0)
+        assert cache.captures == 5
 
 
 def test_changed_options_and_replaced_parameters_capture_again(model, cpu_graphs):

@@ -91,9 +91,12 @@ class ResidueMLP(nn.Module):
 
     def add_into(self, z: torch.Tensor, chunk_size: int | None) -> None:
         """z = self(z) in place, row block by row block (inference; pair inputs)."""
-        ln, rest = self.mlp[0], self.mlp[1:]
+        ln, *rest = self.mlp
         for r in row_chunks(z.shape[1], chunk_size):
-            z[:, r] += rest(pair_layer_norm(ln, z[:, r], self.ln_options))
+            h = pair_layer_norm(ln, z[:, r], self.ln_options)
+            for layer in rest:
+                h = layer(h)
+            z[:, r] += h
 
 
 class SequenceAttention(nn.Module):
