@@ -150,14 +150,46 @@ def test_one_graph_per_grid_point_and_the_cache_is_bounded(model, cpu_graphs):
         assert cache.captures == 3 and len(cache) == 2  # 40's graph (64), the least recently used, is gone
         model.infer("M" * 50, num_recycles=1)
         assert cache.captures == 4
-        # a single pass never captures (nothing to replay in that fold) ...
-        model.infer("M" * 100, num_recycles=0)
-        assert cache.captures == 4
-        # ... unless the warm-up pass is off: then a shape is captured at its first pass
-        cache.warmup_pass = False
-        assert copy.deepcopy(cache).warmup_pass is False
+        # a variant warmed up before: a new shape is captured at its first pass, even in a one-pass fold ...
         model.infer("M" * 100, num_recycles=0)
         assert cache.captures == 5
+        # ... where "shape" (an eager warm-up pass before every capture) leaves a one-pass fold eager
+        cache.warmup = "shape"
+        assert copy.deepcopy(cache).warmup == "shape" and pickle.loads(pickle.dumps(cache)).warmup == "shape"
+        model.infer("M" * 130, num_recycles=0)
+        assert cache.captures == 5
+    with pytest.raises(ValueError, match="warmup must be one of variant, shape, never"):
+        cache.warmup = "once"
+
+
+@pytest.mark.parametrize("warmup, events", [
+    ("variant", [["warm-up", "capture"], ["capture"], ["warm-up", "capture"]]),
+    ("shape", [["warm-up", "capture"], ["warm-up", "capture"], ["warm-up", "capture"]]),
+    ("never", [["capture"], ["capture"], ["capture"]]),
+])
+def test_a_variants_first_fold_warms_up_before_its_capture(model, cpu_graphs, warmup, events):
+    """Under "variant" only the first graphed fold of a variant (the graph key without the shapes) runs an
+    eager pass before capturing: later grid points are captured at their first pass, and fold what eager
+    folds do; another variant (here a chunk size) warms up again."""
+    cache = _stand_in(model)
+    cache.warmup = warmup
+    log: list[str] = []
+    capture, warmed_up = cache.capture, cache.warmed_up
+    cache.capture = lambda *a: (log.append("capture"), capture(*a))[1]
+    cache.warmed_up = lambda v: (log.append("warm-up"), warmed_up(v))[1]
+    seqs = [SEQS[0], SEQS[0] * 2]  # grid points 32 and 64
+    got = []
+    with torch.no_grad():
+        for seq, chunk in ((seqs[0], None), (seqs[1], None), (seqs[1], 4)):
+            model.set_chunk_size(chunk)
+            log.clear()
+            out = model.infer(seq, num_recycles=2)
+            got.append(list(log))
+            model.set_fast_path(fold_graphs="off")
+            _assert_same(out, model.infer(seq, num_recycles=2), PADDED_TOL)
+            model.set_fast_path(fold_graphs="auto")
+        model.set_chunk_size(None)
+    assert got == events and cache.captures == 3
 
 
 def test_changed_options_and_replaced_parameters_capture_again(model, cpu_graphs):

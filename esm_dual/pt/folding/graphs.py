@@ -7,13 +7,15 @@ shape into a CUDA graph and replays it.
 
 Shapes are padded to a grid (:func:`graph_length`: lengths rounded up to a multiple of 32, the padding
 masked as in a padded batch), so a set of varied lengths shares a few graphs: every length from 225 to
-256 replays one graph. Under "auto" a shape is captured at its first fold: that fold runs its first pass
-eagerly (which also warms up cuBLAS and the fused kernels' tuning), captures the pass, and replays it for
-the other passes; later folds of any length on the same grid point replay every pass. Recording costs
-about one eager pass of CPU time, so a capture fold costs about what an eager fold does (H100: 1.17 against
-1.34 s at 256 residues with cuEquivariance, 1.15 against 1.04 s with the fallback kernels) and a replayed
-fold about half. "auto" graphs the fast (bf16) trunk up to ``AUTO_MAX_PAIRS``; "on" any size, the fp32
-trunk too.
+256 replays one graph. Under "auto" a shape is captured at its first fold and replayed for its other passes;
+later folds of any length on the same grid point replay every pass. The trunk's first graphed fold in a
+variant (precision, kernels, chunking, autocast, inference mode: everything in the graph key but the
+shapes) runs its first pass eagerly before capturing, which compiles the Triton kernels and initialises
+cuBLAS, cuDNN and cuEquivariance outside a capture; later shapes of that variant are captured at their
+first pass (``PassGraphs.warmup``). Recording costs about one eager pass of CPU time (H100, fast mode: an
+eager pass 0.61-0.74 s, a capture 0.70-0.79 s, a replay 0.09 / 0.36 s at 256 / 512 residues), so a new
+grid point's first fold costs about one capture more than a replayed fold. "auto" graphs the fast (bf16)
+trunk up to ``AUTO_MAX_PAIRS``; "on" any size, the fp32 trunk too.
 
 What a graph holds: static input buffers (the features and the recycled states; they live outside the
 graphs' memory pool), the recorded kernels (which read the parameters where they are: weights changed in
@@ -41,6 +43,8 @@ AUTO_MAX_PAIRS = 512 * 512
 MAX_GRAPHS = 16
 # Graphed folds are padded to a multiple of this many residues (see graph_length).
 GRAPH_LENGTH_STEP = 32
+# PassGraphs.warmup: which new shapes run an eager pass before their capture ("variant": a variant's first).
+WARMUP = ("variant", "shape", "never")
 
 Tensors = dict[str, torch.Tensor]
 
@@ -118,23 +122,44 @@ class PassGraphs:
         self._params: tuple[int, ...] | None = None
         self._pool = None
         self.captures = 0  # how many graphs were captured (tests and benchmarks read it)
-        # True: a shape's first fold runs its first pass eagerly (which tunes the fused kernels for that
-        # shape) and captures at the second; False: it captures at the first pass. Both capture cleanly with
-        # cuEquivariance 0.13 on an H100; on a shape seen before, capturing at once saved 0.16 s of a
-        # 256-residue first fold, on new shapes such first folds took more than an eager fold
+        # When a shape's first fold runs its first pass eagerly and captures at the second (see WARMUP):
+        # "variant" (default) only for a variant's first shape, "shape" for every new shape, "never" (capture
+        # at the first pass). H100, fast mode, same process: a new 384-residue grid point's passes took 1.5 s
+        # captured at once, against eager 0.6-0.7 + capture 0.7 + 3 replays for a warmed-up one
         # (docs/performance.md).
-        self.warmup_pass = True
+        self.warmup = "variant"
+        self._warm: set[Hashable] = set()  # variants that have run a warm-up pass
+
+    @property
+    def warmup(self) -> str:
+        return self._warmup
+
+    @warmup.setter
+    def warmup(self, value: str) -> None:
+        if value not in WARMUP:
+            raise ValueError(f"warmup must be one of {', '.join(WARMUP)}, not {value!r}")
+        self._warmup = value
+
+    def needs_warmup(self, variant: Hashable) -> bool:
+        """Whether a new shape of ``variant`` (its graph key without the shapes) runs its first pass eagerly
+        before it is captured."""
+        return self.warmup == "shape" or (self.warmup == "variant" and variant not in self._warm)
+
+    def warmed_up(self, variant: Hashable) -> None:
+        """``variant`` has run an eager pass on this device: its kernels are compiled and initialised."""
+        self._warm.add(variant)
 
     def __deepcopy__(self, memo):
         new = PassGraphs(self.max_graphs, self.graph_type)
-        new.warmup_pass = self.warmup_pass
+        new.warmup = self.warmup
         return new
 
     def __getstate__(self):
-        return {"max_graphs": self.max_graphs, "graph_type": self.graph_type}
+        return {"max_graphs": self.max_graphs, "graph_type": self.graph_type, "warmup": self.warmup}
 
     def __setstate__(self, state):
         self.__init__(state["max_graphs"], state["graph_type"])
+        self.warmup = state.get("warmup", "variant")
 
     def __len__(self) -> int:
         return sum(g is not None for g in self._graphs.values())
@@ -159,8 +184,8 @@ class PassGraphs:
         return self._graphs[key]
 
     def capture(self, key: Hashable, pass_fn: Callable[[Tensors], Tensors], example: Tensors) -> PassGraph | None:
-        """Capture ``pass_fn`` on buffers shaped like ``example`` (which has already run once eagerly) and
-        keep it under ``key``; None (and one warning) if the capture fails: that shape runs eagerly."""
+        """Capture ``pass_fn`` on buffers shaped like ``example`` and keep it under ``key``; None (and one
+        warning) if the capture fails: that shape runs eagerly."""
         if self._pool is None and self.graph_type is None:
             self._pool = torch.cuda.graph_pool_handle()
         try:

@@ -405,14 +405,15 @@ class FoldingTrunk(nn.Module):
         # always takes the mask, so that a grid point has one graph whether or not it was padded.
         masked = graphs or not bool(feats["mask"].bool().all())
         key = self._graph_key(feats, masked) if graphs else None
+        variant = key[1:] if graphs else None  # the key without the shapes
 
         structure: dict = {}
         graph = None
         for i in range(no_recycles):
             with contextlib.nullcontext() if i == no_recycles - 1 else torch.no_grad():
                 graph = self.graphs.lookup(key) if graphs else None
-                if graph is False and (i > 0 or not self.graphs.warmup_pass):
-                    # A shape's first fold: its first pass ran eagerly (and warmed up the kernels); capture.
+                if graph is False and (i > 0 or not self.graphs.needs_warmup(variant)):
+                    # A shape's first fold: capture (after an eager warm-up pass where the variant has had none).
                     graph = self.graphs.capture(key, self._pass_fn(masked), {**feats, **state})
                 if graph:
                     flat = graph({**feats, **state})
@@ -423,6 +424,8 @@ class FoldingTrunk(nn.Module):
                     # state is consumed by the pass (it drops the old pair state as soon as it is used)
                     state = self._recycle_pass(feats, state, masked)
                     structure = state.pop("structure")
+                    if graph is False:
+                        self.graphs.warmed_up(variant)
         s_s, s_z = state["s"], state["z"]
         del state
         if padded != N:
