@@ -387,6 +387,31 @@ def _timed(model, seq, num_recycles, device) -> tuple[dict, tuple]:
              "activation_peak_gb": None if act is None else round(act, 3)}, res)
 
 
+def _timed_profiled(model, seq, num_recycles, device, path: str) -> tuple[dict, tuple]:
+    """``_timed`` under torch.profiler (CPU, and CUDA on a GPU): where a fold's host time goes. Writes the ops by
+    self CPU time and the longest single top-level calls (a stall: a compilation, a library's set-up, an
+    allocation) to ``path``; the result's "profile" holds the first lines of both."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        r, o = _timed(model, seq, num_recycles, device)
+    by_self = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    longest = sorted((e for e in prof.events() if e.cpu_parent is None), key=lambda e: -e.cpu_time_total)
+    ops = [{"op": e.key, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2), "calls": e.count} for e in by_self]
+    calls = [{"op": e.name, "cpu_ms": round(e.cpu_time_total / 1e3, 2)} for e in longest]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"fold {r['seconds']} s (profiled)\n\nops by self CPU time:\n")
+        f.writelines(f"{x['self_cpu_ms']:10.2f} ms {x['calls']:7d}  {x['op']}\n" for x in ops[:60])
+        f.write("\nlongest top-level calls:\n")
+        f.writelines(f"{x['cpu_ms']:10.2f} ms  {x['op']}\n" for x in calls[:60])
+    r["profiled"] = True
+    r["profile"] = {"ops_by_self_cpu": ops[:12], "longest_calls": calls[:12]}
+    return r, o
+
+
 def _free() -> None:
     import torch
 
@@ -453,7 +478,11 @@ def suite(args, cfg: dict, device, models=None) -> dict:
                 times = []
                 k = args.hf_repeats if name == "hf" else args.fp32_repeats if name == "esm_dual" else 0
                 for i, seq in enumerate(seqs[:k] if k else seqs):
-                    r, o = _timed(m, seq, recycles, device)
+                    if i == 0 and name == "esm_dual_fast" and args.first_fold_profile:
+                        path = os.path.join(args.first_fold_profile, f"first_fold_{n}.txt")
+                        r, o = _timed_profiled(m, seq, recycles, device, path)
+                    else:
+                        r, o = _timed(m, seq, recycles, device)
                     times.append(r["seconds"])
                     if i == 0:
                         row[name], outs[name] = r, o
@@ -797,6 +826,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3,
                    help="--suite: folds per model and length (other sequences; graphs capture at the 1st)")
     p.add_argument("--hf-repeats", type=int, default=0, help="--suite: HF's folds per length (0: --repeats)")
+    p.add_argument("--first-fold-profile", default=None, metavar="DIR",
+                   help="--suite: profile the fast mode's first fold at each length (ops by host time, the longest "
+                        "calls) into DIR/first_fold_N.txt; that fold's time is then a profiled one")
     p.add_argument("--full-recycles-max", type=int, default=1022,
                    help="--suite: longer sequences run one trunk pass (num_recycles 0) for every model")
     p.add_argument("--hf-max-len", type=int, default=4096, help="--suite: HF only up to this length")

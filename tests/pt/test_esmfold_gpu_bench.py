@@ -39,3 +39,18 @@ def test_cpu_smoke_suite_set_and_table(tmp_path, capsys):
     assert s["esm_dual_cli"]["rc"] == 0
     text = table.read_text()
     assert "| 24 |" in text and "| 40 |" in text and "Set of 4 UniRef-like sequences" in text
+
+
+def test_first_fold_profile_names_where_the_host_time_went(tmp_path, capsys):
+    bench = load_benchmark("esmfold_gpu")
+    assert bench.main(["--tiny", "--suite", "--lengths", "24", "--repeats", "2", "--suite-impls", "esm_dual_fast",
+                       "--first-fold-profile", str(tmp_path)]) == 0
+    row = json.loads(capsys.readouterr().out)["results"]["per_length"][0]
+    fast = row["esm_dual_fast"]
+    assert fast["profiled"] and len(fast["runs"]) == 2
+    ops = fast["profile"]["ops_by_self_cpu"]
+    assert ops and all(x["self_cpu_ms"] >= 0 and x["calls"] > 0 for x in ops)
+    assert any(x["op"] in ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear") for x in ops)
+    assert fast["profile"]["longest_calls"][0]["cpu_ms"] > 0
+    text = (tmp_path / "first_fold_24.txt").read_text()
+    assert "ops by self CPU time" in text and "longest top-level calls" in text
