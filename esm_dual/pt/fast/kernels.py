@@ -386,9 +386,11 @@ def layer_norm_rows(x: torch.Tensor, ln, out_dtype: torch.dtype,
     ([B, J, I, C] view of [B, I, J, C]) is read where it is, without the copy torch's LayerNorm makes. ``ln`` is
     an ``nn.LayerNorm`` over that dim. ESMFold's bf16 trunk feeds its fp32 pair state to LayerNorms whose
     outputs go only to bf16 projections: writing bf16 here saves the fp32 output and every projection's cast.
-    Falls back to the torch ops where Triton cannot run."""
+    Falls back to the torch ops where Triton cannot run, and for a LayerNorm over more than the last dim or
+    without weight and bias."""
     dims = _three_row_dims(x) if x.dim() >= 2 and x.stride(-1) == 1 else None
-    if not triton_ok(x, options) or dims is None or x.shape[-1] > 8192:
+    plain = tuple(ln.normalized_shape) == (x.shape[-1],) and ln.weight is not None and ln.bias is not None
+    if not triton_ok(x, options) or dims is None or not plain or x.shape[-1] > 8192:
         return ln(x).to(out_dtype)
     import triton
 

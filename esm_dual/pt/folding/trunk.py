@@ -340,10 +340,10 @@ class FoldingTrunk(nn.Module):
 
         return run
 
-    def _graph_key(self, feats: dict, masked: bool) -> tuple:
-        """What a captured pass depends on besides the inputs' values: their shapes and dtypes, the
-        padding, the precision and kernels, the chunking, the caller's autocast, inference mode. The
-        parameters' addresses are checked here too (the cache is dropped when they change)."""
+    def _graph_key(self, feats: dict, masked: bool) -> tuple[tuple, tuple]:
+        """What a captured pass depends on besides the inputs' values, as (shapes, variant): the inputs' shapes
+        and dtypes; the padding, the precision and kernels, the chunking, the caller's autocast, inference mode.
+        The parameters' addresses are checked here too (the cache is dropped when they change)."""
         self.graphs.check_parameters(tuple(p.data_ptr() for p in self.parameters()))
         shapes = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(feats.items()))
         kernels = tuple((m.kernels, getattr(m, "triangle_sdpa", None), getattr(m, "ln_options", None) is not None)
@@ -352,8 +352,8 @@ class FoldingTrunk(nn.Module):
         # A caller's autocast changes what the recorded kernels compute; buffers made under inference mode
         # cannot be written outside it (and the other way round).
         autocast = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
-        return (shapes, masked, self.block_dtype, kernels, self.chunk_size, dev, autocast,
-                torch.is_inference_mode_enabled())
+        return shapes, (masked, self.block_dtype, kernels, self.chunk_size, dev, autocast,
+                        torch.is_inference_mode_enabled())
 
     def forward(
         self,
@@ -404,8 +404,9 @@ class FoldingTrunk(nn.Module):
         # No padding (a single sequence, or equal lengths): the blocks need no mask at all. A graphed fold
         # always takes the mask, so that a grid point has one graph whether or not it was padded.
         masked = graphs or not bool(feats["mask"].bool().all())
-        key = self._graph_key(feats, masked) if graphs else None
-        variant = key[1:] if graphs else None  # the key without the shapes
+        # variant: what the graph depends on besides the shapes (PassGraphs.needs_warmup)
+        shapes, variant = self._graph_key(feats, masked) if graphs else (None, None)
+        key = (shapes, variant)
 
         structure: dict = {}
         graph = None

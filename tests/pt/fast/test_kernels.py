@@ -125,11 +125,14 @@ def test_strided_layer_norm_falls_back_to_the_module():
 
     views = _pair_views("cuda" if CUDA else "cpu")
     views["channels_strided"] = views["whole"].transpose(-1, -2)[..., :24]
+    views["no_affine"] = views["whole"]
+    views["last_two_dims"] = views["whole"]
     off = FastPathOptions(triton=False)
     for name, x in views.items():
-        ln = torch.nn.LayerNorm(x.shape[-1]).to(x.device)
+        shape = x.shape[-2:] if name == "last_two_dims" else x.shape[-1]
+        ln = torch.nn.LayerNorm(shape, elementwise_affine=name != "no_affine").to(x.device)
         with torch.no_grad():
             y = layer_norm_rows(x, ln, torch.bfloat16, off)
             assert torch.equal(y, ln(x).to(torch.bfloat16)), name
-            if not (CUDA or _INTERPRET) or name == "channels_strided":
+            if not (CUDA or _INTERPRET) or name in ("channels_strided", "no_affine", "last_two_dims"):
                 assert torch.equal(layer_norm_rows(x, ln, torch.bfloat16), y), name
