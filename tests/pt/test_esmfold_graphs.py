@@ -150,46 +150,51 @@ def test_one_graph_per_grid_point_and_the_cache_is_bounded(model, cpu_graphs):
         assert cache.captures == 3 and len(cache) == 2  # 40's graph (64), the least recently used, is gone
         model.infer("M" * 50, num_recycles=1)
         assert cache.captures == 4
-        # a variant warmed up before: a new shape is captured at its first pass, even in a one-pass fold ...
+        # a new shape is captured at its first pass, also in a one-pass fold, whatever the warm-up policy
         model.infer("M" * 100, num_recycles=0)
         assert cache.captures == 5
-        # ... where "shape" (an eager warm-up pass before every capture) leaves a one-pass fold eager
         cache.warmup = "shape"
         assert copy.deepcopy(cache).warmup == "shape" and pickle.loads(pickle.dumps(cache)).warmup == "shape"
         model.infer("M" * 130, num_recycles=0)
-        assert cache.captures == 5
+        assert cache.captures == 6
     with pytest.raises(ValueError, match="warmup must be one of variant, shape, never"):
         cache.warmup = "once"
 
 
 @pytest.mark.parametrize("warmup, events", [
-    ("variant", [["warm-up", "capture"], ["capture"], ["warm-up", "capture"]]),
-    ("shape", [["warm-up", "capture"], ["warm-up", "capture"], ["warm-up", "capture"]]),
-    ("never", [["capture"], ["capture"], ["capture"]]),
+    ("variant", [True, False, True]),
+    ("shape", [True, True, True]),
+    ("never", [False, False, False]),
 ])
-def test_a_variants_first_fold_warms_up_before_its_capture(model, cpu_graphs, warmup, events):
-    """Under "variant" only the first graphed fold of a variant (the graph key without the shapes) runs an
-    eager pass before capturing: later grid points are captured at their first pass, and fold what eager
-    folds do; another variant (here a chunk size) warms up again."""
+def test_a_variants_first_capture_warms_up(model, cpu_graphs, monkeypatch, warmup, events):
+    """Under "variant" only the first capture of a variant (the graph key without the shapes) runs what it
+    records eagerly first (head, one block, tail); later grid points are captured straight away, and fold what
+    eager folds do; another variant (here a chunk size) warms up again."""
     cache = _stand_in(model)
     cache.warmup = warmup
-    log: list[str] = []
-    capture, warmed_up = cache.capture, cache.warmed_up
-    cache.capture = lambda *a: (log.append("capture"), capture(*a))[1]
-    cache.warmed_up = lambda v: (log.append("warm-up"), warmed_up(v))[1]
+    runs: list[str] = []
+    flags: list[bool] = []
+
+    class Spy(graphs_mod.PassGraph):
+        def __init__(self, head, block, tail, *rest):
+            flags.append(rest[-1])
+            super().__init__(head, lambda *a: (runs.append("block"), block(*a))[1], tail, *rest)
+
+    monkeypatch.setattr(graphs_mod, "PassGraph", Spy)
     seqs = [SEQS[0], SEQS[0] * 2]  # grid points 32 and 64
-    got = []
+    blocks = len(model.trunk.blocks)
     with torch.no_grad():
         for seq, chunk in ((seqs[0], None), (seqs[1], None), (seqs[1], 4)):
             model.set_chunk_size(chunk)
-            log.clear()
+            runs.clear()
             out = model.infer(seq, num_recycles=2)
-            got.append(list(log))
+            # the stand-in's capture runs the block once, each of 3 passes replays it per block; + 1 to warm up
+            assert len(runs) == 1 + 3 * blocks + flags[-1]
             model.set_fast_path(fold_graphs="off")
             _assert_same(out, model.infer(seq, num_recycles=2), PADDED_TOL)
             model.set_fast_path(fold_graphs="auto")
         model.set_chunk_size(None)
-    assert got == events and cache.captures == 3
+    assert flags == events and cache.captures == 3
 
 
 def test_changed_options_and_replaced_parameters_capture_again(model, cpu_graphs):
@@ -211,6 +216,26 @@ def test_changed_options_and_replaced_parameters_capture_again(model, cpu_graphs
         ref = model.infer(seq, num_recycles=1)
     _assert_same(after, ref, PADDED_TOL)
     assert float((chunked["positions"] - ref["positions"]).abs().max()) < 1e-3
+
+
+def test_one_block_graph_replays_every_block_with_its_own_weights(model, cpu_graphs):
+    """A pass records one folding block and replays it for every block with that block's weights copied in:
+    the copies are read from the parameters at each replay, so weights changed in place are seen (no new
+    capture), and the staging block is not part of the model."""
+    cache = _stand_in(model)
+    assert len(model.trunk.blocks) >= 2  # else a missing weights copy could not show
+    n_params = len(list(model.parameters()))
+    with torch.no_grad():
+        model.infer(SEQS[0], num_recycles=1)
+        assert cache.captures == 1
+        for block in model.trunk.blocks[1:]:
+            block.mlp_pair.mlp[1].weight.mul_(1.5)  # in place: same addresses
+        graphed = model.infer(SEQS[0], num_recycles=1)
+        assert cache.captures == 1
+        model.set_fast_path(fold_graphs="off")
+        ref = model.infer(SEQS[0], num_recycles=1)
+    _assert_same(graphed, ref, PADDED_TOL)
+    assert len(list(model.parameters())) == n_params and "graphs" not in dict(model.named_modules())
 
 
 def test_copies_and_pickles_start_without_graphs(model, cpu_graphs):

@@ -3,25 +3,32 @@
 One trunk pass (48 folding blocks, the structure module, the recycling inputs of the next pass) is
 about 10,000 small kernels. At a few hundred residues the GPU finishes them faster than Python can
 launch them, so an eager pass is bound by the CPU. :class:`PassGraphs` captures a pass once per input
-shape into a CUDA graph and replays it.
+shape and replays it.
+
+A pass is recorded as three graphs (:class:`PassGraph`): its head (the recycled states embedded), one
+folding block, replayed for each of the 48 blocks after a batched copy of that block's weights into the
+recorded block's parameters, and its tail (the structure module, the next pass's recycling inputs).
+Recording costs CPU time like an eager run of what is recorded, so recording one block instead of 48 makes
+a new shape's capture about a block's and the tail's CPU time instead of a whole pass's (an eager fast-mode
+pass is 0.61-0.74 s at 256-512 residues on an H100; recording the whole pass measured 0.70-0.79 s).
 
 Shapes are padded to a grid (:func:`graph_length`: lengths rounded up to a multiple of 32, the padding
 masked as in a padded batch), so a set of varied lengths shares a few graphs: every length from 225 to
 256 replays one graph. Under "auto" a shape is captured at its first fold and replayed for its other passes;
-later folds of any length on the same grid point replay every pass. The trunk's first graphed fold in a
-variant (precision, kernels, chunking, autocast, inference mode: everything in the graph key but the
-shapes) runs its first pass eagerly before capturing, which compiles the Triton kernels and initialises
-cuBLAS, cuDNN and cuEquivariance outside a capture; later shapes of that variant are captured at their
-first pass (``PassGraphs.warmup``). Recording costs about one eager pass of CPU time (H100, fast mode: an
-eager pass 0.61-0.74 s, a capture 0.70-0.79 s, a replay 0.09 / 0.36 s at 256 / 512 residues), so a new
-grid point's first fold costs about one capture more than a replayed fold. "auto" graphs the fast (bf16)
-trunk up to ``AUTO_MAX_PAIRS``; "on" any size, the fp32 trunk too.
+later folds of any length on the same grid point replay every pass. The first capture in a variant
+(precision, kernels, chunking, autocast, inference mode: everything in the graph key but the shapes) runs
+what it records once eagerly before recording it (the head, one block, the tail), which compiles the Triton
+kernels and initialises cuBLAS, cuDNN and cuEquivariance outside a capture; later shapes of that variant
+are recorded straight away (``PassGraphs.warmup``). "auto" graphs the fast (bf16) trunk up to ``AUTO_MAX_PAIRS``; "on"
+any size, the fp32 trunk too.
 
-What a graph holds: static input buffers (the features and the recycled states; they live outside the
-graphs' memory pool), the recorded kernels (which read the parameters where they are: weights changed in
-place are seen, parameters replaced are not, so the cache is keyed by the parameters' addresses and
-cleared when they change), and static outputs inside the pool. All graphs of a trunk share one pool:
-they never run at once, and each replay's outputs are copied out before another graph runs.
+What a graph holds: static input buffers (the features and the recycled states) and the blocks' state
+buffers (s and the pair state z, updated in place by each block), all outside the graphs' memory pool; the
+recorded kernels, which read the parameters where they are (the head's and tail's directly, the blocks'
+through the copies made at each replay: weights changed in place are seen, parameters replaced are not, so
+the cache is keyed by the parameters' addresses and cleared when they change); and static outputs inside
+the pool. All graphs of a trunk share one pool: they never run at once, a pass replays its graphs in the
+order they were recorded, and each replay's outputs are copied out before another graph runs.
 
 The decision (``FastPathOptions.fold_graphs``), the grid and the cache live here; ``trunk.FoldingTrunk``
 says what a pass is and pads to the grid. Any failure to capture falls back to eager passes for that
@@ -30,6 +37,7 @@ shape, with one warning.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -43,7 +51,7 @@ AUTO_MAX_PAIRS = 512 * 512
 MAX_GRAPHS = 16
 # Graphed folds are padded to a multiple of this many residues (see graph_length).
 GRAPH_LENGTH_STEP = 32
-# PassGraphs.warmup: which new shapes run an eager pass before their capture ("variant": a variant's first).
+# PassGraphs.warmup: which captures run what they record eagerly once first ("variant": a variant's first).
 WARMUP = ("variant", "shape", "never")
 
 Tensors = dict[str, torch.Tensor]
@@ -95,20 +103,61 @@ class RerunGraph:
 
 
 class PassGraph:
-    """One captured pass: ``pass_fn(inputs) -> outputs`` (dicts of tensors) on static input buffers.
-    ``__call__`` copies new inputs into the buffers, replays and returns the static outputs (valid until
-    the next replay of any graph of the same pool: copy what you keep)."""
+    """One trunk pass on static buffers, recorded as three graphs: ``head`` (the inputs -> the blocks' state
+    buffers), one folding block (the state updated in place by a ``template`` block) and ``tail`` (the state
+    -> the outputs). ``__call__`` copies new inputs into the buffers, replays the head, then for each of
+    ``blocks`` copies that block's parameters into the template's and replays the block graph, and returns
+    the tail's static outputs (valid until the next replay of any graph of the same pool: copy what you keep).
 
-    def __init__(self, pass_fn: Callable[[Tensors], Tensors], example: Tensors, pool, graph_type=None):
-        # The buffers are allocated before the capture, outside the pool.
+    Recording one block instead of all of them makes a capture cost a block's CPU time instead of a pass's
+    (the blocks share their shapes and kernels; only the weights differ). The weights copy is one batched
+    device copy per block, read where the parameters are, so weights changed in place are seen as before."""
+
+    def __init__(self, head: Callable[[Tensors], Tensors], block: Callable[[torch.nn.Module, Tensors, Tensors], None],
+                 tail: Callable[[Tensors, Tensors], Tensors], blocks, template, example: Tensors, pool,
+                 graph_type=None, warmup: bool = False):
+        # The buffers are allocated before the captures, outside the pool; the state's shapes and dtypes are
+        # the head's (run once eagerly here: a few small kernels).
         self.inputs = {k: v.clone() for k, v in example.items()}
-        self._graph = (graph_type or _CudaGraph)(pass_fn, self.inputs, pool)
+        self.state = {k: torch.empty_like(v) for k, v in head(self.inputs).items()}
+        self._sources = [list(b.parameters()) for b in blocks]
+        self._staged = list(template.parameters()) if template is not None else []
+        if any(len(src) != len(self._staged) for src in self._sources):
+            raise ValueError("the folding blocks do not share the template block's parameters")
+
+        def head_into_state(inputs: Tensors) -> Tensors:
+            for k, v in head(inputs).items():
+                self.state[k].copy_(v)
+            return {}
+
+        def block_on_state(st: Tensors) -> Tensors:
+            block(template, st, self.inputs)
+            return {}
+
+        def tail_on_state(st: Tensors) -> Tensors:
+            return tail(self.inputs, st)
+
+        if warmup:
+            # What is recorded runs once eagerly first (the head, one block, the tail: every kernel of a pass), so
+            # Triton compiles and cuBLAS, cuDNN and cuEquivariance initialise outside a capture.
+            head_into_state(self.inputs)
+            if self._sources:
+                block_on_state(self.state)
+            tail_on_state(self.state)
+        graph = graph_type or _CudaGraph
+        self._head = graph(head_into_state, self.inputs, pool)
+        self._block = graph(block_on_state, self.state, pool) if self._sources else None
+        self._tail = graph(tail_on_state, self.state, pool)
 
     def __call__(self, inputs: Tensors) -> Tensors:
         for k, v in inputs.items():
             if v is not self.inputs[k]:
                 self.inputs[k].copy_(v)
-        return self._graph.replay()
+        self._head.replay()
+        for src in self._sources:
+            torch._foreach_copy_(self._staged, src)  # one batched copy of the block's weights
+            self._block.replay()
+        return self._tail.replay()
 
 
 class PassGraphs:
@@ -122,13 +171,11 @@ class PassGraphs:
         self._params: tuple[int, ...] | None = None
         self._pool = None
         self.captures = 0  # how many graphs were captured (tests and benchmarks read it)
-        # When a shape's first fold runs its first pass eagerly and captures at the second (see WARMUP):
-        # "variant" (default) only for a variant's first shape, "shape" for every new shape, "never" (capture
-        # at the first pass). H100, fast mode, same process: a new 384-residue grid point's passes took 1.5 s
-        # captured at once, against eager 0.6-0.7 + capture 0.7 + 3 replays for a warmed-up one
-        # (docs/performance.md).
+        # Which captures run the recorded parts (head, one block, tail) eagerly once first: "variant" (default)
+        # only a variant's first, "shape" every one, "never" none.
         self.warmup = "variant"
-        self._warm: set[Hashable] = set()  # variants that have run a warm-up pass
+        self._warm: set[Hashable] = set()  # variants that have been warmed up
+        self._templates: dict[Hashable, torch.nn.Module] = {}  # per variant: the block graphs' staging block
 
     @property
     def warmup(self) -> str:
@@ -141,12 +188,12 @@ class PassGraphs:
         self._warmup = value
 
     def needs_warmup(self, variant: Hashable) -> bool:
-        """Whether a new shape of ``variant`` (its graph key without the shapes) runs its first pass eagerly
-        before it is captured."""
+        """Whether the capture of a new shape of ``variant`` (its graph key without the shapes) runs what it
+        records eagerly once first."""
         return self.warmup == "shape" or (self.warmup == "variant" and variant not in self._warm)
 
     def warmed_up(self, variant: Hashable) -> None:
-        """``variant`` has run an eager pass on this device: its kernels are compiled and initialised."""
+        """``variant`` has run eagerly on this device: its kernels are compiled and initialised."""
         self._warm.add(variant)
 
     def __deepcopy__(self, memo):
@@ -167,6 +214,7 @@ class PassGraphs:
     def clear(self) -> None:
         """Drop every graph (and, once nothing else holds it, the memory their pool reserved)."""
         self._graphs.clear()
+        self._templates.clear()
         self._pool = None
 
     def check_parameters(self, params: tuple[int, ...]) -> None:
@@ -183,13 +231,21 @@ class PassGraphs:
         self._graphs.move_to_end(key)
         return self._graphs[key]
 
-    def capture(self, key: Hashable, pass_fn: Callable[[Tensors], Tensors], example: Tensors) -> PassGraph | None:
-        """Capture ``pass_fn`` on buffers shaped like ``example`` and keep it under ``key``; None (and one
-        warning) if the capture fails: that shape runs eagerly."""
+    def capture(self, key: tuple[Hashable, Hashable], head, block, tail, blocks, example: Tensors) -> PassGraph | None:
+        """Capture a pass (``PassGraph``: ``head``, ``block`` for each of ``blocks``, ``tail``) on buffers shaped
+        like ``example`` and keep it under ``key`` = (shapes, variant); None (and one warning) if the capture
+        fails: that shape runs eagerly. The block graph's template (a copy of the first block: its parameters are
+        the staging buffers) is made once per variant."""
         if self._pool is None and self.graph_type is None:
             self._pool = torch.cuda.graph_pool_handle()
+        variant = key[1]
+        warmup = self.needs_warmup(variant)
         try:
-            graph = PassGraph(pass_fn, example, self._pool, self.graph_type)
+            if variant not in self._templates and len(blocks):
+                # (made in the variant's own mode: inference tensors under inference mode, written only there)
+                self._templates[variant] = copy.deepcopy(blocks[0]).requires_grad_(False)
+            graph = PassGraph(head, block, tail, blocks, self._templates.get(variant), example, self._pool,
+                              self.graph_type, warmup)
         except Exception as exc:  # noqa: BLE001 - any failure means: run this shape eagerly
             warnings.warn(f"ESMFold: could not capture a CUDA graph of the trunk pass ({type(exc).__name__}: "
                           f"{exc}); this shape runs eagerly (FastPathOptions.fold_graphs='off' silences this)",
@@ -197,6 +253,8 @@ class PassGraphs:
             graph = None
         else:
             self.captures += 1
+            if warmup:
+                self.warmed_up(variant)
         self._graphs[key] = graph
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)

@@ -296,49 +296,72 @@ class FoldingTrunk(nn.Module):
         # made during its capture.
         return torch.autocast(device_type=device.type, dtype=self.block_dtype, cache_enabled=False)
 
-    def _recycle_pass(self, feats: dict, state: dict, masked: bool) -> dict:
-        """One trunk pass: the recycled states (``state``: s [B, N, C_s], z [B, N, N, C_z], bins [B, N, N])
-        are embedded and added to the features (``feats``: s_s_0, s_z_0 if any, true_aa, residx, mask),
-        the blocks update (s, z), the structure module folds them. Returns the next pass's states (s, z as
-        fp32; bins of the C-beta distances) and ``structure``. ``state`` is consumed: z is dropped from it
-        as soon as it is used (one pair tensor fewer)."""
+    def _head(self, feats: dict, state: dict) -> dict:
+        """A pass's start: the recycled states (``state``: s [B, N, C_s], z [B, N, N, C_z], bins [B, N, N]) are
+        embedded and added to the features (``feats``: s_s_0, s_z_0 if any, true_aa, residx, mask) -> the
+        blocks' inputs {"s", "z"}. ``state`` is consumed: z is dropped from it as soon as it is used (one pair
+        tensor fewer)."""
         mask = feats["mask"]
         s_z_0 = feats.get("s_z_0")
         recycle_s = self.recycle_s_norm(state.pop("s").detach())
         recycle_z = self.recycle_z_norm(state.pop("z").detach())
         recycle_z = recycle_z + self.recycle_disto(state.pop("bins").detach())
-
         s = feats["s_s_0"] + recycle_s
         pos = self.pairwise_positional_embedding(feats["residx"], mask=mask)
         z = (recycle_z if s_z_0 is None else s_z_0 + recycle_z) + pos
-        del pos, recycle_z  # not needed any more: one pair tensor fewer
-        block_mask = mask if masked else None
+        return {"s": s, "z": z}
+
+    def _block(self, block: nn.Module, s: torch.Tensor, z: torch.Tensor, feats: dict, masked: bool):
+        """One folding block in the trunk's precision; z is this pass's own tensor: updated in place in
+        inference."""
         with self._autocast(s.device):
-            for block in self.blocks:
-                # z is this pass's own tensor: blocks may update it in place (inference)
-                s, z = block(s, z, mask=block_mask, chunk_size=self.chunk_size, inplace=True)
+            return block(s, z, mask=feats["mask"] if masked else None, chunk_size=self.chunk_size, inplace=True)
+
+    def _tail(self, feats: dict, s: torch.Tensor, z: torch.Tensor) -> dict:
+        """A pass's end: the blocks' (s, z) -> the next pass's states (s, z as fp32; bins of the C-beta
+        distances) and ``structure`` (the structure module's outputs)."""
         s_s, s_z = s.float(), z.float()
         del s, z
         structure = self.structure_module(
-            {"single": self.trunk2sm_s(s_s), "pair": self.trunk2sm_z(s_z)}, feats["true_aa"], mask.float()
+            {"single": self.trunk2sm_s(s_s), "pair": self.trunk2sm_z(s_z)}, feats["true_aa"], feats["mask"].float()
         )
         # [B, N, 3 (N, CA, C), 3] of the last structure module block
         bins = recycle_distogram(structure["positions"][-1][:, :, :3], 3.375, 21.375, self.recycle_bins)
         return {"s": s_s, "z": s_z, "bins": bins, "structure": structure}
 
-    def _pass_fn(self, masked: bool):
-        """The pass as a function of one flat dict of tensors (what a graph records)."""
+    def _recycle_pass(self, feats: dict, state: dict, masked: bool) -> dict:
+        """One trunk pass, eagerly: ``_head``, the blocks, ``_tail``. ``state`` is consumed."""
+        x = self._head(feats, state)
+        s, z = x.pop("s"), x.pop("z")  # no other reference to z: the blocks update it in place
+        for block in self.blocks:
+            s, z = self._block(block, s, z, feats, masked)
+        return self._tail(feats, s, z)
+
+    def _pass_parts(self, masked: bool):
+        """The pass as ``PassGraph`` records it: (head, block, tail) on one flat dict of inputs (the features and
+        the recycled states) and the blocks' state buffers {"s", "z"}, updated in place by each block."""
         feat_names = ("s_s_0", "s_z_0", "true_aa", "residx", "mask")
 
-        def run(inputs: dict) -> dict:
-            feats = {k: v for k, v in inputs.items() if k in feat_names}
-            state = {k: v for k, v in inputs.items() if k not in feat_names}
-            out = self._recycle_pass(feats, state, masked)
+        def split(inputs: dict) -> tuple[dict, dict]:
+            return ({k: v for k, v in inputs.items() if k in feat_names},
+                    {k: v for k, v in inputs.items() if k not in feat_names})
+
+        def head(inputs: dict) -> dict:
+            return self._head(*split(inputs))
+
+        def block(module: nn.Module, st: dict, inputs: dict) -> None:
+            s, z = self._block(module, st["s"], st["z"], split(inputs)[0], masked)
+            st["s"].copy_(s)
+            if z is not st["z"]:
+                st["z"].copy_(z)
+
+        def tail(inputs: dict, st: dict) -> dict:
+            out = self._tail(split(inputs)[0], st["s"], st["z"])
             flat = {k: out[k] for k in ("s", "z", "bins")}
             flat.update({f"structure.{k}": v for k, v in out["structure"].items()})
             return flat
 
-        return run
+        return head, block, tail
 
     def _graph_key(self, feats: dict, masked: bool) -> tuple[tuple, tuple]:
         """What a captured pass depends on besides the inputs' values, as (shapes, variant): the inputs' shapes
@@ -404,18 +427,16 @@ class FoldingTrunk(nn.Module):
         # No padding (a single sequence, or equal lengths): the blocks need no mask at all. A graphed fold
         # always takes the mask, so that a grid point has one graph whether or not it was padded.
         masked = graphs or not bool(feats["mask"].bool().all())
-        # variant: what the graph depends on besides the shapes (PassGraphs.needs_warmup)
-        shapes, variant = self._graph_key(feats, masked) if graphs else (None, None)
-        key = (shapes, variant)
+        key = self._graph_key(feats, masked) if graphs else None
 
         structure: dict = {}
         graph = None
         for i in range(no_recycles):
             with contextlib.nullcontext() if i == no_recycles - 1 else torch.no_grad():
                 graph = self.graphs.lookup(key) if graphs else None
-                if graph is False and (i > 0 or not self.graphs.needs_warmup(variant)):
-                    # A shape's first fold: capture (after an eager warm-up pass where the variant has had none).
-                    graph = self.graphs.capture(key, self._pass_fn(masked), {**feats, **state})
+                if graph is False:
+                    # A shape's first pass: capture (warmed up first where the variant has not been).
+                    graph = self.graphs.capture(key, *self._pass_parts(masked), self.blocks, {**feats, **state})
                 if graph:
                     flat = graph({**feats, **state})
                     state = {k: flat[k] for k in ("s", "z", "bins")}
@@ -425,8 +446,6 @@ class FoldingTrunk(nn.Module):
                     # state is consumed by the pass (it drops the old pair state as soon as it is used)
                     state = self._recycle_pass(feats, state, masked)
                     structure = state.pop("structure")
-                    if graph is False:
-                        self.graphs.warmed_up(variant)
         s_s, s_z = state["s"], state["z"]
         del state
         if padded != N:
