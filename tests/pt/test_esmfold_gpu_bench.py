@@ -54,3 +54,22 @@ def test_first_fold_profile_names_where_the_host_time_went(tmp_path, capsys):
     assert fast["profile"]["longest_calls"][0]["cpu_ms"] > 0
     text = (tmp_path / "first_fold_24.txt").read_text()
     assert "ops by self CPU time" in text and "longest top-level calls" in text
+
+
+def test_first_fold_script_cpu_smoke(tmp_path, capsys):
+    """benchmarks/esmfold_first_fold.py --tiny: each fold's passes are timed (eager on the CPU: one per pass) and
+    the wrapped methods are put back afterwards."""
+    from esm_dual.pt.folding import graphs, trunk
+
+    originals = (trunk.FoldingTrunk._recycle_pass, graphs.PassGraphs.capture, graphs.PassGraph.__call__)
+    bench = load_benchmark("esmfold_first_fold")
+    out = tmp_path / "parts.json"
+    assert bench.main(["--tiny", "--lengths", "20,40", "--again", "40", "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [next(iter(x)) for x in lines] == ["20_first", "40_first", "40_again"]
+    record = json.loads(out.read_text())
+    assert not record["cold"] and set(record["folds"]) == {"20_first", "40_first", "40_again"}
+    for row in record["folds"].values():
+        labels = [label for label, _ in row["parts"]]
+        assert labels and set(labels) == {"eager"} and row["total"] >= sum(t for _, t in row["parts"]) * 0.9
+    assert (trunk.FoldingTrunk._recycle_pass, graphs.PassGraphs.capture, graphs.PassGraph.__call__) == originals

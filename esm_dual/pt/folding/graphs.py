@@ -7,10 +7,12 @@ shape and replays it.
 
 A pass is recorded as three graphs (:class:`PassGraph`): its head (the recycled states embedded), one
 folding block, replayed for each of the 48 blocks after a batched copy of that block's weights into the
-recorded block's parameters, and its tail (the structure module, the next pass's recycling inputs).
-Recording costs CPU time like an eager run of what is recorded, so recording one block instead of 48 makes
-a new shape's capture about a block's and the tail's CPU time instead of a whole pass's (an eager fast-mode
-pass is 0.61-0.74 s at 256-512 residues on an H100; recording the whole pass measured 0.70-0.79 s).
+recorded block's parameters, and its tail (the structure module, the next pass's recycling inputs). The
+graphs hold ~1/40 of a whole pass's kernels, and a variant's warm-up (below) runs one block eagerly instead
+of a whole pass (an eager fast-mode pass is 0.61-0.74 s at 256-512 residues on an H100). Replays cost what a
+whole-pass graph's did (0.10 / 0.15 / 0.20 / 0.36 s a pass at 256 / 320 / 384 / 512 residues, H100, either
+way), and so does a capture once the machine has compiled the shape's kernels (0.2-0.3 s either way; the first
+process on a machine pays 1-3 s more per new shape for compilation, which Triton keeps in its disk cache).
 
 Shapes are padded to a grid (:func:`graph_length`: lengths rounded up to a multiple of 32, the padding
 masked as in a padded batch), so a set of varied lengths shares a few graphs: every length from 225 to
@@ -109,9 +111,9 @@ class PassGraph:
     ``blocks`` copies that block's parameters into the template's and replays the block graph, and returns
     the tail's static outputs (valid until the next replay of any graph of the same pool: copy what you keep).
 
-    Recording one block instead of all of them makes a capture cost a block's CPU time instead of a pass's
-    (the blocks share their shapes and kernels; only the weights differ). The weights copy is one batched
-    device copy per block, read where the parameters are, so weights changed in place are seen as before."""
+    The blocks share their shapes and kernels; only the weights differ, so one recorded block serves all of
+    them. The weights copy is one batched device copy per block, read where the parameters are, so weights
+    changed in place are seen as before."""
 
     def __init__(self, head: Callable[[Tensors], Tensors], block: Callable[[torch.nn.Module, Tensors, Tensors], None],
                  tail: Callable[[Tensors, Tensors], Tensors], blocks, template, example: Tensors, pool,
