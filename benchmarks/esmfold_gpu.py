@@ -472,6 +472,16 @@ def suite(args, cfg: dict, device, models=None) -> dict:
         for name in args.suite_impls.split(","):
             if name == "hf" and n > args.hf_max_len:
                 continue
+            if name == "esm_dual_cli":
+                # `esm-dual fold` with its defaults over a FASTA of this length's sequences, its own model loaded
+                # from a saved checkpoint (fresh graphs: the first record captures); "seconds" per structure, from
+                # the folding time it reports; "command_seconds" the whole command, loading included.
+                r = fold_cli(ours, seqs, args, recycles)
+                if "fold_seconds" in r:
+                    r = {"seconds": round(r["fold_seconds"] / len(seqs), 3), "command_seconds": r["seconds"],
+                         "records": len(seqs), "rc": r["rc"], "pdbs": r["pdbs"]}
+                row[name] = r
+                continue
             mode(ours, name)
             m = hf if name == "hf" else ours
             try:
@@ -498,10 +508,12 @@ def suite(args, cfg: dict, device, models=None) -> dict:
                 row[name] = {"oom": True}
             _free()
         mode(ours, "esm_dual")
-        for name in [k for k in outs if k != "hf"]:
+        cli = ["esm_dual_cli"] if row.get("esm_dual_cli", {}).get("seconds") else []  # (it reports 0.1 s steps)
+        for name in [k for k in outs if k != "hf"] + cli:
             if "hf" in outs:
                 row[f"time_ratio_hf_over_{name}"] = round(row["hf"]["seconds"] / row[name]["seconds"], 3)
-                row[f"{name}_vs_hf"] = _compare(outs[name], outs["hf"])
+                if name in outs:
+                    row[f"{name}_vs_hf"] = _compare(outs[name], outs["hf"])
         if "esm_dual" in outs and "esm_dual_fast" in outs:
             row["fast_vs_fp32_trunk"] = _compare(outs["esm_dual_fast"], outs["esm_dual"])
         res["per_length"].append(row)
@@ -573,10 +585,11 @@ def suite(args, cfg: dict, device, models=None) -> dict:
     return res
 
 
-def fold_cli(ours, seqs: list[str], args) -> dict:
+def fold_cli(ours, seqs: list[str], args, num_recycles: int | None = None) -> dict:
     """``esm-dual fold`` with its defaults over ``seqs``, in this process: the model saved in the hub layout to a
-    temporary folder, the set written as FASTA, then the command as a user types it. "seconds" is the
-    command's whole run (loading the checkpoint included); "fold_seconds" what it reports for folding."""
+    temporary folder, the set written as FASTA, then the command as a user types it (with ``--num-recycles``
+    where ``num_recycles`` is given, and the run's ``--chunk-size`` if any). "seconds" is the command's whole
+    run (loading the checkpoint included); "fold_seconds" what it reports for folding."""
     import contextlib
     import io
     import re
@@ -596,7 +609,9 @@ def fold_cli(ours, seqs: list[str], args) -> dict:
         err = io.StringIO()
         t = time.perf_counter()
         with contextlib.redirect_stderr(err):
-            rc = cli_main(["fold", fasta, out, "--model", ckpt])
+            extra = [] if num_recycles is None else ["--num-recycles", str(num_recycles)]
+            extra += [] if args.chunk_size is None else ["--chunk-size", str(args.chunk_size)]
+            rc = cli_main(["fold", fasta, out, "--model", ckpt, *extra])
         total = time.perf_counter() - t
         m = re.search(r"folded (\d+) record\(s\) in ([0-9.]+) s", err.getvalue())
         pdbs = len([x for x in os.listdir(out) if x.endswith(".pdb")]) if os.path.isdir(out) else 0
@@ -766,6 +781,13 @@ def markdown_table(meta: dict, res: dict) -> str:
             f"| {act(r, 'esm_dual')} / {act(r, 'esm_dual_fast')} / {act(r, 'hf')} "
             f"| {f.get('rmsd_angstrom', '-')} / {f.get('max_dev_angstrom', '-')}, "
             f"{f.get('mean_plddt_diff', '-')}, {f.get('ptm_diff', '-')} |")
+    clis = [r for r in res.get("per_length", []) if "seconds" in r.get("esm_dual_cli", {})]
+    if clis:
+        lines += ["", "`esm-dual fold` with its defaults, per structure (folding time it reports / records; whole "
+                  "command with loading): " + "; ".join(
+                      f"{r['length']}: {r['esm_dual_cli']['seconds']:.2f} s "
+                      f"({r.get('time_ratio_hf_over_esm_dual_cli', '-')}x HF; {r['esm_dual_cli']['command_seconds']} s)"
+                      for r in clis)]
     st = res.get("set")
     if st:  # suite() put the ratios in
         lines += ["", f"Set of {st['sequences']} UniRef-like sequences ({st['residues']} residues, longest "
@@ -822,7 +844,8 @@ def main(argv=None) -> int:
                    help="the issue-22 table: HF infer vs esm-dual default and fast mode at --lengths")
     p.add_argument("--lengths", default="256,512,1022")
     p.add_argument("--suite-impls", default="esm_dual,esm_dual_fast,hf",
-                   help="--suite: which models per length (also esm_dual_eager, esm_dual_fast_eager: no CUDA graphs)")
+                   help="--suite: which models per length (also esm_dual_eager, esm_dual_fast_eager: no CUDA graphs; "
+                        "esm_dual_cli: `esm-dual fold` with its defaults over the length's sequences)")
     p.add_argument("--repeats", type=int, default=3,
                    help="--suite: folds per model and length (other sequences; graphs capture at the 1st)")
     p.add_argument("--hf-repeats", type=int, default=0, help="--suite: HF's folds per length (0: --repeats)")

@@ -18,7 +18,7 @@ def test_cpu_smoke_suite_set_and_table(tmp_path, capsys):
     bench = load_benchmark("esmfold_gpu")
     table = tmp_path / "table.md"
     assert bench.main(["--tiny", "--suite", "--lengths", "24,40", "--repeats", "2",
-                       "--suite-impls", "esm_dual,esm_dual_fast,hf", "--set", "4", "--max-len", "40",
+                       "--suite-impls", "esm_dual,esm_dual_fast,hf,esm_dual_cli", "--set", "4", "--max-len", "40",
                        "--set-cli", "--markdown", str(table)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["mode"] == "suite" and report["device"] == "cpu"
@@ -32,6 +32,12 @@ def test_cpu_smoke_suite_set_and_table(tmp_path, capsys):
         assert r["fast_vs_fp32_trunk"]["finite"] and r["fast_vs_fp32_trunk"]["rmsd_angstrom"] < 0.5
         assert r["time_ratio_hf_over_esm_dual"] == pytest.approx(r["hf"]["seconds"] / r["esm_dual"]["seconds"],
                                                                  rel=0.05, abs=0.01)
+        # `esm-dual fold` per length: its own model from the saved checkpoint, both records written
+        c = r["esm_dual_cli"]
+        assert c["rc"] == 0 and c["records"] == 2 and c["pdbs"] == 2 and c["command_seconds"] >= c["seconds"] >= 0
+        if c["seconds"]:
+            assert r["time_ratio_hf_over_esm_dual_cli"] == pytest.approx(r["hf"]["seconds"] / c["seconds"], rel=0.05,
+                                                                         abs=0.01)
     s = report["results"]["set"]
     assert s["sequences"] == 4 and s["max_length"] <= 40
     for impl in ("hf", "esm_dual_fast", "esm_dual_fast_one_by_one", "esm_dual", "esm_dual_cli"):
@@ -39,6 +45,7 @@ def test_cpu_smoke_suite_set_and_table(tmp_path, capsys):
     assert s["esm_dual_cli"]["rc"] == 0
     text = table.read_text()
     assert "| 24 |" in text and "| 40 |" in text and "Set of 4 UniRef-like sequences" in text
+    assert "`esm-dual fold` with its defaults, per structure" in text and "24: " in text and "40: " in text
 
 
 def test_first_fold_profile_names_where_the_host_time_went(tmp_path, capsys):
