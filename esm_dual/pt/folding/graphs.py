@@ -189,15 +189,6 @@ class PassGraphs:
             raise ValueError(f"warmup must be one of {', '.join(WARMUP)}, not {value!r}")
         self._warmup = value
 
-    def needs_warmup(self, variant: Hashable) -> bool:
-        """Whether the capture of a new shape of ``variant`` (its graph key without the shapes) runs what it
-        records eagerly once first."""
-        return self.warmup == "shape" or (self.warmup == "variant" and variant not in self._warm)
-
-    def warmed_up(self, variant: Hashable) -> None:
-        """``variant`` has run eagerly on this device: its kernels are compiled and initialised."""
-        self._warm.add(variant)
-
     def __deepcopy__(self, memo):
         new = PassGraphs(self.max_graphs, self.graph_type)
         new.warmup = self.warmup
@@ -241,7 +232,8 @@ class PassGraphs:
         if self._pool is None and self.graph_type is None:
             self._pool = torch.cuda.graph_pool_handle()
         variant = key[1]
-        warmup = self.needs_warmup(variant)
+        # the variant's kernels not yet compiled and initialised on this device (or "shape": warm up every capture)
+        warmup = self.warmup == "shape" or (self.warmup == "variant" and variant not in self._warm)
         try:
             if variant not in self._templates and len(blocks):
                 # (made in the variant's own mode: inference tensors under inference mode, written only there)
@@ -256,7 +248,7 @@ class PassGraphs:
         else:
             self.captures += 1
             if warmup:
-                self.warmed_up(variant)
+                self._warm.add(variant)
         self._graphs[key] = graph
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
