@@ -432,7 +432,7 @@ def _fold_into(args: argparse.Namespace, records: list[tuple[str, str, str]]) ->
         seq_log.close()
         _compact_summary(summary_path, [r[0] for r in records])
     n_ok = len(todo) - len(failed)
-    note(f"folded {n_ok} record(s) in {time.time() - t0:.1f} s; wrote {args.outdir}", args.quiet)
+    note(f"folded {n_ok} record(s) in {time.time() - t0:.2f} s; wrote {args.outdir}", args.quiet)
     if failed:
         warn(f"{len(failed)} record(s) not folded (out of memory): {', '.join(repr(f) for f in failed[:10])}")
         return 1
