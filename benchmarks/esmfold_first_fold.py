@@ -2,8 +2,9 @@
 
 Folds random sequences of the ``esmfold_v1`` shape (random weights, as benchmarks/esmfold_gpu.py builds them)
 in the default mode, timing with synchronised timers each trunk pass by what it was: "eager" (an eager pass),
-"capture" (``PassGraphs.capture``: recording a pass, with the variant's warm-up where it has none yet) or
-"replay" (``PassGraph.__call__``: a recorded pass). Folds: a warm-up fold of 48 residues (unless ``--cold``:
+"setup" (``PassGraphs.capture``: a shape's buffers, with the variant's warm-up where it has none yet), "record"
+(a shape's first pass: each of its three graphs recorded just before its first replay, and the pass replayed)
+or "replay" (``PassGraph.__call__``: a recorded pass). Folds: a warm-up fold of 48 residues (unless ``--cold``:
 then the first measured fold is also the process's first), then per length of ``--lengths`` the first fold on
 that grid point ("N_first") and, where ``--again`` lists it, a later fold on it ("N_again"). One JSON line per
 fold on stdout, the whole record in ``--out``.
@@ -33,9 +34,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 import esmfold_gpu as bench  # noqa: E402
 
 
-def _timer(owner, name: str, label: str, log: list, device):
-    """Wrap ``owner.name`` to append (label, seconds) to ``log`` (synchronised; not inside a capture). Returns
-    what puts the original back."""
+def _timer(owner, name: str, label, log: list, device):
+    """Wrap ``owner.name`` to append (label, seconds) to ``log`` (synchronised; not inside a capture); ``label``
+    may be a function of the instance called. Returns what puts the original back."""
     import torch
 
     inner = getattr(owner, name)
@@ -44,11 +45,12 @@ def _timer(owner, name: str, label: str, log: list, device):
     def timed(*args, **kwargs):
         if cuda and torch.cuda.is_current_stream_capturing():
             return inner(*args, **kwargs)
+        name = label(args[0]) if callable(label) else label  # (before the call: what it is about to do)
         bench.sync(device)
         t = time.perf_counter()
         out = inner(*args, **kwargs)
         bench.sync(device)
-        log.append((label, round(time.perf_counter() - t, 4)))
+        log.append((name, round(time.perf_counter() - t, 4)))
         return out
 
     setattr(owner, name, timed)
@@ -72,8 +74,8 @@ def main(argv=None) -> int:
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     log: list = []
     restore = [_timer(trunk.FoldingTrunk, "_recycle_pass", "eager", log, device),
-               _timer(graphs.PassGraphs, "capture", "capture", log, device),
-               _timer(graphs.PassGraph, "__call__", "replay", log, device)]
+               _timer(graphs.PassGraphs, "capture", "setup", log, device),
+               _timer(graphs.PassGraph, "__call__", lambda g: "replay" if g.recorded else "record", log, device)]
     try:
         model = bench.build_ours(bench.config_dict(args.tiny), device)
         model.set_fast(True)

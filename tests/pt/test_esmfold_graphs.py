@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -188,8 +189,8 @@ def test_a_variants_first_capture_warms_up(model, cpu_graphs, monkeypatch, warmu
             model.set_chunk_size(chunk)
             runs.clear()
             out = model.infer(seq, num_recycles=2)
-            # the stand-in's capture runs the block once, each of 3 passes replays it per block; + 1 to warm up
-            assert len(runs) == 1 + 3 * blocks + flags[-1]
+            # each of 3 passes replays the block once per block (recording runs nothing); + 1 to warm up
+            assert len(runs) == 3 * blocks + flags[-1]
             model.set_fast_path(fold_graphs="off")
             _assert_same(out, model.infer(seq, num_recycles=2), PADDED_TOL)
             model.set_fast_path(fold_graphs="auto")
@@ -238,6 +239,31 @@ def test_one_block_graph_replays_every_block_with_its_own_weights(model, cpu_gra
     assert len(list(model.parameters())) == n_params and "graphs" not in dict(model.named_modules())
 
 
+def test_a_pass_records_each_graph_just_before_its_first_replay(model, cpu_graphs):
+    """The three graphs are recorded at the shape's first pass, each right before it first runs (so recording
+    the tail overlaps the GPU running the blocks), once; later passes and folds only replay."""
+    events: list[str] = []
+
+    class Logged(graphs_mod.RerunGraph):
+        def __init__(self, fn, inputs, pool):
+            events.append(f"record {fn.__name__}")
+            super().__init__(fn, inputs, pool)
+
+        def replay(self):
+            events.append(self.fn.__name__)
+            return super().replay()
+
+    model.trunk.graphs = graphs_mod.PassGraphs(graph_type=Logged)
+    model.set_fast_path(fold_graphs="on")
+    blocks = len(model.trunk.blocks)
+    one_pass = ["head_into_state"] + ["block_on_state"] * blocks + ["tail_on_state"]
+    with torch.no_grad():
+        model.infer(SEQS[0], num_recycles=1)
+        model.infer(SEQS[0][:-1], num_recycles=0)  # the same grid point
+    assert events == (["record head_into_state", "head_into_state", "record block_on_state"] + one_pass[1:-1]
+                      + ["record tail_on_state", "tail_on_state"] + one_pass * 2)
+
+
 def test_copies_and_pickles_start_without_graphs(model, cpu_graphs):
     cache = _stand_in(model)
     model.set_fast_path(fold_graphs="on")
@@ -250,11 +276,23 @@ def test_copies_and_pickles_start_without_graphs(model, cpu_graphs):
             _assert_same(other.infer(SEQS[1], num_recycles=1), model.infer(SEQS[1], num_recycles=1))
 
 
-def test_a_failed_capture_runs_that_shape_eagerly(model, cpu_graphs):
-    class Broken:
-        def __init__(self, fn, inputs, pool):
-            raise RuntimeError("operation not permitted when stream is capturing")
+@pytest.mark.parametrize("part", ["setup", "head_into_state", "block_on_state", "tail_on_state"])
+def test_a_failed_capture_runs_that_shape_eagerly(model, cpu_graphs, monkeypatch, part):
+    """Whether setting a pass up fails or recording one of its graphs at the first pass (the tail's after the head
+    and the blocks have been replayed), that pass and the shape's later ones run eagerly, with one warning."""
 
+    class Broken(graphs_mod.RerunGraph):
+        def __init__(self, fn, inputs, pool):
+            if fn.__name__ == part:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            super().__init__(fn, inputs, pool)
+
+    class BrokenSetup(graphs_mod.PassGraph):
+        def __init__(self, *args):
+            raise RuntimeError("CUDA error: out of memory")
+
+    if part == "setup":
+        monkeypatch.setattr(graphs_mod, "PassGraph", BrokenSetup)
     model.trunk.graphs = graphs_mod.PassGraphs(graph_type=Broken)
     with torch.no_grad():
         model.set_fast_path(fold_graphs="off")
@@ -262,7 +300,9 @@ def test_a_failed_capture_runs_that_shape_eagerly(model, cpu_graphs):
         model.set_fast_path(fold_graphs="on")
         with pytest.warns(RuntimeWarning, match="could not capture a CUDA graph.*runs eagerly"):
             out = model.infer(SEQS[0], num_recycles=2)
-        again = model.infer(SEQS[0], num_recycles=2)  # no second attempt, no second warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            again = model.infer(SEQS[0], num_recycles=2)  # no second attempt, no second warning
     assert model.trunk.graphs.captures == 0
     _assert_same(out, ref, PADDED_TOL)
     _assert_same(again, ref, PADDED_TOL)

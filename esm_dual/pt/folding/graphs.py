@@ -39,6 +39,7 @@ shape, with one warning.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections import OrderedDict
@@ -77,13 +78,36 @@ def graph_length(n: int) -> int:
     return -(-n // GRAPH_LENGTH_STEP) * GRAPH_LENGTH_STEP
 
 
+class GraphCaptureError(RuntimeError):
+    """Recording a graph failed (raised by ``PassGraph.__call__``: the pass runs eagerly instead)."""
+
+
 class _CudaGraph:
-    """A pass captured in a CUDA graph: ``fn(inputs)`` recorded once, replayed on the same buffers."""
+    """``fn(inputs)`` recorded once in a CUDA graph, replayed on the same buffers.
+
+    Recorded on a side stream made to wait for the current one, without what ``torch.cuda.graph`` does first
+    (synchronise the device, empty the allocator's cache: to hand memory back before a capture): the CPU then
+    records while the GPU still runs what was enqueued before, such as the blocks of the pass being captured."""
+
+    _streams: dict[int, torch.cuda.Stream] = {}  # per device: the side stream graphs are recorded on
 
     def __init__(self, fn: Callable[[Tensors], Tensors], inputs: Tensors, pool):
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.outputs = fn(inputs)
+        current = torch.cuda.current_stream()
+        side = self._streams.get(current.device_index)
+        if side is None:
+            side = self._streams[current.device_index] = torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            self.graph.capture_begin(pool)
+            try:
+                self.outputs = fn(inputs)
+            except BaseException:
+                with contextlib.suppress(Exception):  # the capture is invalid anyway: the first error is the one
+                    self.graph.capture_end()
+                raise
+            self.graph.capture_end()
+        current.wait_stream(side)
 
     def replay(self) -> Tensors:
         self.graph.replay()
@@ -91,16 +115,21 @@ class _CudaGraph:
 
 
 class RerunGraph:
-    """Stand-in with a graph's contract that re-runs ``fn`` (no capture): the CPU tests exercise the
-    static-buffer plumbing with it. Its outputs are fixed tensors overwritten at each replay."""
+    """Stand-in with a graph's contract that re-runs ``fn`` at each replay (no capture): the CPU tests exercise
+    the static-buffer plumbing with it. Like a capture, making one runs nothing; its outputs are fixed tensors,
+    made at the first replay and overwritten at later ones."""
 
     def __init__(self, fn: Callable[[Tensors], Tensors], inputs: Tensors, pool):
         self.fn, self.inputs = fn, inputs
-        self.outputs = fn(inputs)
+        self.outputs: Tensors | None = None
 
     def replay(self) -> Tensors:
-        for k, v in self.fn(self.inputs).items():
-            self.outputs[k].copy_(v)
+        out = self.fn(self.inputs)
+        if self.outputs is None:
+            self.outputs = out
+        else:
+            for k, v in out.items():
+                self.outputs[k].copy_(v)
         return self.outputs
 
 
@@ -113,7 +142,11 @@ class PassGraph:
 
     The blocks share their shapes and kernels; only the weights differ, so one recorded block serves all of
     them. The weights copy is one batched device copy per block, read where the parameters are, so weights
-    changed in place are seen as before."""
+    changed in place are seen as before.
+
+    Each graph is recorded at the first call, just before its first replay: the tail is recorded while the GPU
+    runs the 48 replayed blocks. A failure to record raises ``GraphCaptureError`` before anything of the pass
+    reached the caller's tensors (the pass can run eagerly on the same inputs)."""
 
     def __init__(self, head: Callable[[Tensors], Tensors], block: Callable[[torch.nn.Module, Tensors, Tensors], None],
                  tail: Callable[[Tensors, Tensors], Tensors], blocks, template, example: Tensors, pool,
@@ -146,20 +179,36 @@ class PassGraph:
             if self._sources:
                 block_on_state(self.state)
             tail_on_state(self.state)
-        graph = graph_type or _CudaGraph
-        self._head = graph(head_into_state, self.inputs, pool)
-        self._block = graph(block_on_state, self.state, pool) if self._sources else None
-        self._tail = graph(tail_on_state, self.state, pool)
+        self._parts = {"head": (head_into_state, self.inputs), "block": (block_on_state, self.state),
+                       "tail": (tail_on_state, self.state)}
+        self._graph_type, self._pool = graph_type or _CudaGraph, pool
+        self._graphs: dict[str, _CudaGraph | RerunGraph] = {}
+
+    @property
+    def recorded(self) -> bool:
+        """Whether the pass's graphs have been recorded (at its first call)."""
+        return len(self._graphs) == len(self._parts) - (not self._sources)
+
+    def _replay(self, part: str) -> Tensors:
+        graph = self._graphs.get(part)
+        if graph is None:
+            fn, inputs = self._parts[part]
+            try:
+                graph = self._graph_type(fn, inputs, self._pool)
+            except Exception as exc:
+                raise GraphCaptureError(f"{part}: {type(exc).__name__}: {exc}") from exc
+            self._graphs[part] = graph
+        return graph.replay()
 
     def __call__(self, inputs: Tensors) -> Tensors:
         for k, v in inputs.items():
             if v is not self.inputs[k]:
                 self.inputs[k].copy_(v)
-        self._head.replay()
+        self._replay("head")
         for src in self._sources:
             torch._foreach_copy_(self._staged, src)  # one batched copy of the block's weights
-            self._block.replay()
-        return self._tail.replay()
+            self._replay("block")
+        return self._replay("tail")
 
 
 class PassGraphs:
@@ -241,15 +290,27 @@ class PassGraphs:
             graph = PassGraph(head, block, tail, blocks, self._templates.get(variant), example, self._pool,
                               self.graph_type, warmup)
         except Exception as exc:  # noqa: BLE001 - any failure means: run this shape eagerly
-            warnings.warn(f"ESMFold: could not capture a CUDA graph of the trunk pass ({type(exc).__name__}: "
-                          f"{exc}); this shape runs eagerly (FastPathOptions.fold_graphs='off' silences this)",
-                          RuntimeWarning, stacklevel=3)
-            graph = None
+            self._graphs[key] = graph = None
+            self._warn(exc)
         else:
             self.captures += 1
             if warmup:
                 self._warm.add(variant)
-        self._graphs[key] = graph
+            self._graphs[key] = graph
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
         return graph
+
+    def failed(self, key: Hashable, exc: BaseException) -> None:
+        """Recording ``key``'s graphs failed at its first pass (``GraphCaptureError``): that shape runs eagerly
+        from now on (one warning)."""
+        if self._graphs.get(key) is not None:
+            self.captures -= 1
+        self._graphs[key] = None
+        self._warn(exc)
+
+    @staticmethod
+    def _warn(exc: BaseException) -> None:
+        warnings.warn(f"ESMFold: could not capture a CUDA graph of the trunk pass ({type(exc).__name__}: "
+                      f"{exc}); this shape runs eagerly (FastPathOptions.fold_graphs='off' silences this)",
+                      RuntimeWarning, stacklevel=4)

@@ -11,7 +11,7 @@ from torch import nn
 from ...common.config import TrunkConfig
 from ..fast.options import FastPathOptions, default_options
 from ..ops import is_compiling, observed_by_hooks
-from .graphs import PassGraphs, graph_length, wants_graphs
+from .graphs import GraphCaptureError, PassGraphs, graph_length, wants_graphs
 from .kernels import check_kernels, pair_layer_norm
 from .primitives import chunked_rows, row_chunks, softmax_fp32, wide_op_rows
 from .structure_module import STRUCTURE_OUTPUTS, StructureModule
@@ -437,8 +437,14 @@ class FoldingTrunk(nn.Module):
                 if graph is False:
                     # A shape's first pass: capture (warmed up first where the variant has not been).
                     graph = self.graphs.capture(key, *self._pass_parts(masked), self.blocks, {**feats, **state})
+                flat = None
                 if graph:
-                    flat = graph({**feats, **state})
+                    try:
+                        flat = graph({**feats, **state})
+                    except GraphCaptureError as exc:  # recording failed: this pass (and shape) runs eagerly
+                        self.graphs.failed(key, exc)
+                        graph = None
+                if flat is not None:
                     state = {k: flat[k] for k in ("s", "z", "bins")}
                     structure = {k[len("structure."):]: v for k, v in flat.items() if k.startswith("structure.")}
                     del flat
