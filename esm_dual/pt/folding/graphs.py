@@ -11,8 +11,14 @@ recorded block's parameters, and its tail (the structure module, the next pass's
 graphs hold ~1/40 of a whole pass's kernels, and a variant's warm-up (below) runs one block eagerly instead
 of a whole pass (an eager fast-mode pass is 0.61-0.74 s at 256-512 residues on an H100). Replays cost what a
 whole-pass graph's did (0.10 / 0.15 / 0.20 / 0.36 s a pass at 256 / 320 / 384 / 512 residues, H100, either
-way), and so does a capture once the machine has compiled the shape's kernels (0.2-0.3 s either way; the first
-process on a machine pays 1-3 s more per new shape for compilation, which Triton keeps in its disk cache).
+way).
+
+Each graph is recorded at the shape's first pass, just before its first replay, on a side stream and without
+what ``torch.cuda.graph`` does first (synchronise the device, empty the allocator's cache): the CPU records the
+tail while the GPU runs the 48 replayed blocks. A grid point's first fold then costs little more than a later
+one (H100, 256 residues: 0.46-0.56 s against 0.445 s; recording the three graphs up front behind the sync:
+0.52-0.63 s), once the machine has compiled the shape's kernels: the first process on a machine pays 1-3 s more
+per new shape (Triton's compilation, kept in its disk cache).
 
 Shapes are padded to a grid (:func:`graph_length`: lengths rounded up to a multiple of 32, the padding
 masked as in a padded batch), so a set of varied lengths shares a few graphs: every length from 225 to
@@ -33,8 +39,8 @@ the pool. All graphs of a trunk share one pool: they never run at once, a pass r
 order they were recorded, and each replay's outputs are copied out before another graph runs.
 
 The decision (``FastPathOptions.fold_graphs``), the grid and the cache live here; ``trunk.FoldingTrunk``
-says what a pass is and pads to the grid. Any failure to capture falls back to eager passes for that
-shape, with one warning.
+says what a pass is and pads to the grid. Any failure to set up or record a pass falls back to eager passes
+for that shape (the failed pass included), with one warning.
 """
 
 from __future__ import annotations
