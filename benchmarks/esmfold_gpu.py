@@ -481,6 +481,8 @@ def suite(args, cfg: dict, device, models=None) -> dict:
                 if "fold_seconds" in r:
                     r = {"seconds": round(r["fold_seconds"] / len(seqs), 3), "command_seconds": r["seconds"],
                          "records": len(seqs), "rc": r["rc"], "pdbs": r["pdbs"]}
+                else:  # no folding time reported (a failed command): no per-structure time, no ratio
+                    r = {"command_seconds": r.pop("seconds"), "records": len(seqs), **r}
                 row[name] = r
                 continue
             mode(ours, name)
@@ -580,7 +582,7 @@ def suite(args, cfg: dict, device, models=None) -> dict:
             _free()
             _emit({"set": row}, args.attempts_out)
         for name in ("esm_dual", "esm_dual_fast", "esm_dual_fast_one_by_one", "esm_dual_fast_eager", "esm_dual_cli"):
-            if name in row and "hf" in row:
+            if name in row and "hf" in row and row[name].get("rc", 0) == 0:  # (a failed command: no ratio)
                 row[f"time_ratio_hf_over_{name}"] = round(row["hf"]["seconds"] / row[name]["seconds"], 3)
         res["set"] = row
     return res

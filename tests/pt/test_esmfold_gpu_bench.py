@@ -80,3 +80,16 @@ def test_first_fold_script_cpu_smoke(tmp_path, capsys):
         labels = [label for label, _ in row["parts"]]
         assert labels and set(labels) == {"eager"} and row["total"] >= sum(t for _, t in row["parts"]) * 0.9
     assert (trunk.FoldingTrunk._recycle_pass, graphs.PassGraphs.capture, graphs.PassGraph.__call__) == originals
+
+
+def test_a_failed_fold_command_gets_no_per_structure_time(tmp_path, capsys, monkeypatch):
+    """Where `esm-dual fold` reports no folding time, its whole-command time is not passed off as one."""
+    bench = load_benchmark("esmfold_gpu")
+    monkeypatch.setattr(bench, "fold_cli", lambda *a, **k: {"seconds": 3.0, "rc": 1, "pdbs": 0, "stderr_tail": "x"})
+    table = tmp_path / "table.md"
+    assert bench.main(["--tiny", "--suite", "--lengths", "24", "--repeats", "1", "--suite-impls", "hf,esm_dual_cli",
+                       "--markdown", str(table)]) == 0
+    row = json.loads(capsys.readouterr().out)["results"]["per_length"][0]
+    assert row["esm_dual_cli"] == {"command_seconds": 3.0, "records": 1, "rc": 1, "pdbs": 0, "stderr_tail": "x"}
+    assert "time_ratio_hf_over_esm_dual_cli" not in row
+    assert "`esm-dual fold` with its defaults, per structure" not in table.read_text()
